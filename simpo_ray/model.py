@@ -1,0 +1,114 @@
+"""The policy model and its tokenizer, loaded through `AutoModelForCausalLM` / `AutoTokenizer`.
+
+A model name is a Hub id, a local directory saved with ``save_pretrained``, or ``bundled:<size>``
+(a tiny Llama of the bundled ladder, built on first use).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from simpo_ray.config import TrainConfig
+from simpo_ray.errors import UserError
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def resolve_model_path(name: str) -> str:
+    """``bundled:<size>`` → the built model's directory; an existing local directory → itself;
+    anything else is a Hub id left to transformers. A path that looks local but is missing is an error."""
+    if name.startswith(BUNDLED_PREFIX):
+        from simpo_ray.bundled import models
+
+        size = name[len(BUNDLED_PREFIX):]
+        if size not in models.LADDER:
+            raise UserError(f"unknown bundled model '{name}'; sizes: {', '.join(models.LADDER)}")
+        return str(models.ensure_model(size))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise UserError(f"model path '{name}' is a file; expected a directory saved with save_pretrained")
+    if name.startswith(("/", "./", "../", "~")):
+        raise UserError(f"model path '{name}' does not exist")
+    return name
+
+
+def load_tokenizer(cfg: TrainConfig):
+    """The tokenizer of ``tokenizer_name_or_path`` (default: the model's); pad token = EOS if unset.
+
+    Whether a chat template is needed depends on the data; `data.tokenize_pairs` checks that.
+    """
+    name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load tokenizer '{name}': {_first_line(e)}") from None
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer '{name}' has no eos_token; SimPO responses must end with one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention
+    return tokenizer
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Native bf16 on ``device`` (CPU always; CUDA from Ampere on, without emulation)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type in ("cpu", "xpu", "mps")
+
+
+def load_model(cfg: TrainConfig, device: str | torch.device | None = None, *, for_training: bool = True):
+    """``AutoModelForCausalLM`` of ``model_name_or_path`` with ``attn_implementation``,
+    ``trust_remote_code`` and gradient checkpointing (non-reentrant, KV cache off) from the
+    config; moved to ``device`` when given.
+
+    ``cfg.bf16`` means bf16 *compute*: for training the weights stay fp32 (the optimizer's
+    master copy; SimPO's ~5e-7 updates are far below bf16's resolution) and the training loop
+    runs forward passes under ``torch.autocast(dtype=torch.bfloat16)``, as the reference
+    trainer does; with ``for_training=False`` the weights load in bf16.
+    """
+    device = torch.device(device) if device is not None else None
+    if cfg.bf16 and not bf16_supported(device or torch.device("cpu")):
+        raise UserError(
+            f"bf16: true, but device {device} does not support bfloat16 (needs an Ampere or newer "
+            "GPU); set bf16: false"
+        )
+    path = resolve_model_path(cfg.model_name_or_path)
+    kwargs = {"dtype": torch.bfloat16 if (cfg.bf16 and not for_training) else torch.float32, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, ImportError) as e:
+        raise UserError(f"cannot load model '{cfg.model_name_or_path}': {_first_line(e)}") from None
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing, KV cache off (useless in training)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(e).__name__

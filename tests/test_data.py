@@ -1,0 +1,405 @@
+"""simpo_ray.data: loading, normalising, reference tokenisation, caching and collation.
+
+Expected token ids are spelled out token by token from the tokenizer's vocabulary, not by
+calling the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from simpo_ray import data
+from simpo_ray.config import TrainConfig
+from simpo_ray.data import IGNORE_INDEX, PairCollator, load_raw, prepare_datasets, tokenize_row
+from simpo_ray.errors import UserError
+
+
+def chat_row(prompt, chosen, rejected):
+    user = {"role": "user", "content": prompt}
+    return {"prompt": prompt, "chosen": [user, {"role": "assistant", "content": chosen}],
+            "rejected": [user, {"role": "assistant", "content": rejected}]}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def string_rows(n, tag="a"):
+    return [{"prompt": f"q {tag}{i}", "chosen": f"good {i}", "rejected": f"bad {i}", "extra": i} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def bos_tokenizer():
+    """A word-level tokenizer that adds BOS itself (like Llama) and whose chat template also
+    writes ``bos_token`` (like Llama's): the case where BOS could be doubled."""
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "[U]", "[A]"]
+    words = "hello world how are you fine thanks bad a b c d e f g h".split()
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '[U] ' if m['role'] == 'user' else '[A] ' }}"
+        "{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %} {% endfor %}"
+        "{% if add_generation_prompt %}{{ '[A] ' }}{% endif %}"
+    )
+    return tok
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def test_chat_row_masks_exactly_the_prompt_and_ends_answers_with_eos(chat_tokenizer):
+    tok = chat_tokenizer
+    ids = tok.convert_tokens_to_ids
+    out = tokenize_row(chat_row("sort: 321", "123", "1223"), tok, max_length=64, max_prompt_length=32)
+    # Template: <s><|user|>{prompt}<|assistant|>{answer}</s>; the tokenizer adds no BOS of its own.
+    prompt = ids(["<s>", "<|user|>", *"sort: 321", "<|assistant|>"])
+    assert out["prompt_input_ids"] == prompt
+    assert out["chosen_input_ids"] == prompt + ids([*"123", "</s>"])
+    assert out["rejected_input_ids"] == prompt + ids([*"1223", "</s>"])
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + ids([*"123", "</s>"])
+    assert out["rejected_labels"] == [IGNORE_INDEX] * 12 + ids([*"1223", "</s>"])
+    response = [t for t in out["chosen_labels"] if t != IGNORE_INDEX]
+    assert tok.decode(response) == "123</s>"
+    assert out["prompt"] == "sort: 321"
+
+
+def test_string_row_is_used_as_is_and_eos_not_doubled(chat_tokenizer):
+    tok = chat_tokenizer
+    ids = tok.convert_tokens_to_ids
+    row = {"prompt": "why?", "chosen": "no", "rejected": "yes</s>"}
+    out = tokenize_row(row, tok, max_length=64, max_prompt_length=32)
+    # No chat template for strings, and this tokenizer adds no BOS: the prompt is its characters.
+    assert out["prompt_input_ids"] == ids(list("why?"))
+    assert out["chosen_input_ids"] == ids([*"why?", *"no", "</s>"])
+    assert out["rejected_input_ids"] == ids([*"why?", *"yes", "</s>"])  # already ended in EOS
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 4 + ids([*"no", "</s>"])
+
+
+def test_bos_from_tokenizer_and_template_is_not_doubled(bos_tokenizer):
+    tok = bos_tokenizer
+    ids = tok.convert_tokens_to_ids
+    chat = tokenize_row(chat_row("hello world", "fine thanks", "bad"), tok, 64, 32)
+    assert chat["prompt_input_ids"] == ids(["<s>", "[U]", "hello", "world", "[A]"])
+    assert chat["chosen_input_ids"] == ids(["<s>", "[U]", "hello", "world", "[A]", "fine", "thanks", "</s>"])
+    assert chat["rejected_labels"] == [IGNORE_INDEX] * 5 + ids(["bad", "</s>"])
+    # Plain strings: the tokenizer adds BOS to encoded text, so the prompt gets it (once).
+    plain = tokenize_row({"prompt": "hello world", "chosen": "fine", "rejected": "bad"}, tok, 64, 32)
+    assert plain["prompt_input_ids"] == ids(["<s>", "hello", "world"])
+    assert plain["chosen_input_ids"] == ids(["<s>", "hello", "world", "fine", "</s>"])
+
+
+def test_answer_falls_back_to_raw_content_when_template_does_not_extend_prompt(bos_tokenizer):
+    tok = bos_tokenizer
+    ids = tok.convert_tokens_to_ids
+    # A template whose generation prompt is not a prefix of the rendered assistant turn.
+    odd = tok.chat_template.replace("{{ '[A] ' }}{% endif %}", "{{ 'a ' }}{% endif %}")
+    tok2 = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    tok2.chat_template = odd
+    out = tokenize_row(chat_row("hello", "fine thanks", "bad"), tok2, 64, 32)
+    prompt = ids(["<s>", "[U]", "hello", "a"])
+    assert out["chosen_input_ids"] == prompt + ids(["fine", "thanks", "</s>"])
+
+
+def test_long_prompt_keeps_its_end_and_bos(chat_tokenizer):
+    tok = chat_tokenizer
+    ids = tok.convert_tokens_to_ids
+    digits = "0123456789" * 3
+    out = tokenize_row(chat_row("sort: " + digits, "12", "21"), tok, max_length=20, max_prompt_length=12)
+    full_prompt = ids(["<s>", "<|user|>", *("sort: " + digits), "<|assistant|>"])  # 38 tokens
+    assert out["prompt_input_ids"] == ids(["<s>"]) + full_prompt[-11:]
+    assert tok.convert_ids_to_tokens(out["prompt_input_ids"][-3:]) == ["8", "9", "<|assistant|>"]
+    assert out["chosen_input_ids"] == out["prompt_input_ids"] + ids(["1", "2", "</s>"])  # response intact
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + ids(["1", "2", "</s>"])
+    assert len(out["rejected_input_ids"]) == 15 <= 20
+
+
+def test_long_response_is_cut_to_max_length_minus_max_prompt_length(chat_tokenizer):
+    tok = chat_tokenizer
+    ids = tok.convert_tokens_to_ids
+    long_answer = "abcdefghijklmnopqrst"  # 20 chars + EOS
+    out = tokenize_row(chat_row("hi", long_answer, "no"), tok, max_length=16, max_prompt_length=6)
+    prompt = ids(["<s>", "<|user|>", "h", "i", "<|assistant|>"])  # 5 <= 6: not truncated
+    assert out["prompt_input_ids"] == prompt
+    # 5 + 21 > 16, so both responses are cut to 16 - 6 = 10 tokens (the short one is shorter anyway).
+    assert out["chosen_input_ids"] == prompt + ids(list("abcdefghij"))
+    assert out["rejected_input_ids"] == prompt + ids(["n", "o", "</s>"])
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 5 + ids(list("abcdefghij"))
+
+
+def test_long_prompt_and_long_response_fit_max_length(chat_tokenizer):
+    tok = chat_tokenizer
+    out = tokenize_row(chat_row("x" * 40, "y" * 40, "z"), tok, max_length=24, max_prompt_length=10)
+    assert len(out["prompt_input_ids"]) == 10
+    assert len(out["chosen_input_ids"]) == 24
+    assert out["chosen_labels"][:10] == [IGNORE_INDEX] * 10
+    assert tok.decode(out["chosen_labels"][10:]) == "y" * 14
+
+
+def test_truncated_prompts_counted_in_one_warning(chat_tokenizer, caplog):
+    rows = [chat_row("sort: " + "1" * 30, "1", "2"), chat_row("sort: 1", "1", "2"),
+            chat_row("sort: " + "2" * 30, "2", "3")]
+    ds = data.normalise(datasets.Dataset.from_list(rows), "t")
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.data"):
+        out = data.tokenize_pairs(ds, chat_tokenizer, max_length=20, max_prompt_length=12)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "2 of 3 pairs do not fit max_length=20" in warnings[0].getMessage()
+    assert out.column_names == data.TOKENISED_COLUMNS
+    assert [len(x) for x in out["prompt_input_ids"]] == [12, 10, 12]
+
+
+def test_chat_template_error_is_a_user_error(chat_tokenizer):
+    row = chat_row("hi", "a", "b")
+    row["chosen"][0]["role"] = row["rejected"][0]["role"] = "tool"  # the bundled template raises on it
+    with pytest.raises(UserError, match="chat template failed on the pair with prompt 'hi': unknown role: tool"):
+        tokenize_row(row, chat_tokenizer, 64, 32)
+
+
+def test_chat_data_needs_a_chat_template(bos_tokenizer):
+    tok = PreTrainedTokenizerFast(tokenizer_object=bos_tokenizer.backend_tokenizer, bos_token="<s>",
+                                  eos_token="</s>")
+    ds = data.normalise(datasets.Dataset.from_list([chat_row("hello", "fine", "bad")]), "t")
+    with pytest.raises(UserError, match="chat format.*no chat template"):
+        data.tokenize_pairs(ds, tok, 64, 32)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def cfg_for(mixer, **kw):
+    return TrainConfig(dataset_mixer=mixer, **kw)
+
+
+def test_local_jsonl_json_parquet_and_holdout(tmp_path):
+    rows = string_rows(40)
+    jl = write_jsonl(tmp_path / "d.jsonl", rows)
+    js = tmp_path / "d.json"
+    js.write_text(json.dumps(rows))
+    pqf = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), pqf)
+    for path in (jl, js, pqf):
+        train, eval_ = load_raw(cfg_for({str(path): 1.0}))
+        assert (len(train), len(eval_)) == (38, 2)  # 5% of 40 held out
+        assert train.column_names == ["prompt", "chosen", "rejected"]  # 'extra' dropped
+        seen = sorted(list(train["prompt"]) + list(eval_["prompt"]))
+        assert seen == sorted(r["prompt"] for r in rows)
+    # Deterministic: the same eval rows every time, whatever the training seed.
+    assert sorted(load_raw(cfg_for({str(jl): 1.0}, seed=7))[1]["prompt"]) == sorted(
+        load_raw(cfg_for({str(jl): 1.0}, seed=8))[1]["prompt"])
+
+
+def test_mixer_fractions_and_sample_caps(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    write_jsonl(a / "train_prefs.jsonl", string_rows(20, "a"))
+    write_jsonl(a / "test_prefs.jsonl", string_rows(4, "at"))
+    write_jsonl(b / "train_prefs.jsonl", string_rows(30, "b"))
+    write_jsonl(b / "test_prefs.jsonl", string_rows(6, "bt"))
+    train, eval_ = load_raw(cfg_for({str(a): 0.5, str(b): 0.7}))
+    assert sum(p.startswith("q a") for p in train["prompt"]) == 10  # int(0.5 * 20)
+    assert sum(p.startswith("q b") for p in train["prompt"]) == 21  # int(0.7 * 30)
+    assert len(eval_) == 10  # eval splits whole
+    train, eval_ = load_raw(cfg_for({str(a): 0.5, str(b): 0.7}, max_train_samples=5, max_eval_samples=3))
+    assert (len(train), len(eval_)) == (5, 3)
+    # Seeded: the same subsample twice, a different one for another seed.
+    again = load_raw(cfg_for({str(a): 0.5, str(b): 0.7}))[0]["prompt"]
+    assert again == load_raw(cfg_for({str(a): 0.5, str(b): 0.7}))[0]["prompt"]
+    assert again != load_raw(cfg_for({str(a): 0.5, str(b): 0.7}, seed=1))[0]["prompt"]
+
+
+def test_chat_without_prompt_column_takes_prompt_from_chosen(tmp_path, chat_tokenizer):
+    rows = [{k: v for k, v in chat_row(f"sort: {i}{i + 1}", "x", "y").items() if k != "prompt"} for i in range(20)]
+    multi = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "sort: 21"}]
+    rows[0] = {"chosen": multi + [{"role": "assistant", "content": "12"}],
+               "rejected": multi + [{"role": "assistant", "content": "21"}]}
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(rows))
+    ds = data.normalise(data._read_file(str(path), path), str(path))
+    assert ds[0]["prompt"] == "sort: 21"  # the last user turn
+    assert ds[1]["prompt"] == "sort: 12"
+    out = tokenize_row(ds[0], chat_tokenizer, 128, 64)
+    ids = chat_tokenizer.convert_tokens_to_ids
+    assert out["prompt_input_ids"] == ids(["<s>", "<|system|>", *"be brief", "<|user|>", *"hi", "<|assistant|>",
+                                           *"hello", "</s>", "<|user|>", *"sort: 21", "<|assistant|>"])
+    assert out["chosen_input_ids"][len(out["prompt_input_ids"]):] == ids(["1", "2", "</s>"])
+
+
+def test_ultrafeedback_binarized_schema(tmp_path):
+    """The columns of HuggingFaceH4/ultrafeedback_binarized, as a local directory of splits."""
+    def uf(i):
+        row = chat_row(f"what is {i}?", f"it is {i}", f"no idea {i}")
+        return {"prompt": row["prompt"], "prompt_id": f"id{i}", "chosen": row["chosen"],
+                "rejected": row["rejected"], "messages": row["chosen"], "score_chosen": 8.0,
+                "score_rejected": 3.5}
+    for split, n in (("train_prefs", 12), ("test_prefs", 3)):
+        pq.write_table(pa.Table.from_pylist([uf(i) for i in range(n)]), tmp_path / f"{split}.parquet")
+    train, eval_ = load_raw(cfg_for({str(tmp_path): 1.0}))
+    assert (len(train), len(eval_)) == (12, 3)
+    assert train.column_names == ["prompt", "chosen", "rejected"]
+    assert sorted(eval_["prompt"]) == ["what is 0?", "what is 1?", "what is 2?"]
+
+
+def test_prompt_messages_plus_assistant_only_answers(chat_tokenizer):
+    # TRL's conversational format: prompt is a message list, chosen/rejected the answer alone.
+    rows = [{"prompt": [{"role": "user", "content": "sort: 31"}],
+             "chosen": [{"role": "assistant", "content": "13"}],
+             "rejected": [{"role": "assistant", "content": "31"}]}]
+    ds = data.normalise(datasets.Dataset.from_list(rows), "trl")
+    assert ds[0] == chat_row("sort: 31", "13", "31")
+
+
+def test_bundled_sort_loads_with_fraction():
+    train, eval_ = load_raw(cfg_for({"bundled:sort": 0.25}, max_eval_samples=100))
+    assert (len(train), len(eval_)) == (1000, 100)
+    row = train[0]
+    assert row["chosen"][0] == {"role": "user", "content": row["prompt"]}
+    assert row["chosen"][-1]["role"] == "assistant"
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "malformed", "split", "identical", "nopath",
+                                  "bundled_split", "not_messages", "zero_fraction", "mixed"])
+def test_bad_input_names_dataset_and_problem(tmp_path, case):
+    path = tmp_path / "d.jsonl"
+    mixer = {str(path): 1.0}
+    splits = ["train_prefs", "test_prefs"]
+    if case == "missing":
+        write_jsonl(path, [{"prompt": "a", "chosen": "b", "other": 1}] * 3)
+        match = r"d\.jsonl'.*missing column\(s\) 'rejected'; it has 'prompt', 'chosen', 'other'"
+    elif case == "empty":
+        d = tmp_path / "dir"
+        d.mkdir()
+        write_jsonl(d / "train_prefs.jsonl", string_rows(3))
+        pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("prompt", "chosen", "rejected")}),
+                       d / "test_prefs.parquet")
+        mixer, match = {str(d): 1.0}, r"dir'.*test_prefs\.parquet has no rows"
+    elif case == "malformed":
+        path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n')
+        match = r"d\.jsonl'.*cannot read d\.jsonl: .*JSON"
+    elif case == "split":
+        d = tmp_path / "dir"
+        d.mkdir()
+        write_jsonl(d / "train.jsonl", string_rows(3))
+        mixer, match = {str(d): 1.0}, r"dir'.*unknown split 'train_prefs'.*available: train"
+    elif case == "identical":
+        rows = string_rows(5)
+        rows[3]["rejected"] = rows[3]["chosen"]
+        write_jsonl(path, rows)
+        match = r"d\.jsonl'.*row 3 \(0-based\): chosen and rejected are identical"
+    elif case == "nopath":
+        mixer, match = {"./nowhere/data.jsonl": 1.0}, r"'\./nowhere/data\.jsonl': no such file"
+    elif case == "bundled_split":
+        mixer, splits = {"bundled:sort": 1.0}, ["train", "test"]
+        match = r"'bundled:sort': unknown split 'train'; available: train_prefs, test_prefs"
+    elif case == "not_messages":
+        write_jsonl(path, [chat_row("a", "b", "c"), {"prompt": "a", "chosen": [{"role": "user", "content": "a"}],
+                                                     "rejected": [{"role": "assistant", "content": "c"}]}])
+        match = r"d\.jsonl'.*row 1 \(0-based\): the last 'chosen' message must be the assistant's"
+    elif case == "zero_fraction":
+        write_jsonl(path, string_rows(20))
+        mixer, match = {str(path): 0.01}, r"d\.jsonl': fraction 0\.01 of its 19 train rows leaves no rows"
+    elif case == "mixed":
+        write_jsonl(path, string_rows(20))
+        mixer = {str(path): 1.0, "bundled:sort": 1.0}
+        match = r"mixes chat-format datasets \(bundled:sort\) with plain-string datasets \(.*d\.jsonl\)"
+    with pytest.raises(UserError, match=match):
+        load_raw(TrainConfig(dataset_mixer=mixer, dataset_splits=splits))
+
+
+def test_unreachable_hub_says_so_plainly(monkeypatch):
+    # conftest sets HF_HUB_OFFLINE; force it here too in case datasets was imported earlier.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError) as e:
+        load_raw(cfg_for({"nobody-xyz/no-such-dataset": 1.0}))
+    msg = str(e.value)
+    assert msg.startswith("cannot load dataset 'nobody-xyz/no-such-dataset' from the Hugging Face Hub: ")
+    assert msg.endswith("for offline use pass a local .jsonl/.parquet file or bundled:sort")
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatch):
+    src = write_jsonl(tmp_path / "d.jsonl", [chat_row(f"sort: {i}", "1", "2") for i in range(40)])
+    calls = []
+    real = data.tokenize_pairs
+    monkeypatch.setattr(data, "tokenize_pairs", lambda *a, **k: calls.append(k["name"]) or real(*a, **k))
+    cfg = cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16)
+    first = prepare_datasets(cfg, chat_tokenizer, cache_dir=tmp_path / "cache")
+    assert calls == ["train data", "eval data"]
+    assert (first.num_train, first.num_eval) == (38, 2)
+    assert first.train_path == str(tmp_path / "cache" / "data" / first.fingerprint / "train")
+    # Another trial of the search: other learning rate and beta, same data.
+    second = prepare_datasets(cfg.replace(learning_rate=1e-3, beta=10.0), chat_tokenizer,
+                              cache_dir=tmp_path / "cache")
+    assert second == first and len(calls) == 2
+    train = data.load_prepared(first.train_path)
+    assert train.column_names == data.TOKENISED_COLUMNS and len(train) == 38
+    expected = tokenize_row(load_raw(cfg)[0][0], chat_tokenizer, 32, 16)
+    assert {k: train[0][k] for k in expected} == expected
+    # Data-relevant changes give another fingerprint.
+    fp = data.data_fingerprint
+    assert fp(cfg.replace(max_length=64), chat_tokenizer) != first.fingerprint
+    assert fp(cfg.replace(seed=1), chat_tokenizer) != first.fingerprint
+    src.write_text(src.read_text() + json.dumps(chat_row("sort: 99", "9", "8")) + "\n")  # edited file
+    assert fp(cfg, chat_tokenizer) != first.fingerprint
+
+
+def test_prepare_is_built_once_under_concurrency(tmp_path, chat_tokenizer, monkeypatch):
+    src = write_jsonl(tmp_path / "d.jsonl", string_rows(30))
+    calls = []
+    real = data.tokenize_pairs
+    monkeypatch.setattr(data, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        prepare_datasets(cfg, chat_tokenizer, cache_dir=tmp_path / "c"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len(set(results)) == 1
+    assert len(calls) == 2  # train + eval, by one builder
+    assert [p.name for p in (tmp_path / "c" / "data").iterdir() if not p.name.endswith(".lock")] == [
+        results[0].fingerprint]  # no temp dirs left behind
+
+
+# --------------------------------------------------------------------------- collation
+
+
+def test_pair_collator_pads_by_hand():
+    rows = [
+        {"prompt_input_ids": [5, 6], "chosen_input_ids": [5, 6, 7], "chosen_labels": [-100, -100, 7],
+         "rejected_input_ids": [5, 6, 8, 9, 1], "rejected_labels": [-100, -100, 8, 9, 1]},
+        {"prompt_input_ids": [4], "chosen_input_ids": [4, 2, 3, 1], "chosen_labels": [-100, 2, 3, 1],
+         "rejected_input_ids": [4, 1], "rejected_labels": [-100, 1]},
+    ]
+    b = PairCollator(pad_token_id=0)(rows)
+    assert set(b) == {"chosen_input_ids", "chosen_attention_mask", "chosen_labels", "rejected_input_ids",
+                      "rejected_attention_mask", "rejected_labels", "prompt_input_ids", "prompt_attention_mask"}
+    assert b["chosen_input_ids"].tolist() == [[5, 6, 7, 0], [4, 2, 3, 1]]
+    assert b["chosen_attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert b["chosen_labels"].tolist() == [[-100, -100, 7, -100], [-100, 2, 3, 1]]
+    assert b["rejected_input_ids"].tolist() == [[5, 6, 8, 9, 1], [4, 1, 0, 0, 0]]
+    assert b["rejected_attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert b["rejected_labels"].tolist() == [[-100, -100, 8, 9, 1], [-100, 1, -100, -100, -100]]
+    assert b["prompt_input_ids"].tolist() == [[5, 6], [0, 4]]  # left-padded for generate
+    assert b["prompt_attention_mask"].tolist() == [[1, 1], [0, 1]]
+    assert all(v.dtype == torch.long for v in b.values())

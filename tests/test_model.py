@@ -1,0 +1,105 @@
+"""simpo_ray.model: path resolution, tokenizer and model loading on a tiny saved Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from simpo_ray import model as M
+from simpo_ray.config import TrainConfig
+from simpo_ray.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, chat_tokenizer):
+    """A 2-layer Llama and the bundled tokenizer, saved as a user's model directory would be."""
+    path = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_loads_fp32_by_default_on_device(tiny_dir):
+    m = M.load_model(TrainConfig(model_name_or_path=str(tiny_dir)), device="cpu")
+    assert isinstance(m, LlamaForCausalLM)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    assert not M.is_checkpointing(m)
+    assert m.config.num_hidden_layers == 2
+
+
+def test_bf16_checkpointing_and_attention(tiny_dir):
+    cfg = TrainConfig(model_name_or_path=str(tiny_dir), bf16=True, gradient_checkpointing=True,
+                      attn_implementation="eager")
+    m = M.load_model(cfg)
+    # Training keeps fp32 master weights (bf16 is compute, via autocast in the loop) ...
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+    # ... while inference loads the weights in bf16.
+    assert {p.dtype for p in M.load_model(cfg, for_training=False).parameters()} == {torch.bfloat16}
+    assert M.is_checkpointing(m) and m.config.use_cache is False
+    assert m.config._attn_implementation == "eager"
+    # In training, a checkpointed layer's forward runs twice (again in backward), and every
+    # parameter still gets a gradient. (Module hooks do not fire on the recompute: count forward.)
+    calls = []
+    mlp = m.model.layers[0].mlp
+    forward = mlp.forward
+    mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    m.train()
+    ids = torch.tensor([[2, 4, 10, 11, 5]])
+    m(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 2
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+
+
+def test_bf16_refused_where_unsupported(tiny_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    with pytest.raises(UserError, match="bf16: true, but device cuda does not support bfloat16"):
+        M.load_model(TrainConfig(model_name_or_path=str(tiny_dir), bf16=True), device="cuda")
+
+
+def test_tokenizer_pad_defaults_to_eos(tiny_dir, tmp_path, chat_tokenizer):
+    tok = M.load_tokenizer(TrainConfig(model_name_or_path=str(tiny_dir)))
+    assert tok.pad_token == "<pad>" and tok.chat_template == chat_tokenizer.chat_template
+    nopad = tmp_path / "nopad"
+    chat_tokenizer.save_pretrained(nopad)
+    cfg_file = nopad / "tokenizer_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"pad_token": "<pad>"', '"pad_token": null'))
+    tok = M.load_tokenizer(TrainConfig(model_name_or_path="/nonexistent", tokenizer_name_or_path=str(nopad)))
+    assert tok.pad_token == tok.eos_token == "</s>"
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize("name, match", [
+    ("/no/such/model", "model path '/no/such/model' does not exist"),
+    ("./missing-model", "model path './missing-model' does not exist"),
+    ("bundled:huge", "unknown bundled model 'bundled:huge'; sizes: tiny, small, base"),
+])
+def test_bad_model_names(name, match):
+    with pytest.raises(UserError, match=match):
+        M.load_model(TrainConfig(model_name_or_path=name))
+
+
+def test_directory_without_model_is_one_line_error(tmp_path):
+    with pytest.raises(UserError, match=r"cannot load model '.*': ") as e:
+        M.load_model(TrainConfig(model_name_or_path=str(tmp_path)))
+    assert "\n" not in str(e.value)
+
+
+def test_hub_ids_are_left_to_transformers():
+    assert M.resolve_model_path("meta-llama/Meta-Llama-3-8B-Instruct") == "meta-llama/Meta-Llama-3-8B-Instruct"
+
+
+def test_bundled_name_resolves_through_ensure_model(tiny_dir, monkeypatch):
+    # Building a real bundled model is bundled/'s test (it SFT-trains for seconds); here the
+    # mapping bundled:<size> -> ensure_model(size) -> a directory transformers loads.
+    from simpo_ray.bundled import models
+
+    asked = []
+    monkeypatch.setattr(models, "ensure_model", lambda size: asked.append(size) or tiny_dir)
+    assert M.resolve_model_path("bundled:small") == str(tiny_dir)
+    m = M.load_model(TrainConfig(model_name_or_path="bundled:tiny"))
+    assert asked == ["small", "tiny"] and isinstance(m, LlamaForCausalLM)
