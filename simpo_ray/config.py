@@ -76,6 +76,9 @@ class TrainConfig:
     save_total_limit: int = field(default=2, metadata=_range(1))
     output_dir: str | None = None
     divergence_loss_threshold: float | None = field(default=None, metadata=_range(0, None, low_open=True))
+    # A step loss above divergence_factor x the mean loss of the first 10 steps (floored at 1.0)
+    # counts as an explosion; None turns the relative check off.
+    divergence_factor: float | None = field(default=10.0, metadata=_range(1, None, low_open=True))
 
     # Resources of one run
     num_workers: int = field(default=1, metadata=_range(1))

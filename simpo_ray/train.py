@@ -126,7 +126,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup_s = time.perf_counter() - t_start
     window_start = time.perf_counter()
     micro = 0
+    early_losses: list[float] = []  # the first steps' losses: the scale an explosion is judged against
     done = state["step"] >= total_steps
+    if state["step"] == 0:
+        # The starting point (the SFT model), so every curve and every "did it improve" has a baseline.
+        baseline = evaluate(policy, bare, tokenizer, eval_ds, collator, cfg, objective, device, rank, world)
+        report = {**baseline, "step": 0, "epoch": 0.0, "samples": 0, "tokens": 0,
+                  "learning_rate": scheduler.get_last_lr()[0], "train_time_s": 0.0,
+                  "startup_s": startup_s, "total_steps": total_steps, "diverged": 0, "status": "running"}
+        ray.train.report(report)
+        if rank == 0:
+            print(_progress_line(report), flush=True)
+        window_start = time.perf_counter()
 
     while not done:
         sampler.set_epoch(state["epoch"])
@@ -152,6 +163,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             healthy = torch.isfinite(loss_value) & torch.isfinite(grad_norm)
             if cfg.divergence_loss_threshold is not None:
                 healthy &= loss_value <= cfg.divergence_loss_threshold
+            if len(early_losses) < 10:
+                early_losses.append(float(loss_value))
+            elif cfg.divergence_factor is not None:
+                reference = max(sum(early_losses) / 10, 1.0)
+                healthy &= loss_value <= cfg.divergence_factor * reference
             if not _all_ranks(healthy):
                 state["step"] += 1
                 _report_diverged(state, window, startup_s, rank)
@@ -312,7 +328,8 @@ def _report_diverged(state, window, startup_s, rank) -> None:
     ray.train.report(report)
     if rank == 0:
         print(f"[simpo-ray] diverged at step {state['step']}: the loss or gradient norm became "
-              "non-finite (or exceeded divergence_loss_threshold); stopping this run", flush=True)
+              "non-finite, or the loss exploded (above divergence_factor x its early level, or "
+              "divergence_loss_threshold); stopping this run", flush=True)
 
 
 def _progress_line(r: dict[str, Any]) -> str:
@@ -322,7 +339,8 @@ def _progress_line(r: dict[str, Any]) -> str:
              f"margin {r.get('eval/rewards/margins', float('nan')):.3f}"]
     if "eval/success_rate" in r:
         parts.append(f"success {r['eval/success_rate']:.3f}")
-    parts.append(f"{r['tokens_per_s']:.0f} tok/s")
+    if "tokens_per_s" in r:
+        parts.append(f"{r['tokens_per_s']:.0f} tok/s")
     return "[simpo-ray] " + "  ".join(parts)
 
 
@@ -356,6 +374,42 @@ def worker_config(cfg: TrainConfig, prepared: PreparedRun, threads: int) -> dict
     return {"train": cfg.to_dict(), "data": prepared.data, "threads": threads}
 
 
+def history_callback(path: str | os.PathLike):
+    """A Ray Train callback that appends every report (rank 0's metrics) to a JSON-lines file.
+
+    Train's own `Result.metrics_dataframe` keeps only reports that carried a checkpoint; this
+    keeps the whole learning curve. It runs in the Train controller, on the driver's machine.
+    """
+    from ray.train import UserCallback
+
+    class MetricsHistory(UserCallback):
+        def __init__(self, target: str) -> None:
+            self.target = target
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.target, "a") as f:
+                f.write(json.dumps(metrics[0], default=float) + "\n")
+
+    return MetricsHistory(os.fspath(path))
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def final_metrics(result) -> dict[str, Any]:
+    """The last report of a run made by `run_training`.
+
+    Train V2's `Result.metrics` is the last *checkpointed* report, so a run that ended with a
+    report without checkpoint (a divergence) would show older metrics, or none.
+    """
+    history = Path(result.path) / "history.jsonl"
+    rows = read_history(history) if history.exists() else []
+    return rows[-1] if rows else dict(result.metrics or {})
+
+
 def make_trainer(cfg: TrainConfig, prepared: PreparedRun, *, num_workers: int, cpus_per_worker: float = 1,
                  gpus_per_worker: float = 0, storage_path: str | None = None, name: str | None = None,
                  max_failures: int = 0, callbacks: list | None = None):
@@ -380,7 +434,10 @@ def make_trainer(cfg: TrainConfig, prepared: PreparedRun, *, num_workers: int, c
 def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_worker: float = 1,
                  gpus_per_worker: float | None = None, storage_path: str | None = None,
                  name: str | None = None, max_failures: int = 0):
-    """Run one SimPO training on the current Ray cluster; returns Ray Train's `Result`."""
+    """Run one SimPO training on the current Ray cluster; returns Ray Train's `Result`.
+
+    Every report is also appended to `<storage_path>/<name>/history.jsonl` (the learning curve).
+    """
     num_workers = num_workers or cfg.num_workers
     if gpus_per_worker is None:
         gpus_per_worker = 1 if (cfg.use_gpu or (cfg.use_gpu is None and torch.cuda.is_available())) else 0
@@ -388,9 +445,11 @@ def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_w
     print(f"[simpo-ray] {prepared.num_train} training pairs, {prepared.num_eval} held-out pairs; "
           f"{num_workers} worker(s) x {cpus_per_worker} CPU, {gpus_per_worker} GPU", flush=True)
     storage_path = os.path.abspath(storage_path or os.path.join(os.getcwd(), "results"))
+    name = name or time.strftime("simpo-train-%Y%m%d-%H%M%S")
+    history = Path(storage_path) / name / "history.jsonl"
     trainer = make_trainer(cfg, prepared, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                            gpus_per_worker=gpus_per_worker, storage_path=storage_path, name=name,
-                           max_failures=max_failures)
+                           max_failures=max_failures, callbacks=[history_callback(history)])
     return trainer.fit()
 
 
@@ -436,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             raise result.error
         print(f"error: training failed: {_one_line(result.error)}", file=sys.stderr)
         return 1
-    metrics = dict(result.metrics or {})
+    metrics = final_metrics(result)
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
     if args.metrics_out:
         from simpo_ray.io import write_json_atomic

@@ -221,7 +221,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     init_kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=log_to_driver,
                                        **kwargs)
     if address is None:
-        init_kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus,
+        # "local": always a fresh private cluster, never one a `ray start` left on this machine.
+        init_kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
                            include_dashboard=include_dashboard)
         if include_dashboard:
             init_kwargs.setdefault("dashboard_host", "127.0.0.1")
@@ -350,18 +351,28 @@ def _kill_orphan_pg_cleaners() -> int:
     table = actors()
     alive = {(a["Address"].get("IPAddress"), a["Address"].get("Port"))
              for a in table.values() if a["State"] == "ALIVE"}
-    core = ray._private.worker.global_worker.core_worker
+    # A handle to an unnamed actor that another process created cannot be obtained, so
+    # ray.kill() is impossible; the cleaner runs on the head node (where this driver runs), so
+    # end its process by pid after checking it really is that actor's Ray worker.
+    import signal
+
+    import psutil
+
+    here = ray.get_runtime_context().get_node_id()
     killed = 0
     for a in table.values():
         if a["ActorClassName"] != "PlacementGroupCleaner" or a["State"] != "ALIVE":
             continue
         owner = (a["OwnerAddress"].get("IPAddress"), a["OwnerAddress"].get("Port"))
-        if owner in alive:
+        if owner in alive or a["Address"].get("NodeID") != here or not a.get("Pid"):
             continue
         try:
-            core.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
+            proc = psutil.Process(int(a["Pid"]))
+            if "PlacementGroupCleaner" not in " ".join(proc.cmdline()):
+                continue
+            proc.send_signal(signal.SIGTERM)
             killed += 1
-        except Exception:
+        except (psutil.Error, OSError):
             pass
     return killed
 

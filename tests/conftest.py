@@ -18,3 +18,28 @@ def chat_tokenizer(tmp_path_factory):
     from simpo_ray.bundled.tokenizer import build_tokenizer
 
     return build_tokenizer(tmp_path_factory.mktemp("chat_tokenizer"))
+
+
+# One model/data cache for the whole session, so the bundled SFT models are built once (set
+# before Ray starts: Ray's worker processes inherit the environment of the driver).
+if "SIMPO_RAY_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SIMPO_RAY_CACHE"] = tempfile.mkdtemp(prefix="simpo-ray-test-cache-")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local 2-CPU Ray cluster shared by the tests that need one (started on first use)."""
+    import ray
+
+    from simpo_ray.train import ray_env_defaults
+    from simpo_ray.tune_runtime import init_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray_env_defaults()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    info = init_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
+    yield info
+    ray.shutdown()

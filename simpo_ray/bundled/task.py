@@ -1,0 +1,160 @@
+"""The bundled task: sort a short string of digits (``sort: 5301`` -> ``0135``).
+
+The answer is verifiable, so a model's held-out success rate is exact, and the difficulty grows
+with the length, so a briefly SFT-trained tiny model gets the short lists right and the long
+ones wrong: preference optimisation has room to help. Rejected answers are the mistakes such a
+model makes (a digit dropped, duplicated or replaced so the answer still looks sorted, two
+digits swapped, the list left unsorted or reversed, extra digits appended); duplicates and
+extras make a rejected answer longer than the chosen one, which is what SimPO's
+length-normalised reward is for.
+
+Train and test prompts are disjoint by construction: a prompt belongs to ``test_prefs`` iff a
+stable hash of it falls in a fixed bucket, whatever the seed or ``n``.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+
+import datasets
+
+PREFIX = "sort: "
+DIGITS = "0123456789"
+MIN_LEN, MAX_LEN = 3, 8
+# Completion budget for generation: the longest answer plus slack for a rambling model.
+MAX_ANSWER_TOKENS = MAX_LEN + 4
+
+ERROR_TYPES = ("drop", "duplicate", "substitute", "swap", "unsorted", "reverse", "extra")
+# Mostly subtle errors (an SFT model already spots an out-of-order answer); the longer-than-
+# chosen ones ("duplicate", "extra") are about 30% of pairs.
+ERROR_WEIGHTS = (0.25, 0.2, 0.25, 0.1, 0.05, 0.05, 0.1)
+
+SPLITS = {
+    # split: (default n, default seed, default label noise)
+    "train_prefs": (4000, 0, 0.1),
+    # Clean labels, so preference accuracy on it is measured against the verified answer.
+    "test_prefs": (512, 1, 0.0),
+}
+TEST_BUCKETS = 8  # one prompt in TEST_BUCKETS goes to test_prefs
+
+
+def _digits_of(prompt: str) -> str:
+    if not prompt.startswith(PREFIX):
+        raise ValueError(f"not a bundled sort prompt: {prompt!r}")
+    return prompt[len(PREFIX):].strip()
+
+
+def answer(prompt: str) -> str:
+    """The correct completion for ``prompt``: its digits in ascending order."""
+    return "".join(sorted(_digits_of(prompt)))
+
+
+def check(prompt: str, completion: str) -> bool:
+    """True iff ``completion`` (surrounding whitespace ignored) is the sorted digit string."""
+    return completion.strip() == answer(prompt)
+
+
+def is_test_prompt(prompt: str) -> bool:
+    """Which split a prompt belongs to; a stable hash, so splits never share a prompt."""
+    return zlib.crc32(prompt.encode()) % TEST_BUCKETS == 0
+
+
+def corrupt(correct: str, kind: str, rng: random.Random) -> str:
+    """A wrong answer of the given error type derived from the sorted ``correct`` string."""
+    s = list(correct)
+    n = len(s)
+    if kind == "drop":
+        del s[rng.randrange(n)]
+    elif kind == "duplicate":
+        i = rng.randrange(n)
+        s.insert(i, s[i])
+    elif kind == "substitute":
+        # Replace one digit by another that keeps the answer sorted: looks right, is wrong.
+        for i in rng.sample(range(n), n):
+            lo = s[i - 1] if i > 0 else "0"
+            hi = s[i + 1] if i < n - 1 else "9"
+            options = [d for d in DIGITS if lo <= d <= hi and d != s[i]]
+            if options:
+                s[i] = rng.choice(options)
+                break
+    elif kind == "swap":
+        # Swap two distinct digits (adjacent ones where possible: the subtle mistake).
+        pairs = [i for i in range(n - 1) if s[i] != s[i + 1]]
+        if pairs:
+            i = rng.choice(pairs)
+            s[i], s[i + 1] = s[i + 1], s[i]
+    elif kind == "unsorted":
+        rng.shuffle(s)
+    elif kind == "reverse":
+        s.reverse()
+    elif kind == "extra":
+        s.extend(rng.choice(DIGITS) for _ in range(rng.randint(1, 3)))
+    else:
+        raise ValueError(f"unknown error type {kind!r}; allowed: {ERROR_TYPES}")
+    return "".join(s)
+
+
+def _row(prompt: str, chosen: str, rejected: str) -> dict:
+    user = {"role": "user", "content": prompt}
+    return {
+        "prompt": prompt,
+        "chosen": [user, {"role": "assistant", "content": chosen}],
+        "rejected": [user, {"role": "assistant", "content": rejected}],
+    }
+
+
+def generate_pairs(
+    n: int,
+    *,
+    seed: int,
+    label_noise: float = 0.1,
+    split: str | None = None,
+    min_len: int = MIN_LEN,
+    max_len: int = MAX_LEN,
+) -> list[dict]:
+    """``n`` preference pairs in UltraFeedback chat format, deterministic in ``seed``.
+
+    ``label_noise`` is the fraction of pairs (exactly ``round(label_noise * n)``) whose chosen
+    and rejected answers are swapped. ``split`` ("train_prefs"/"test_prefs") keeps only prompts
+    of that split; None draws from all prompts.
+    """
+    if not 0.0 <= label_noise <= 1.0:
+        raise ValueError(f"label_noise={label_noise} must be in [0, 1]")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+    if split not in (None, *SPLITS):
+        raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < n:
+        digits = "".join(rng.choice(DIGITS) for _ in range(rng.randint(min_len, max_len)))
+        prompt = PREFIX + digits
+        if split is not None and is_test_prompt(prompt) != (split == "test_prefs"):
+            continue
+        correct = answer(prompt)
+        wrong = correct
+        while wrong == correct:  # e.g. "unsorted" can reshuffle into sorted order; "000" can't err by swap
+            kind = rng.choices(ERROR_TYPES, weights=ERROR_WEIGHTS)[0]
+            wrong = corrupt(correct, kind, rng)
+        rows.append(_row(prompt, correct, wrong))
+    for i in rng.sample(range(n), round(label_noise * n)):
+        r = rows[i]
+        rows[i] = _row(r["prompt"], r["rejected"][1]["content"], r["chosen"][1]["content"])
+    return rows
+
+
+def load_split(
+    split: str, *, n: int | None = None, seed: int | None = None, label_noise: float | None = None
+) -> datasets.Dataset:
+    """``train_prefs`` (4000 rows, 10% label noise) or ``test_prefs`` (512 rows, clean) as a Dataset."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
+    d_n, d_seed, d_noise = SPLITS[split]
+    rows = generate_pairs(
+        d_n if n is None else n,
+        seed=d_seed if seed is None else seed,
+        label_noise=d_noise if label_noise is None else label_noise,
+        split=split,
+    )
+    return datasets.Dataset.from_list(rows)
