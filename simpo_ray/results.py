@@ -56,7 +56,9 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
         status = trial_status(metrics, result.error)
         best = math.nan
         if history is not None and objective in history and status != "diverged":
-            series = pd.to_numeric(history[objective], errors="coerce").dropna()
+            trained = history[history["step"] > 0] if "step" in history else history
+            # Step 0 is the untrained starting point: it must never make a trial "best".
+            series = pd.to_numeric(trained[objective], errors="coerce").dropna()
             if len(series):
                 best = series.max() if mode == "max" else series.min()
         if status == "diverged":

@@ -10,6 +10,7 @@ and a `Tuner`. Each trial is a Ray Train `TorchTrainer` run of the SimPO loop
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -154,6 +155,7 @@ def run_search(space_path, *, storage_path=None, name=None, num_samples=None, se
                 metric=space.search.objective, mode=space.search.mode,
                 search_alg=_searcher(space), scheduler=_scheduler(space),
                 num_samples=space.search.num_samples, max_concurrent_trials=slots,
+                reuse_actors=True,  # a finished trial's driver process runs the next trial
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=root, stop=DivergenceStopper(),
@@ -245,6 +247,7 @@ def _search_info(space, space_path, name: str) -> dict[str, Any]:
         "params": {n: p.to_dict() for n, p in space.params.items()},
         "points_to_evaluate": space.points_to_evaluate, "point_labels": space.point_labels,
         "guide": space.guide_summary(), "space": space.to_dict(), "simpo_ray_version": ours,
+        "search": dataclasses.asdict(space.search),
     }
 
 

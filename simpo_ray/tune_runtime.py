@@ -16,6 +16,13 @@ Resource model (why the old prototype deadlocked, see docs/ray-runtime-notes.md)
 So the trial driver requests **no CPU/GPU** (only a small logical ``memory`` amount, because a
 placement-group bundle cannot be empty), and the number of concurrent trials is capped by
 :func:`plan_concurrency` so that every running trial's worker placement group fits at once.
+
+Second leak: when Tune stops a trial early (ASHA, a stopper, an error) it kills the trial actor
+and with it the Train controller; the controller's worker placement group then outlives it (a
+non-detached group is freed only when its creator actor AND the job are dead) and Train V2's
+``PlacementGroupCleaner`` cannot notice without the State API (dashboard). Those CPUs stay
+reserved and later trials time out. :func:`reap_orphan_placement_groups` (run every second by
+the thread :func:`init_ray` starts) frees them and ends the leaked cleaner actors.
 """
 
 from __future__ import annotations
