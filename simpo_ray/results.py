@@ -52,7 +52,7 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
         config = dict(result.config or {})
         params = {k: config[k] for k in SEARCHED if k in config}
         trial_id = metrics.get("trial_id") or Path(result.path).name
-        history = result.metrics_dataframe
+        history = _one_row_per_step(result.metrics_dataframe)
         status = trial_status(metrics, result.error)
         best = math.nan
         if history is not None and objective in history and status != "diverged":
@@ -92,6 +92,19 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
     first = [c for c in CURVE_COLUMNS_FIRST if c in curve_frame.columns]
     curve_frame = curve_frame[first + [c for c in curve_frame.columns if c not in first]]
     return trials, curve_frame
+
+
+def _one_row_per_step(history: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A trial's reports, one per step: the last run's where a step was reported twice.
+
+    A trial interrupted by a killed driver is run again by `--resume` (from its last Train
+    checkpoint, or from step 0 when it had none), and Tune appends the new reports to the same
+    result file, so steps reported before the kill can appear twice.
+    """
+    if history is None or not len(history) or "step" not in history:
+        return history
+    return history.drop_duplicates(subset="step", keep="last").sort_values(
+        "step", kind="stable").reset_index(drop=True)
 
 
 def _is_curve_metric(column: str) -> bool:
