@@ -140,8 +140,8 @@ def summary_table(trials: pd.DataFrame, mode: str, top: int = 5) -> str:
     for rank, (idx, r) in enumerate(shown.iterrows(), 1):
         label = f"{r['trial_id']}{' (default)' if r['is_default'] else ''}"
         pos = list(ordered.index).index(idx) + 1
-        lines.append(f"| {pos} | {label} | {r['status']} | {r['learning_rate']:.3g} | {r['beta']:.3g} | "
-                     f"{r['gamma_beta_ratio']:.3g} | {r['sft_weight']:.3g} | {int(r['steps'])} | "
+        values = " | ".join(f"{r[k]:.3g}" if k in r and pd.notna(r[k]) else "-" for k in SEARCHED)
+        lines.append(f"| {pos} | {label} | {r['status']} | {values} | {int(r['steps'])} | "
                      f"{r['best_objective']:.4f} |")
     return "\n".join(lines)
 

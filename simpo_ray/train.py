@@ -66,10 +66,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     `config` holds `train` (a TrainConfig dict), `data` (the tokenised train/eval datasets,
     as object-store references or cache paths, prepared once by the driver) and `threads`.
     """
+    t_start = time.perf_counter()  # start-up includes the imports below
     cfg = from_dict(config["train"])
     quiet_ray_train_logs()
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    t_start = time.perf_counter()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -107,7 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
 
-    state = {"step": 0, "samples": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0}
+    state = {"step": 0, "samples": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
+             "restarts": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
@@ -116,8 +117,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state.update(saved["counters"])
+        # A restart after a worker failure (Ray Train's FailureConfig): training continues from
+        # the checkpoint's step; reports carry how often this run was restarted.
+        state["restarts"] = state.get("restarts", 0) + 1
         if rank == 0:
-            print(f"[simpo-ray] resumed from checkpoint at step {state['step']}", flush=True)
+            print(f"[simpo-ray] resumed from checkpoint at step {state['step']} "
+                  f"(restart {state['restarts']})", flush=True)
 
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
@@ -191,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "learning_rate": scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens_in_window / max(window_s, 1e-9),
                     "train_time_s": state["train_time_s"], "startup_s": startup_s,
-                    "total_steps": total_steps, "diverged": 0,
+                    "total_steps": total_steps, "diverged": 0, "restarts": state["restarts"],
                     "status": "completed" if done else "running",
                 }
                 ckpt = state["step"] % save_every == 0 or done
@@ -355,19 +360,79 @@ class PreparedRun:
     num_eval: int
 
 
-def prepare_run(cfg: TrainConfig) -> PreparedRun:
-    """Resolve the model (building a bundled one once), tokenise the data once, share it.
+def check_inputs(cfg: TrainConfig):
+    """Resolve the model (building a bundled one once) and tokenise the data (cached on disk).
+
+    Needs no Ray, so the CLIs call it before `ray.init`: a missing model path, a dataset with
+    missing columns or no rows, ... is one `UserError` line before any Ray process starts.
+    Returns `data.PreparedData`.
+    """
+    import datasets
+
+    from simpo_ray.data import prepare_datasets
+    from simpo_ray.model import load_tokenizer
+
+    # No progress bars: they would land on stderr before a one-line error (the CLI contract).
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        tokenizer = load_tokenizer(cfg)
+        return prepare_datasets(cfg, tokenizer)
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def prepare_run(cfg: TrainConfig, prepared=None) -> PreparedRun:
+    """Resolve the model, tokenise the data once (`check_inputs`), share it via the object store.
 
     Runs in the driver, before any worker starts, so N workers and M trials reuse one
     tokenisation (cached on disk by fingerprint) and one SFT model build.
     """
-    from simpo_ray.data import prepare_datasets
     from simpo_ray.shared_data import share_prepared
-    from simpo_ray.model import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg)
-    prepared = prepare_datasets(cfg, tokenizer)
+    if prepared is None:
+        prepared = check_inputs(cfg)
     return PreparedRun(data=share_prepared(prepared), num_train=prepared.num_train, num_eval=prepared.num_eval)
+
+
+def default_gpus_per_worker(cfg: TrainConfig, gpus_per_worker: float | None) -> float:
+    """The flag if given; else 1 when the config asks for a GPU (or `use_gpu` is unset and CUDA is here)."""
+    if gpus_per_worker is not None:
+        return gpus_per_worker
+    return 1 if (cfg.use_gpu or (cfg.use_gpu is None and torch.cuda.is_available())) else 0
+
+
+def check_fits(cluster, num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """`UserError` when the run's workers can never be placed on `cluster` (a `tune_runtime.ClusterInfo`).
+
+    Ray Train retries an unplaceable worker group forever, so without this a run that asks
+    for a GPU on a CPU-only cluster would hang instead of failing.
+    """
+    from simpo_ray.tune_runtime import TrialResources, plan_concurrency
+
+    plan_concurrency(cluster, TrialResources(num_workers, cpus_per_worker, gpus_per_worker))
+
+
+def local_cluster():
+    """This machine's CPUs and GPUs as a `ClusterInfo`: what a local `ray.init()` would get."""
+    from simpo_ray.tune_runtime import ClusterInfo
+
+    node = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return ClusterInfo(total=node, nodes=(node,))
+
+
+def check_writable(root: str) -> None:
+    """`UserError` unless `root` (a local directory; created if missing) is writable."""
+    if "://" in root:
+        return
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = Path(root) / f".simpo-ray-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--storage-path: {root} is not writable ({e.strerror or e})") from None
 
 
 def worker_config(cfg: TrainConfig, prepared: PreparedRun, threads: int) -> dict[str, Any]:
@@ -395,8 +460,17 @@ def history_callback(path: str | os.PathLike):
 
 
 def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The reports in a history.jsonl; a last line cut short by a crash mid-append is skipped."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
 
 
 def final_metrics(result) -> dict[str, Any]:
@@ -412,8 +486,14 @@ def final_metrics(result) -> dict[str, Any]:
 
 def make_trainer(cfg: TrainConfig, prepared: PreparedRun, *, num_workers: int, cpus_per_worker: float = 1,
                  gpus_per_worker: float = 0, storage_path: str | None = None, name: str | None = None,
-                 max_failures: int = 0, callbacks: list | None = None):
-    """A `TorchTrainer` for one SimPO run (DDP over `num_workers`)."""
+                 max_failures: int = 0, callbacks: list | None = None,
+                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"):
+    """A `TorchTrainer` for one SimPO run (DDP over `num_workers`).
+
+    A worker that dies is restarted up to `max_failures` times from the latest checkpoint.
+    `cfg.save_total_limit` checkpoints are kept: the most recent ones, or the best by
+    `checkpoint_score_attribute` (e.g. the search objective) when given.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -425,7 +505,9 @@ def make_trainer(cfg: TrainConfig, prepared: PreparedRun, *, num_workers: int, c
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=name, storage_path=storage_path, callbacks=callbacks or [],
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit,
+                                               checkpoint_score_attribute=checkpoint_score_attribute,
+                                               checkpoint_score_order=checkpoint_score_order),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
@@ -433,15 +515,22 @@ def make_trainer(cfg: TrainConfig, prepared: PreparedRun, *, num_workers: int, c
 
 def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_worker: float = 1,
                  gpus_per_worker: float | None = None, storage_path: str | None = None,
-                 name: str | None = None, max_failures: int = 0):
+                 name: str | None = None, max_failures: int = 0, prepared=None,
+                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"):
     """Run one SimPO training on the current Ray cluster; returns Ray Train's `Result`.
+
+    `prepared`: the `check_inputs` result when the caller already has it. Checkpoints kept:
+    the `save_total_limit` most recent, or with `checkpoint_score_attribute` (a reported metric)
+    the best ones by it (Ray Train also keeps the latest, which a restart resumes from).
 
     Every report is also appended to `<storage_path>/<name>/history.jsonl` (the learning curve).
     """
+    from simpo_ray.tune_runtime import ClusterInfo
+
     num_workers = num_workers or cfg.num_workers
-    if gpus_per_worker is None:
-        gpus_per_worker = 1 if (cfg.use_gpu or (cfg.use_gpu is None and torch.cuda.is_available())) else 0
-    prepared = prepare_run(cfg)
+    gpus_per_worker = default_gpus_per_worker(cfg, gpus_per_worker)
+    check_fits(ClusterInfo.from_ray(), num_workers, cpus_per_worker, gpus_per_worker)
+    prepared = prepare_run(cfg, prepared)
     print(f"[simpo-ray] {prepared.num_train} training pairs, {prepared.num_eval} held-out pairs; "
           f"{num_workers} worker(s) x {cpus_per_worker} CPU, {gpus_per_worker} GPU", flush=True)
     storage_path = os.path.abspath(storage_path or os.path.join(os.getcwd(), "results"))
@@ -449,12 +538,41 @@ def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_w
     history = Path(storage_path) / name / "history.jsonl"
     trainer = make_trainer(cfg, prepared, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
                            gpus_per_worker=gpus_per_worker, storage_path=storage_path, name=name,
-                           max_failures=max_failures, callbacks=[history_callback(history)])
-    return trainer.fit()
+                           max_failures=max_failures, callbacks=[history_callback(history)],
+                           checkpoint_score_attribute=checkpoint_score_attribute,
+                           checkpoint_score_order=checkpoint_score_order)
+    return _fit_restoring_sigint(trainer)
+
+
+def _fit_restoring_sigint(trainer):
+    """`trainer.fit()`, then put back the caller's SIGINT handler.
+
+    In the main thread, Train V2's fit() installs a SIGINT handler (Ctrl-C aborts the run
+    gracefully) whose closure holds the controller actor's handle and is never removed: the
+    TrainController process (~400 MB) then outlives the run until the next fit() or the end
+    of the process, and Ctrl-C keeps going to a finished run. Restoring the handler releases both.
+    """
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        return trainer.fit()
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="python -m simpo_ray.train",
         description="Run one SimPO training on Ray Train from a YAML config in the SimPO reference "
                     "trainer's key names (model_name_or_path, dataset_mixer, learning_rate, beta, "
@@ -477,23 +595,44 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         cfg = load_train_config(args.config)
-        if args.num_workers is not None and args.num_workers < 1:
-            raise UserError(f"--num-workers: {args.num_workers} is out of range; allowed >= 1")
+        for flag, low in (("num_workers", 1), ("max_failures", 0)):
+            value = getattr(args, flag)
+            if value is not None and value < low:
+                raise UserError(f"--{flag.replace('_', '-')}: {value} is out of range; allowed >= {low}")
+        for flag in ("cpus_per_worker", "gpus_per_worker"):
+            value = getattr(args, flag)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise UserError(f"--{flag.replace('_', '-')}: {value} is out of range; allowed >= 0")
+        num_workers = args.num_workers or cfg.num_workers
+        gpus = default_gpus_per_worker(cfg, args.gpus_per_worker)
+        storage_path = os.path.abspath(os.path.expanduser(args.storage_path or os.path.join(os.getcwd(), "results")))
+        # Everything checkable without Ray is checked before Ray starts: no Ray log line and no
+        # Ray process for a mistake in the input.
+        check_writable(storage_path)
+        address = args.address or os.environ.get("RAY_ADDRESS")
+        if not address:
+            check_fits(local_cluster(), num_workers, args.cpus_per_worker, gpus)
+        prepared = check_inputs(cfg)
         ray_env_defaults()
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+        ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
-        result = run_training(cfg, num_workers=args.num_workers, cpus_per_worker=args.cpus_per_worker,
-                              gpus_per_worker=args.gpus_per_worker, storage_path=args.storage_path,
-                              name=args.name, max_failures=args.max_failures)
+        try:
+            result = run_training(cfg, num_workers=num_workers, cpus_per_worker=args.cpus_per_worker,
+                                  gpus_per_worker=gpus, storage_path=storage_path,
+                                  name=args.name, max_failures=args.max_failures, prepared=prepared)
+            error = result.error
+        except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
+            # Train V2's fit() raises when the workers fail more often than --max-failures allows.
+            error = e
     except UserError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if result.error is not None:
+    if error is not None:
         if args.debug:
-            raise result.error
-        print(f"error: training failed: {_one_line(result.error)}", file=sys.stderr)
+            raise error
+        print(f"error: training failed: {_one_line(error)}", file=sys.stderr)
         return 1
     metrics = final_metrics(result)
     metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None

@@ -155,7 +155,6 @@ def run_search(space_path, *, storage_path=None, name=None, num_samples=None, se
                 metric=space.search.objective, mode=space.search.mode,
                 search_alg=_searcher(space), scheduler=_scheduler(space),
                 num_samples=space.search.num_samples, max_concurrent_trials=slots,
-                reuse_actors=True,  # a finished trial's driver process runs the next trial
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=root, stop=DivergenceStopper(),
@@ -375,7 +374,9 @@ def finish(grid, space, exp_path: str, info: dict[str, Any], *, verbose: int = 1
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    from simpo_ray.train import OneLineArgumentParser  # usage errors: one `error:` line, exit 2
+
+    p = OneLineArgumentParser(
         prog="python -m simpo_ray.tune",
         description=(
             "Search SimPO hyperparameters (learning_rate, beta, gamma_beta_ratio, sft_weight) "
@@ -433,6 +434,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(dry_run(args.space, **kwargs))
             return 0
+        # Check what needs no Ray before Ray starts (run_search starts it before it prepares the
+        # data and plans the trials): a bad model path, bad data or a trial that cannot fit is
+        # one error line, with no Ray process started and no Ray log line printed.
+        from simpo_ray.config import from_dict
+        from simpo_ray.train import check_fits, check_inputs, check_writable, local_cluster
+
+        space = load(args.space, task=args.task, model_type=args.model_type,
+                     allow_out_of_range=args.allow_out_of_range, num_samples=args.num_samples,
+                     seed=args.seed, scheduler=args.scheduler, max_concurrent=args.max_concurrent)
+        check_writable(_storage_root(args.storage_path))
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            r = space.resources
+            check_fits(local_cluster(), r.num_workers, r.cpus_per_worker, r.gpus_per_worker)
+        default_point = space.points_to_evaluate[0] if space.points_to_evaluate else {}
+        check_inputs(from_dict(space.trial_config(default_point)))
         run_search(args.space, resume=args.resume, **kwargs)
     except UserError as e:
         if args.debug:
