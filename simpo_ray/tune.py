@@ -215,14 +215,9 @@ def _check_storage(root: str, exp_path: str, *, resume: bool) -> None:
     """Refuse an unwritable storage path, a resume without a search, or a silent overwrite."""
     from ray import tune
 
-    if "://" not in root:
-        try:
-            os.makedirs(root, exist_ok=True)
-            probe = Path(root) / f".simpo-ray-write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"--storage-path: {root} is not writable ({e.strerror})") from None
+    from simpo_ray.train import check_writable
+
+    check_writable(root)
     exists = tune.Tuner.can_restore(exp_path)
     if resume and not exists:
         raise UserError(f"--resume: {exp_path} holds no search to resume (check --storage-path and --name)")

@@ -155,6 +155,9 @@ def build_model(size: str, out_dir: Path, *, log=print) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a bar on stderr would garble one-line errors
     model.save_pretrained(out_dir)
     log(f"[simpo_ray] built bundled:{size} in {time.perf_counter() - t0:.1f}s "
         f"(SFT loss {loss:.3f})", flush=True)
