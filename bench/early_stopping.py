@@ -6,16 +6,14 @@ wall time, and the best objective reached (`eval/success_rate`, max over trials 
 after step 0, i.e. trials.csv `best_objective`). Averaged over seeds, with the standard
 deviation. All searches run in one process on one Ray cluster (ray.init paid once).
 
-Random search: `run_search` has no sampler option, so the bench swaps Optuna's `TPESampler` for
-`RandomSampler` (same seed) while `simpo_ray.tune._searcher` builds the OptunaSearch - same
-distributions, same documented-default first point. See `_search.random_sampler`.
+Random search is the space's own `search.sampler: random` (Optuna's RandomSampler, same seed,
+same distributions, the same documented-default first points as TPE).
 
-Default budget: 4 trials x 100 steps, eval every 50 steps with 32 generation prompts, ASHA
-grace 50 / reduction 3 / max_t 100, concurrency 2, seeds 0 1 2; arms fifo+tpe, asha+tpe,
-fifo+random (9 searches). On 2 quiet cores a trial's fixed start-up (~10 s) dominates and
-this takes ~10 min; under the load average of 30-40 seen on the shared box it takes ~35 min.
-A more telling budget when you have the cores (TPE starts guiding only from trial 5): --num-samples 12 --max-steps 300
---generation-samples 64.
+Default budget: the cpu-tiny space's own search, 12 trials x 600 steps, eval every 100 steps with
+128 generation prompts, ASHA grace 200 / reduction 3 / max_t 600, concurrency 2, seeds 0 1 2;
+arms fifo+tpe, asha+tpe, fifo+random (9 searches, ~30 min on 2 quiet cores). TPE proposes from
+its model only after its start-up trials (the space's points_to_evaluate + 2), so budgets of 4-6
+trials compare two random searches.
 
 Usage: .venv/bin/python bench/early_stopping.py [--quick] [--seeds 0,1,2]
 """
@@ -40,11 +38,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke check: 1 seed, 3 trials x 40 steps, 2 arms")
     p.add_argument("--arms", default="fifo+tpe,asha+tpe,fifo+random", help=f"comma list of {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0,1,2", help="search seeds (TPE/random sampler seed)")
-    p.add_argument("--num-samples", type=int, default=4, help="trials per search")
-    p.add_argument("--max-steps", type=int, default=100, help="steps of a trial that runs to the end")
-    p.add_argument("--eval-steps", type=int, default=50, help="eval (and ASHA decision) every N steps")
-    p.add_argument("--generation-samples", type=int, default=32, help="prompts of the success-rate eval")
-    p.add_argument("--grace-period", type=int, default=50, help="ASHA grace period (steps)")
+    p.add_argument("--num-samples", type=int, default=12, help="trials per search")
+    p.add_argument("--max-steps", type=int, default=600, help="steps of a trial that runs to the end")
+    p.add_argument("--eval-steps", type=int, default=100, help="eval (and ASHA decision) every N steps")
+    p.add_argument("--generation-samples", type=int, default=128, help="prompts of the success-rate eval")
+    p.add_argument("--grace-period", type=int, default=200, help="ASHA grace period (steps)")
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
     p.add_argument("--out", default=str(RESULTS / "early_stopping.json"), help="JSON output path")

@@ -54,13 +54,14 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
         trial_id = metrics.get("trial_id") or Path(result.path).name
         history = _one_row_per_step(result.metrics_dataframe)
         status = trial_status(metrics, result.error)
-        best = math.nan
+        best, best_step, best_ckpt = math.nan, math.nan, ""
         if history is not None and objective in history and status != "diverged":
             trained = history[history["step"] > 0] if "step" in history else history
             # Step 0 is the untrained starting point: it must never make a trial "best".
             series = pd.to_numeric(trained[objective], errors="coerce").dropna()
             if len(series):
                 best = series.max() if mode == "max" else series.min()
+                best_step, best_ckpt = _best_checkpoint(trained.loc[series.index], series, best)
         if status == "diverged":
             best = metrics.get(objective, math.nan)
         row = {
@@ -71,6 +72,7 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
             "objective": objective, "mode": mode, **params,
             "steps": metrics.get("step", 0), "total_steps": metrics.get("total_steps"),
             "objective_value": metrics.get(objective, math.nan), "best_objective": best,
+            "best_step": best_step, "best_checkpoint": best_ckpt,
             "wall_time_s": metrics.get("time_total_s", math.nan),
             "error": _one_line(result.error) if result.error is not None else "",
         }
@@ -92,6 +94,20 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
     first = [c for c in CURVE_COLUMNS_FIRST if c in curve_frame.columns]
     curve_frame = curve_frame[first + [c for c in curve_frame.columns if c not in first]]
     return trials, curve_frame
+
+
+def _best_checkpoint(rows: pd.DataFrame, scores: pd.Series, best: float) -> tuple[float, str]:
+    """(step, checkpoint path) of the best report: the latest of equally good reports, which is
+    the one Ray Train keeps when it retains checkpoints by the objective. The path is empty when
+    that report carried no checkpoint (a run without checkpointing at eval steps)."""
+    at_best = rows[scores == best]
+    step = float(at_best["step"].iloc[-1]) if "step" in at_best else math.nan
+    if "checkpoint_path" in at_best:
+        with_ckpt = at_best["checkpoint_path"].dropna()
+        with_ckpt = with_ckpt[with_ckpt.astype(str) != ""]
+        if len(with_ckpt):
+            return float(at_best.loc[with_ckpt.index[-1], "step"]), str(with_ckpt.iloc[-1])
+    return step, ""
 
 
 def _one_row_per_step(history: pd.DataFrame | None) -> pd.DataFrame | None:

@@ -25,6 +25,7 @@ YAML layout (every key is checked; unknown keys are errors that suggest the clos
       objective: eval/preference_accuracy     # see OBJECTIVES
       mode: max
       scheduler: asha                         # asha | hyperband | median | fifo
+      sampler: tpe                            # tpe (Optuna TPE) | random (Optuna RandomSampler)
       time_attr: step                         # step | samples | tokens | training_iteration
       grace_period: 100
       reduction_factor: 3
@@ -78,6 +79,7 @@ from simpo_ray.errors import ConfigError, closest
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice")
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")
+SAMPLERS = ("tpe", "random")
 TIME_ATTRS = ("step", "samples", "tokens", "training_iteration")
 MODES = ("max", "min")
 # Metrics the training loop reports under eval/, with the direction that is better.
@@ -95,7 +97,7 @@ TOP_KEYS = ("name", "description", "size_bucket", "task", "model_type", "base", 
             "resources", "search", "estimate")
 PARAM_KEYS = ("distribution", "low", "high", "values", "range")
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker")
-SEARCH_KEYS = ("num_samples", "objective", "mode", "scheduler", "time_attr", "grace_period",
+SEARCH_KEYS = ("num_samples", "objective", "mode", "scheduler", "sampler", "time_attr", "grace_period",
                "reduction_factor", "max_t", "max_concurrent", "seed", "max_failures",
                "checkpoint_keep", "points_to_evaluate")
 POINTS_KEYS = ("references", "extra")
@@ -171,6 +173,7 @@ class SearchSettings:
     objective: str = "eval/preference_accuracy"
     mode: str = "max"
     scheduler: str = "asha"
+    sampler: str = "tpe"
     time_attr: str = "step"
     grace_period: int = 100
     reduction_factor: float = 3
@@ -294,7 +297,7 @@ class SearchSpace:
             f"{s.scheduler} (time_attr {s.time_attr}, grace_period {s.grace_period}, "
             f"reduction_factor {s.reduction_factor:g}, max_t {s.max_t})")
         lines.append(f"search: {s.num_samples} samples, objective {s.objective} ({s.mode}), "
-                     f"scheduler {sched}, seed {s.seed}, max_concurrent "
+                     f"scheduler {sched}, sampler {s.sampler}, seed {s.seed}, max_concurrent "
                      f"{s.max_concurrent if s.max_concurrent is not None else 'auto'}")
         lines.append("points to evaluate (the first is the guide's documented default):")
         for i, (pt, label) in enumerate(zip(self.points_to_evaluate, self.point_labels), 1):
@@ -511,6 +514,7 @@ def _search(raw: Any, base: dict) -> SearchSettings:
         raise ConfigError(f"search.mode: {mode!r} is wrong for {objective}, which is better when "
                           f"{'higher' if better == 'max' else 'lower'}; use mode: {better}")
     scheduler = _choice(g("scheduler"), "search.scheduler", SCHEDULERS)
+    sampler = _choice(g("sampler"), "search.sampler", SAMPLERS)
     time_attr = _choice(g("time_attr"), "search.time_attr", TIME_ATTRS)
     grace = _num(g("grace_period"), "search.grace_period", integer=True, low=1)
     max_t = _num(g("max_t"), "search.max_t", integer=True, low=1)
@@ -522,7 +526,7 @@ def _search(raw: Any, base: dict) -> SearchSettings:
         max_conc = _num(max_conc, "search.max_concurrent", integer=True, low=1)
     return SearchSettings(
         num_samples=_num(g("num_samples"), "search.num_samples", integer=True, low=1),
-        objective=objective, mode=mode, scheduler=scheduler, time_attr=time_attr,
+        objective=objective, mode=mode, scheduler=scheduler, sampler=sampler, time_attr=time_attr,
         grace_period=grace,
         reduction_factor=_num(g("reduction_factor"), "search.reduction_factor", low=1, low_open=True),
         max_t=max_t,

@@ -25,13 +25,13 @@ OBJECTIVE_WORST = {"max": 0.0}  # the bundled objectives are shares in [0, 1]
 
 
 def load(space_path: str | os.PathLike, *, task=None, model_type=None, allow_out_of_range=False,
-         num_samples=None, seed=None, scheduler=None, max_concurrent=None, overrides=None):
+         num_samples=None, seed=None, scheduler=None, sampler=None, max_concurrent=None, overrides=None):
     """The validated space with command-line values applied on top of the YAML's."""
     from simpo_ray.space import load_space
 
     flat = dict(overrides or {})
     for key, value in (("num_samples", num_samples), ("seed", seed), ("scheduler", scheduler),
-                       ("max_concurrent", max_concurrent)):
+                       ("sampler", sampler), ("max_concurrent", max_concurrent)):
         if value is not None:
             flat[f"search.{key}"] = value
     return load_space(space_path, task=task, model_type=model_type,
@@ -106,7 +106,7 @@ def _experiment_path(storage_path: str | None, name: str) -> str:
 
 
 def run_search(space_path, *, storage_path=None, name=None, num_samples=None, seed=None, scheduler=None,
-               max_concurrent=None, address=None, resume=False, task=None, model_type=None,
+               sampler=None, max_concurrent=None, address=None, resume=False, task=None, model_type=None,
                overrides=None, allow_out_of_range=False, verbose: int = 1) -> Path:
     """Run (or resume) a search; returns the experiment directory with the results tables."""
     from ray import tune
@@ -116,8 +116,8 @@ def run_search(space_path, *, storage_path=None, name=None, num_samples=None, se
     from simpo_ray.tune_runtime import TrialResources, init_ray, plan_concurrency
 
     space = load(space_path, task=task, model_type=model_type, allow_out_of_range=allow_out_of_range,
-                 num_samples=num_samples, seed=seed, scheduler=scheduler, max_concurrent=max_concurrent,
-                 overrides=overrides)
+                 num_samples=num_samples, seed=seed, scheduler=scheduler, sampler=sampler,
+                 max_concurrent=max_concurrent, overrides=overrides)
     name = name or space.name
     root = _storage_root(storage_path)
     exp_path = _experiment_path(storage_path, name)
@@ -183,6 +183,9 @@ def _trainable(space, prepared, resources, exp_path: str):
     train_storage = f"{exp_path}/train_runs"
     keep = space.search.checkpoint_keep
     max_failures = space.search.max_failures
+    # Retention: the `checkpoint_keep` best checkpoints by the search objective, plus the latest
+    # (Ray Train never deletes the latest: a restarted worker resumes from it).
+    score, order = space.search.objective, space.search.mode
 
     def simpo_trial(params: dict, data=None) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -199,6 +202,7 @@ def _trainable(space, prepared, resources, exp_path: str):
             cpus_per_worker=resources.cpus_per_worker, gpus_per_worker=resources.gpus_per_worker,
             storage_path=train_storage, name=f"train-{tune.get_context().get_trial_id()}",
             max_failures=max_failures, callbacks=[TuneReportCallback()],
+            checkpoint_score_attribute=score, checkpoint_score_order=order,
         )
         trainer.fit()
 
@@ -237,6 +241,7 @@ def _search_info(space, space_path, name: str) -> dict[str, Any]:
         "name": name, "space_file": str(space_path), "size_bucket": space.size_bucket,
         "task": space.task, "model_type": space.model_type, "objective": space.search.objective,
         "mode": space.search.mode, "seed": space.search.seed, "scheduler": space.search.scheduler,
+        "sampler": space.search.sampler,
         "num_samples": space.search.num_samples, "model_name_or_path": space.base.get("model_name_or_path"),
         "params": {n: p.to_dict() for n, p in space.params.items()},
         "points_to_evaluate": space.points_to_evaluate, "point_labels": space.point_labels,
@@ -263,7 +268,9 @@ def _write_remote(uri: str, text: str) -> None:
 
 
 def _searcher(space):
-    """Optuna TPE over the searched parameters, seeded; constant_liar keeps parallel trials apart."""
+    """Optuna over the searched parameters, seeded: TPE (constant_liar keeps parallel trials apart)
+    or, with `search.sampler: random`, Optuna's RandomSampler (the baseline TPE is measured against).
+    Both evaluate the same `points_to_evaluate` first."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -273,8 +280,11 @@ def _searcher(space):
             dists[name] = optuna.distributions.CategoricalDistribution(list(p.values))
         else:
             dists[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.distribution == "loguniform")
-    sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=True,
-                                         n_startup_trials=max(len(space.points_to_evaluate) + 2, 4))
+    if space.search.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=space.search.seed)
+    else:
+        sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=True,
+                                             n_startup_trials=max(len(space.points_to_evaluate) + 2, 4))
     return OptunaSearch(space=dists, metric=space.search.objective, mode=space.search.mode,
                         points_to_evaluate=[{k: v for k, v in pt.items() if k in dists}
                                             for pt in space.points_to_evaluate] or None,
@@ -345,9 +355,11 @@ def finish(grid, space, exp_path: str, info: dict[str, Any], *, verbose: int = 1
     if best is not None:
         params = {k: float(best[k]) for k in space.params}
         cfg = from_dict(space.trial_config(params))
+        ckpt = best.get("best_checkpoint") or ""
         header = (f"# Best configuration of search '{info['name']}' ({space.search.objective} = "
-                  f"{best['best_objective']:.4f}, trial {best['trial_id']}).\n"
-                  f"# Run it: python -m simpo_ray.train --config {local / 'best_config.yaml'}\n")
+                  f"{best['best_objective']:.4f}, trial {best['trial_id']}, step {best['best_step']:.0f}).\n"
+                  + (f"# Its checkpoint at that step: {ckpt}\n" if ckpt else "")
+                  + f"# Run it: python -m simpo_ray.train --config {local / 'best_config.yaml'}\n")
         write_text_atomic(local / "best_config.yaml", header + cfg.to_yaml())
         lines.append(summary_table(trials, space.search.mode))
         default = trials[trials["is_default"]]
@@ -357,6 +369,8 @@ def finish(grid, space, exp_path: str, info: dict[str, Any], *, verbose: int = 1
                          f"({d['status']}); best: {best['best_objective']:.4f} "
                          f"({best['best_objective'] - d['best_objective']:+.4f})")
         lines.append(f"best config: {local / 'best_config.yaml'}")
+        if ckpt:
+            lines.append(f"best checkpoint: {ckpt} (step {best['best_step']:.0f})")
     else:
         lines.append("no trial finished; see the error column of trials.csv")
     lines.append(f"results: {local / 'trials.csv'} (one row per trial), {local / 'curves.csv'} (learning curves)")
@@ -396,9 +410,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once (default: as many as the cluster fits)")
-    p.add_argument("--seed", type=int, default=None, help="seed of the TPE sampler (default: the space's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: the space's)")
     p.add_argument("--scheduler", default=None, choices=["asha", "hyperband", "median", "fifo"],
                    help="early stopping (default: the space's; fifo = none)")
+    p.add_argument("--sampler", default=None, choices=["tpe", "random"],
+                   help="how trials are proposed (default: the space's; random = Optuna RandomSampler)")
     p.add_argument("--task", default=None, choices=["chat", "code", "math", "creative"],
                    help="task preset: narrows/shifts ranges as the guide's tables do")
     p.add_argument("--model-type", default=None, choices=["base", "instruct", "chat"],
@@ -423,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise UserError(f"--{flag.replace('_', '-')}: {value} is out of range; allowed >= 1")
         kwargs = dict(storage_path=args.storage_path, name=args.name, num_samples=args.num_samples,
-                      seed=args.seed, scheduler=args.scheduler, max_concurrent=args.max_concurrent,
-                      address=args.address, task=args.task, model_type=args.model_type,
+                      seed=args.seed, scheduler=args.scheduler, sampler=args.sampler,
+                      max_concurrent=args.max_concurrent, address=args.address, task=args.task, model_type=args.model_type,
                       allow_out_of_range=args.allow_out_of_range)
         if args.dry_run:
             print(dry_run(args.space, **kwargs))
@@ -437,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
 
         space = load(args.space, task=args.task, model_type=args.model_type,
                      allow_out_of_range=args.allow_out_of_range, num_samples=args.num_samples,
-                     seed=args.seed, scheduler=args.scheduler, max_concurrent=args.max_concurrent)
+                     seed=args.seed, scheduler=args.scheduler, sampler=args.sampler,
+                     max_concurrent=args.max_concurrent)
         check_writable(_storage_root(args.storage_path))
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             r = space.resources

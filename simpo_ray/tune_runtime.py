@@ -319,34 +319,50 @@ def reap_orphan_placement_groups() -> int:
 
     This reads the GCS placement-group table directly (no dashboard needed). Detached placement
     groups and ones created by a live actor or by a driver (Tune's own trial groups) are kept.
+    The GCS's own ``creator_actor_dead`` flag is not enough: it was seen still False for
+    groups whose creating TrainController the actor table already listed as DEAD (two such
+    groups held both CPUs of a 2-CPU cluster and every later trial waited forever), so the actor
+    table is consulted too.
     """
     import ray
-    from ray._private.state import state
+    from ray._private.state import actors, state
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    table = actors()
+    dead = {actor_id for actor_id, a in table.items() if a.get("State") == "DEAD"}
     removed = 0
     accessor = state._connect_and_get_accessor()
     for raw in accessor.get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
-            continue
-        # Driver-created groups (Tune's trial groups) have a nil creator actor id and are
-        # recorded as creator_actor_dead=True: keep them (they die with the job).
-        if not pg.creator_actor_id or ray.ActorID(pg.creator_actor_id).is_nil():
-            continue
-        if not pg.creator_actor_dead:
+        if not is_orphan_placement_group(pg, dead):
             continue
         try:
             remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
             removed += 1
         except Exception:  # already gone / raced with Train's own cleanup
             pass
-    removed += _kill_orphan_pg_cleaners()
+    removed += _kill_orphan_pg_cleaners(table)
     return removed
 
 
-def _kill_orphan_pg_cleaners() -> int:
+def is_orphan_placement_group(pg, dead_actor_ids: set[str]) -> bool:
+    """Whether a GCS ``PlacementGroupTableData`` is a leaked group that should be removed: not
+    removed yet, not detached, created by an actor (not by a driver), and that actor is dead by
+    the group's own flag or by the actor table (``dead_actor_ids``: hex actor ids)."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
+        return False
+    # Driver-created groups (Tune's trial groups) have a nil creator actor id and are recorded
+    # as creator_actor_dead=True: keep them (they die with the job).
+    if not pg.creator_actor_id or ray.ActorID(pg.creator_actor_id).is_nil():
+        return False
+    return bool(pg.creator_actor_dead) or pg.creator_actor_id.hex() in dead_actor_ids
+
+
+def _kill_orphan_pg_cleaners(table: dict | None = None) -> int:
     """Kill Train V2 ``PlacementGroupCleaner`` actors whose controller (owner) is dead.
 
     The cleaner is a *detached* actor (one process each). Without the State API it never learns
@@ -355,7 +371,7 @@ def _kill_orphan_pg_cleaners() -> int:
     import ray
     from ray._private.state import actors
 
-    table = actors()
+    table = actors() if table is None else table
     alive = {(a["Address"].get("IPAddress"), a["Address"].get("Port"))
              for a in table.values() if a["State"] == "ALIVE"}
     # A handle to an unnamed actor that another process created cannot be obtained, so

@@ -335,6 +335,40 @@ def test_checkpoint_retention_by_score_keeps_the_best(ray_cluster, tmp_path):
     assert all(score[p] <= min(best_kept + [score[10]] if len(kept) == 2 else best_kept) for p in pruned), (score, kept)
 
 
+def test_search_keeps_the_best_checkpoints_by_objective_and_reports_the_best_one(ray_cluster, tmp_path):
+    """In a search, each trial keeps `search.checkpoint_keep` checkpoints chosen by the search
+    objective, plus its latest; trials.csv names the kept checkpoint of the best report."""
+    import torch
+
+    from simpo_ray.tune import run_search
+
+    metric = "eval/preference_accuracy"
+    overrides = {"base.max_steps": 12, "base.eval_steps": 2, "base.logging_steps": 2,
+                 "base.max_eval_samples": 64, "base.generation_eval_samples": 8,
+                 "base.per_device_train_batch_size": 8, "search.scheduler": "fifo",
+                 "search.objective": metric, "search.checkpoint_keep": 1}
+    exp = run_search(TINY_SPACE, storage_path=str(tmp_path), name="keep-best", num_samples=2, seed=3,
+                     overrides=overrides, verbose=0)
+    trials = pd.read_csv(exp / "trials.csv", keep_default_na=False)
+    curves = pd.read_csv(exp / "curves.csv")
+    assert set(trials["status"]) == {"completed"}
+    for _, t in trials.iterrows():
+        c = curves[(curves["trial_id"] == t["trial_id"]) & (curves["step"] > 0)]
+        score = dict(zip(c["step"], c[metric]))
+        run_dir = exp / "train_runs" / f"train-{t['trial_id']}"
+        kept = set(_checkpoint_steps(run_dir).values())
+        top = max(score.values())
+        latest_best = max(s for s, v in score.items() if v == top)
+        # the best (latest among equals) and the latest (12); nothing else survives.
+        assert kept == {latest_best, 12}, (score, kept)
+        assert t["best_objective"] == pytest.approx(top)
+        assert int(float(t["best_step"])) == latest_best
+        state = torch.load(Path(t["best_checkpoint"]) / "trainer_state.pt", map_location="cpu",
+                           weights_only=False)
+        assert state["counters"]["step"] == latest_best
+    _assert_cluster_clean()
+
+
 # ------------------------------------------------------------------------------ errored trials
 
 

@@ -259,6 +259,7 @@ ERRORS = [
      ["params.beta.values[1]: 12", "[1, 10]"]),
     ("search.scheduler", "ashaa",
      ["search.scheduler", "'ashaa'", "did you mean 'asha'", "asha, hyperband, median, fifo"]),
+    ("search.sampler", "grid", ["search.sampler", "'grid'", "tpe, random"]),
     ("search.mode", "maximize", ["search.mode", "'maximize'", "max, min"]),
     ("search.objective", "eval/loss", ["search.mode", "eval/loss", "use mode: min"]),
     ("search.objective", "eval/accuracy",

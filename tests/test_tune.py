@@ -256,6 +256,42 @@ def _expected_gpu_hours(data: dict) -> tuple[int, float]:
     return steps, flops / (e.get("peak_tflops", 989.0) * 1e12 * e.get("mfu", 0.35)) / 3600
 
 
+def _suggestions(searcher, n):
+    searcher.set_search_properties(None, None, {})
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+def test_sampler_option_builds_tpe_or_seeded_random_search():
+    """`search.sampler` picks Optuna's TPE or RandomSampler; both replay points_to_evaluate first,
+    and the random proposals are Optuna's own RandomSampler draws for the seed."""
+    import optuna
+
+    from simpo_ray.tune import _searcher, load
+
+    tpe = load(TINY)
+    assert tpe.search.sampler == "tpe"
+    assert isinstance(_searcher(tpe)._sampler, optuna.samplers.TPESampler)
+
+    rnd = load(TINY, sampler="random", seed=7)
+    searcher = _searcher(rnd)
+    assert isinstance(searcher._sampler, optuna.samplers.RandomSampler)
+    n_points = len(rnd.points_to_evaluate)
+    got = _suggestions(searcher, n_points + 3)
+    for pt, suggestion in zip(rnd.points_to_evaluate, got):
+        assert suggestion == pytest.approx({k: v for k, v in pt.items() if k in rnd.params})
+    # The same seed gives the same draws; the draws are inside the space's bounds.
+    again = _suggestions(_searcher(load(TINY, sampler="random", seed=7)), n_points + 3)
+    assert again == got
+    other = _suggestions(_searcher(load(TINY, sampler="random", seed=8)), n_points + 3)
+    assert other[n_points:] != got[n_points:]
+    for s in got[n_points:]:
+        for name, p in rnd.params.items():
+            if p.distribution == "choice":
+                assert s[name] in p.values
+            else:
+                assert p.low <= s[name] <= p.high
+
+
 @pytest.mark.parametrize("space_file", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
     import torch

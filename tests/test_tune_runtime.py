@@ -159,3 +159,33 @@ def test_six_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     assert leftovers == []
     live_pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
     assert live_pgs == []
+
+
+def _pg(state="CREATED", creator: bytes = b"", detached=False, creator_dead=False):
+    from ray.core.generated import gcs_pb2
+
+    return gcs_pb2.PlacementGroupTableData(
+        placement_group_id=bytes(18), state=getattr(gcs_pb2.PlacementGroupTableData, state),
+        creator_actor_id=creator, is_detached=detached, creator_actor_dead=creator_dead)
+
+
+def test_orphan_placement_group_rule_trusts_the_actor_table_over_a_stale_flag():
+    """Seen on Ray 2.60: the worker group of a TrainController that the actor table lists as DEAD,
+    with the GCS's creator_actor_dead still False. Both CPUs stayed reserved and the next trials
+    waited forever; the reaper must treat such a group as orphaned."""
+    import ray
+
+    from simpo_ray.tune_runtime import is_orphan_placement_group
+
+    controller = bytes.fromhex("985f6b76" + "ab" * 12)  # an ActorID is 16 bytes
+    nil = ray.ActorID.nil().binary()
+    dead = {controller.hex()}
+    assert is_orphan_placement_group(_pg(creator=controller), dead)                      # stale flag
+    assert is_orphan_placement_group(_pg(creator=controller, creator_dead=True), set())  # the flag alone
+    assert not is_orphan_placement_group(_pg(creator=controller), set())                 # creator alive
+    assert not is_orphan_placement_group(_pg(creator=controller, detached=True), dead)   # detached
+    assert not is_orphan_placement_group(_pg(state="REMOVED", creator=controller), dead)
+    assert not is_orphan_placement_group(_pg(state="PENDING", creator=controller), set())
+    # Tune's trial groups: created by the driver (nil creator), flagged creator_actor_dead=True.
+    assert not is_orphan_placement_group(_pg(creator=nil, creator_dead=True), {nil.hex()})
+    assert not is_orphan_placement_group(_pg(creator=b"", creator_dead=True), set())
