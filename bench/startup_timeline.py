@@ -67,7 +67,7 @@ class ProcessSampler:
             for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
                 try:
                     cmd = p.info["cmdline"] or []
-                    title = cmd[0] if len(cmd) == 1 else ""
+                    title = (cmd[0] if len(cmd) == 1 else " ".join(cmd)).strip()
                     if not title.startswith("ray::"):
                         continue
                     entry = self.seen.setdefault(p.info["pid"], {"create": p.info["create_time"], "titles": {}})
@@ -165,7 +165,11 @@ def main(argv=None) -> int:
         res = _search.run(storage=_search.new_storage("timeline"), name="timeline", num_samples=args.trials,
                           max_steps=args.max_steps, scheduler="fifo", seed=0, max_concurrent=1,
                           extra={"base.eval_steps": args.max_steps})
-    rows = timelines(sampler.processes(), res["curves"], trial_pids(res["exp"]))
+    procs, pids = sampler.processes(), trial_pids(res["exp"])
+    rows = timelines(procs, res["curves"], pids)
+    if not rows:
+        print(f"no trial timeline: {len(procs)} ray processes seen "
+              f"({sorted({p['actor'] for p in procs})}), trial pids {pids}", file=sys.stderr)
     cols = list(PHASES) + ["start-up total", "step-0 eval", "train steps", "processes"]
     med = {c: statistics.median(r[c] for r in rows) for c in cols} if rows else {}
     body = [[r["trial_id"][-5:]] + [r[c] for c in cols] for r in rows]

@@ -128,6 +128,8 @@ CASES = [
       r"--allow-out-of-range"]),
     ("tune-unknown-scheduler", "tune", {"search.scheduler": "pbt"}, [],
      [r"search\.scheduler: 'pbt' is not allowed", r"asha, hyperband, median, fifo"]),
+    ("tune-unknown-sampler", "tune", {"search.sampler": "grid"}, [],
+     [r"search\.sampler: 'grid' is not allowed", r"tpe, random"]),
     ("tune-unknown-scheduler-flag", "tune", {}, ["--scheduler", "pbt"],
      [r"argument --scheduler: invalid choice: 'pbt'"]),
     ("tune-unknown-objective", "tune", {"search.objective": "eval/accuracy"}, [],
