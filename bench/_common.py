@@ -18,6 +18,18 @@ if str(REPO) not in sys.path:  # `python bench/x.py` from a fresh clone, without
     sys.path.insert(0, str(REPO))
 
 
+def parser(doc: str, name: str):
+    """The bench scripts' argument parser: the docstring's first paragraph as description, the
+    rest as epilog, and `--out` defaulting to bench/results/<name>.json."""
+    import argparse
+
+    head, _, rest = doc.partition("\n\n")
+    p = argparse.ArgumentParser(description=head, epilog=rest or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="JSON output path")
+    return p
+
+
 def load() -> float:
     """1-minute load average (other users' jobs share these cores)."""
     return round(os.getloadavg()[0], 2)

@@ -20,21 +20,19 @@ Usage: .venv/bin/python bench/early_stopping.py [--quick] [--seeds 0,1,2]
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, load, machine, mean_sd, table, write_json  # noqa: E402
+from _common import parser, load, machine, mean_sd, table, write_json  # noqa: E402
 
 ARMS = {"fifo+tpe": ("fifo", "tpe"), "asha+tpe": ("asha", "tpe"), "fifo+random": ("fifo", "random"),
         "asha+random": ("asha", "random")}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = parser(__doc__, "early_stopping")
     p.add_argument("--quick", action="store_true", help="smoke check: 1 seed, 3 trials x 40 steps, 2 arms")
     p.add_argument("--arms", default="fifo+tpe,asha+tpe,fifo+random", help=f"comma list of {', '.join(ARMS)}")
     p.add_argument("--seeds", default="0,1,2", help="search seeds (TPE/random sampler seed)")
@@ -45,7 +43,6 @@ def main(argv=None) -> int:
     p.add_argument("--grace-period", type=int, default=200, help="ASHA grace period (steps)")
     p.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
-    p.add_argument("--out", default=str(RESULTS / "early_stopping.json"), help="JSON output path")
     args = p.parse_args(argv)
     if args.quick:
         args.arms, args.seeds, args.num_samples, args.max_steps = "fifo+tpe,asha+random", "0", 3, 40

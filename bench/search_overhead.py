@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, load, machine, mean_sd, table, write_json  # noqa: E402
+from _common import parser, REPO, load, machine, table, write_json  # noqa: E402
 
 
 # ---- in-process baseline -----------------------------------------------------------------------
@@ -156,8 +156,7 @@ def decompose(trials, curves) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = parser(__doc__, "search_overhead")
     p.add_argument("--quick", action="store_true", help="smoke check: 2 trials x 40 steps, 1 baseline trial")
     p.add_argument("--num-samples", type=int, default=6, help="trials in the Ray search (default 6)")
     p.add_argument("--max-steps", type=int, default=600, help="steps per trial (cpu-tiny space: 600)")
@@ -165,7 +164,6 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-trials", type=int, default=2, help="trials of the in-process baseline")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--skip-baseline", action="store_true", help="only the Ray search")
-    p.add_argument("--out", default=str(RESULTS / "search_overhead.json"), help="JSON output path")
     p.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.baseline_worker:

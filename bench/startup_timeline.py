@@ -26,7 +26,6 @@ Usage: .venv/bin/python bench/startup_timeline.py [--trials 4] [--max-steps 100]
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, load, machine, table, write_json  # noqa: E402
+from _common import parser, load, machine, table, write_json  # noqa: E402
 
 PHASES = ("trial process", "trial fn -> ctrl", "controller", "ctrl -> worker", "worker process",
           "worker -> loop", "loop setup")
@@ -151,11 +150,9 @@ def _eval0(c) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = parser(__doc__, "startup_timeline")
     p.add_argument("--trials", type=int, default=4, help="trials, run one at a time")
     p.add_argument("--max-steps", type=int, default=100, help="steps per trial")
-    p.add_argument("--out", default=str(RESULTS / "startup_timeline.json"), help="JSON output path")
     args = p.parse_args(argv)
 
     import _search

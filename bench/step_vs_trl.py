@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, load, machine, table, write_json  # noqa: E402
+from _common import parser, REPO, load, machine, table, write_json  # noqa: E402
 
 BETA, GAMMA_BETA_RATIO, SFT_WEIGHT, LR = 2.0, 0.5, 0.5, 1e-3
 BIG_VOCAB = 128256
@@ -192,8 +192,7 @@ def run_case(impl: str, case: str, args) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = parser(__doc__, "step_vs_trl")
     p.add_argument("--quick", action="store_true", help="smoke check: tiny + vocab128k, few steps")
     p.add_argument("--sizes", default="tiny,small,vocab128k",
                    help="comma list of bundled sizes (tiny, small, base) and/or vocab128k")
@@ -203,7 +202,6 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="pairs per step (cpu-tiny space: 16)")
     p.add_argument("--big-batch-size", type=int, default=4, help="pairs per step for vocab128k")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (a trial worker has 1)")
-    p.add_argument("--out", default=str(RESULTS / "step_vs_trl.json"), help="JSON output path")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", choices=("simpo_ray", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
