@@ -330,7 +330,9 @@ def _reporter(space):
     from ray.tune import CLIReporter
 
     metrics = {"step": "step", space.search.objective: space.search.objective.split("/")[-1],
-               "eval/preference_accuracy": "pref_acc", "loss": "loss", "status": "status"}
+               "eval/preference_accuracy": "pref_acc", "loss": "loss"}
+    # (not our "status" metric: for a trial ASHA stopped it still says "running", its value at
+    # the last report, beside Tune's own TERMINATED)
     return CLIReporter(
         metric_columns=metrics,
         parameter_columns={"learning_rate": "lr", "beta": "beta", "gamma_beta_ratio": "g/b", "sft_weight": "sft"},
