@@ -46,17 +46,14 @@ def main(argv: list[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     from analysis.run import analyse
-    from simpo_ray.errors import UserError
+    from simpo_ray.cli import run_command  # a UserError: one `error:` line, exit 2
 
-    try:
+    def analyse_and_say() -> int:
         out = analyse(args.result_dirs, args.out)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out / 'recommendations.md'}")
-    return 0
+        print(f"wrote {out / 'recommendations.md'}")
+        return 0
+
+    return run_command(analyse_and_say, debug=args.debug)
 
 
 if __name__ == "__main__":

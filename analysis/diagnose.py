@@ -19,6 +19,7 @@ import pandas as pd
 
 from analysis.load import Results
 from analysis.report import fmt, top_trials
+from simpo_ray.records import RANKED_STATUSES
 
 PLATEAU_TOL = 0.02
 FORGET_TOL = 0.05
@@ -92,7 +93,7 @@ def diagnose(results: Results, flags: pd.DataFrame | None = None) -> pd.DataFram
         joined = trials.merge(f[["experiment", "trial_id", "diverged", "plateau", "flat_margin", "forgetting",
                                  "nll_change"]], on=["experiment", "trial_id"])
         n = len(trials)
-        ok = joined[~joined["diverged"] & joined["status"].isin(("completed", "stopped_early"))]
+        ok = joined[~joined["diverged"] & joined["status"].isin(RANKED_STATUSES)]
 
         div = joined[joined["diverged"]]
         if len(div):

@@ -10,11 +10,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.load import FINISHED, PARAMS, Results, slug
+from analysis.load import Results, slug
 from analysis.report import best_trial, guide, top_trials
+from simpo_ray.guide import PARAMS
+from simpo_ray.records import STATUSES
 
-STATUS_COLORS = {"completed": "tab:green", "stopped_early": "tab:orange", "diverged": "tab:red",
-                 "errored": "tab:gray"}
+STATUS_COLORS = dict(zip(STATUSES, ("tab:green", "tab:orange", "tab:red", "tab:gray")))
 ACCURACY = "eval/preference_accuracy"
 CHOSEN_NLL = "eval/sft_loss"
 
@@ -31,7 +32,7 @@ def objective_vs_params(results: Results, size: str) -> Figure:
     best = best_trial(results, size)
     fig = Figure(figsize=(3.6 * len(params), 3.4), layout="constrained")
     axes = fig.subplots(1, len(params), sharey=True, squeeze=False)[0]
-    fin = t[t["status"].isin(FINISHED) & t["score"].notna()]
+    fin = results.ranked(size)
     for ax, p in zip(axes, params):
         lo, hi = g[p]["low"], g[p]["high"]
         if np.isfinite(lo) and np.isfinite(hi):
@@ -81,12 +82,12 @@ def learning_curves(results: Results, size: str) -> Figure:
 def parallel_coordinates(results: Results, size: str) -> Figure:
     """Top trials (the robust range's support) across the four parameters, coloured by score;
     other finished trials in grey. Each axis spans the search's range (log for learning_rate)."""
-    fin = results.finished(size)
+    fin = results.ranked(size)
     top = top_trials(results, size)
     params = [p for p in PARAMS if p in fin.columns]
     space = {}
     for e in fin["experiment"].unique():
-        space.update(results.experiment(e).search.get("params") or {})
+        space.update(results.experiment(e).search.params)
     bounds = {}
     for p in params:
         spec = space.get(p) or {}

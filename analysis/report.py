@@ -1,10 +1,12 @@
 """Tables that answer "which SimPO hyperparameters for this model size, and how sure are we".
 
 Definitions (also printed at the top of recommendations.md):
-- A trial's *score* is the last reported value of the search's objective (Tune's scope
-  "last", `load.trial_scores`). Only *finished* trials rank: status `completed` or
-  `stopped_early` with a finite score; ties go to the trial that trained longer.
-- *Recommended* value: the best finished trial's value.
+- A trial's *score* is its best objective value over the run (step 0 excluded), the value its
+  kept checkpoint and the search's `best_config.yaml` match; `final_score` is the last
+  reported value. Trials rank as the search ranks them (`simpo_ray.records.ranked`): only
+  `completed` or `stopped_early` trials with a finite score; ties go to the better final
+  value, then the longer run, then the trial id. So the best trial here is the search's.
+- *Recommended* value: the best trial's value.
 - *Robust range*: min-max of the parameter over the top trials, the best
   `max(min_top, ceil(top_frac * n_finished))` finished trials (top quartile, at least 3);
   `support` says how many trials that is.
@@ -25,7 +27,10 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from analysis.load import FINISHED, PARAMS, STATUSES, Results, guide_for, slug
+from analysis.load import Results, guide_for, slug
+from simpo_ray import records
+from simpo_ray.guide import PARAMS
+from simpo_ray.records import RANKED_STATUSES, STATUSES
 
 TOP_FRAC = 0.25
 MIN_TOP = 3
@@ -42,7 +47,8 @@ def top_trials(results: Results, size: str, top_frac: float = TOP_FRAC, min_top:
 
 
 def best_trial(results: Results, size: str) -> pd.Series:
-    return results.ranked(size).iloc[0]
+    """The best trial of a size (`simpo_ray.records.best_trial`; every size has one)."""
+    return records.best_trial(results.of_size(size), results.mode)
 
 
 def size_info(results: Results, size: str) -> dict[str, Any]:
@@ -80,7 +86,7 @@ def recommendations(results: Results, top_frac: float = TOP_FRAC, min_top: int =
         best = best_trial(results, size)
         top = top_trials(results, size, top_frac, min_top)
         g = guide(results, size)
-        n = len(results.finished(size))
+        n = len(results.ranked(size))
         for p in PARAMS:
             if p not in top.columns:
                 continue
@@ -110,19 +116,21 @@ def flag(value: float, lo: float, hi: float, g: dict[str, float]) -> str:
 
 
 def best_vs_default(results: Results) -> pd.DataFrame:
-    """The best trial's score against the documented-default trial's (`is_default`)."""
+    """The best trial's score against the documented-default trial's (`is_default`); the final
+    values beside them."""
     rows = []
     for size in results.sizes:
         best = best_trial(results, size)
         defaults = results.of_size(size)
         defaults = defaults[defaults["is_default"]]
         row = {"size": size, "best_trial": best["trial_id"], "best_score": float(best["score"]),
-               "best_status": best["status"], "default_trial": None, "default_status": None,
-               "default_score": float("nan"), "improvement": float("nan")}
+               "best_final_score": float(best["final_score"]), "best_status": best["status"],
+               "default_trial": None, "default_status": None, "default_score": float("nan"),
+               "default_final_score": float("nan"), "improvement": float("nan")}
         if len(defaults):
             d = defaults.iloc[0]
             row.update(default_trial=d["trial_id"], default_status=d["status"],
-                       default_score=float(d["score"]) if pd.notna(d["score"]) else float("nan"))
+                       default_score=float(d["score"]), default_final_score=float(d["final_score"]))
             sign = 1.0 if results.mode == "max" else -1.0
             row["improvement"] = sign * (row["best_score"] - row["default_score"]) + 0.0  # no -0
         rows.append(row)
@@ -142,7 +150,8 @@ def cross_size(results: Results) -> pd.DataFrame:
             row[p] = r.at[p, "recommended"]
             row[f"{p} guide"] = r.at[p, "guide_default"]
             row[f"{p} guide range"] = _fmt_range(r.at[p, "guide_low"], r.at[p, "guide_high"], p)
-        row["score"] = float(best_trial(results, size)["score"])
+        best = best_trial(results, size)
+        row["score"], row["final_score"] = float(best["score"]), float(best["final_score"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -160,7 +169,7 @@ def importance(results: Results, seed: int = 0) -> tuple[pd.DataFrame, dict[str,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows, notes = [], {}
     for size in results.sizes:
-        fin = results.finished(size)
+        fin = results.ranked(size)
         dists = _distributions(results, size, fin)
         if len(fin) < MIN_IMPORTANCE_TRIALS:
             notes[size] = (f"not computed: {len(fin)} finished trial(s), fANOVA needs at least "
@@ -196,7 +205,7 @@ def _distributions(results: Results, size: str, fin: pd.DataFrame) -> dict:
 
     space: dict[str, dict] = {}
     for name in fin["experiment"].unique():
-        space.update(results.experiment(name).search.get("params") or {})
+        space.update(results.experiment(name).search.params)
     dists = {}
     for p in results.searched_params(size):
         values = fin[p].dropna()
@@ -219,20 +228,19 @@ def _distributions(results: Results, size: str, fin: pd.DataFrame) -> dict:
 def export_config(results: Results, size: str) -> tuple[str | None, str]:
     """The best trial of a size as a training-config YAML in the guide's key names.
 
-    Starts from the search's `best_config.yaml` (all fixed keys), else search.json's `base`,
-    sets every searched parameter to the best trial's value and validates the result with
-    `simpo_ray.config.from_dict`. Returns (yaml text or None, a note).
+    The search wrote `best_config.yaml` for this same trial (one ranking, `simpo_ray.records`);
+    this takes its keys, sets every searched parameter to the best trial's value (they agree)
+    and validates the result with `simpo_ray.config.from_dict`. Returns (yaml text or None, a note).
     """
     from simpo_ray.config import FIELDS, from_dict
     from simpo_ray.errors import UserError
 
     best = best_trial(results, size)
     exp = results.experiment(best["experiment"])
-    source = exp.best_config or exp.search.get("base")
-    origin = "best_config.yaml" if exp.best_config else "search.json base"
-    if not isinstance(source, dict):
-        return None, f"not exported: {exp.path} has neither best_config.yaml nor a base config"
-    data = dict(source)
+    origin = "best_config.yaml"
+    if exp.best_config is None:
+        return None, f"not exported: {exp.path} has no readable best_config.yaml"
+    data = dict(exp.best_config)
     for p in results.searched_params(size):
         if p in FIELDS and pd.notna(best.get(p)):
             v = best[p]
@@ -300,6 +308,7 @@ def cross_size_display(cs: pd.DataFrame) -> pd.DataFrame:
             out[p] = [fmt(v, p) for v in cs[p]]
             out[f"{p} (guide)"] = [f"{fmt(d, p)} [{r}]" for d, r in zip(cs[f"{p} guide"], cs[f"{p} guide range"])]
     out["score"] = [fmt(v) for v in cs["score"]]
+    out["final score"] = [fmt(v) for v in cs["final_score"]]
     return out
 
 
@@ -314,8 +323,9 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         f"Objective: `{results.objective}` ({sign} is better), from "
         + ", ".join(f"`{e.path}`" for e in results.experiments) + ".", "",
         "How to read this:",
-        "- A trial's *score* is the objective's last reported value (what training with that config gives); "
-        f"only finished trials ({' and '.join(FINISHED)}) rank, ties going to the longer run.",
+        "- A trial's *score* is its best objective value over the run (step 0 excluded; its kept checkpoint "
+        f"and the search's best_config.yaml match it); only {' and '.join(RANKED_STATUSES)} trials rank, "
+        "ties going to the better final value (*final score*), then the longer run. This is the search's own ranking.",
         "- *Recommended*: the best trial's value. *Robust range*: min–max over the top trials "
         f"(the best quarter of finished trials, at least {MIN_TOP}); \"top k of n\" says how many support it.",
         "- *Guide*: the guide's documented default and recommended range for the size bucket, task "
@@ -333,10 +343,11 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
                 f"Model `{info['model']}`, size bucket `{info['size_bucket']}`, task {info['task']}, "
                 f"model type {info['model_type']}; search(es): {info['searches']}.", "",
                 md_table(recommendation_display(rec, size)), ""]
-        line = f"Best trial `{b['best_trial']}` ({b['best_status']}): {results.objective} = {fmt(b['best_score'])}"
+        line = (f"Best trial `{b['best_trial']}` ({b['best_status']}): {results.objective} = {fmt(b['best_score'])}"
+                f" (final {fmt(b['best_final_score'])})")
         if b["default_trial"] is not None:
             line += (f"; documented-default trial `{b['default_trial']}` ({b['default_status']}): "
-                     f"{fmt(b['default_score'])}")
+                     f"{fmt(b['default_score'])} (final {fmt(b['default_final_score'])})")
             if pd.notna(b["improvement"]):
                 line += f"; improvement {b['improvement']:+.4g}"
         else:

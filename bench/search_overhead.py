@@ -52,7 +52,7 @@ def baseline_worker(args) -> dict:
     from transformers import get_scheduler
 
     from simpo_ray.config import from_dict
-    from simpo_ray.data import PairCollator, load_prepared, prepare_datasets
+    from simpo_ray.tokens import PairCollator, load_prepared, prepare_datasets
     from simpo_ray.logps import PolicyLogps, simpo_objective
     from simpo_ray.model import load_model, load_tokenizer
     from simpo_ray.space import load_space

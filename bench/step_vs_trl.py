@@ -55,7 +55,7 @@ def _model_and_batches(case: str, n_batches: int, batch_size: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from simpo_ray.bundled.models import ensure_model
-    from simpo_ray.data import PairCollator
+    from simpo_ray.tokens import PairCollator
 
     if case == "vocab128k":
         # A tiny Llama with a Llama-3-sized vocabulary: the log-prob head dominates memory.
@@ -79,7 +79,7 @@ def _model_and_batches(case: str, n_batches: int, batch_size: int):
         pad_id = 0
     else:
         from simpo_ray.bundled.task import load_split
-        from simpo_ray.data import tokenize_pairs
+        from simpo_ray.tokens import tokenize_pairs
 
         path = ensure_model(case)
         tok = AutoTokenizer.from_pretrained(path)

@@ -1,59 +1,33 @@
-"""Preference data: load and mix sources, tokenise as the SimPO reference does, cache, collate.
+"""Preference data: load and mix the sources of ``dataset_mixer`` and normalise their rows
+(tokenising, caching and batching them is `simpo_ray.tokens`).
 
 Sources (keys of `dataset_mixer`) are Hugging Face Hub dataset names, local `.json`/`.jsonl`/
 `.parquet` files (or a directory of `<split>.jsonl` etc.), or `bundled:sort`. Rows are either
 plain strings (`prompt`, `chosen`, `rejected`) or UltraFeedback-style chat conversations
 (`chosen`/`rejected` message lists ending in the assistant turn, `prompt` optional).
-
-Tokenisation follows princeton-nlp/SimPO (`run_simpo.py` `apply_chat_template` for the "simpo"
-task + `simpo_trainer.py` `tokenize_row`), so a config tuned here trains the same sequences there.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import fcntl
-import hashlib
-import json
-import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import datasets
 import pyarrow.parquet as pq
-import torch
 from datasets import Dataset, Features, List, Value
 
 from simpo_ray.config import TrainConfig
 from simpo_ray.errors import UserError
 
-log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 BUNDLED_PREFIX = "bundled:"
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # A single local file has no splits: this share of its rows (at least one) becomes the eval split.
 HOLDOUT_FRACTION = 0.05
 HOLDOUT_SEED = 0  # fixed, so the eval rows do not move with the training seed
-# Config keys that determine the tokenised data; anything else (learning_rate, beta, ...) does not.
-DATA_KEYS = ("dataset_mixer", "dataset_splits", "max_length", "max_prompt_length",
-             "max_train_samples", "max_eval_samples", "seed")
 
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 CHAT_FEATURES = Features({"prompt": Value("string"), "chosen": _MESSAGES, "rejected": _MESSAGES})
 STRING_FEATURES = Features({"prompt": Value("string"), "chosen": Value("string"), "rejected": Value("string")})
-TOKENISED_COLUMNS = ["prompt", "prompt_input_ids", "chosen_input_ids", "chosen_labels",
-                     "rejected_input_ids", "rejected_labels"]
-
-
-def default_cache_dir() -> Path:
-    """``$SIMPO_RAY_CACHE`` or ``~/.cache/simpo_ray``."""
-    return Path(os.environ.get("SIMPO_RAY_CACHE") or Path.home() / ".cache" / "simpo_ray")
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -149,7 +123,7 @@ def _read_file(name: str, path: Path) -> Dataset:
     except UserError:
         raise
     except Exception as e:  # datasets wraps pyarrow/json errors in several types
-        raise UserError(f"dataset '{name}': cannot read {path.name}: {_reason(e)}") from None
+        raise UserError(f"dataset '{name}': cannot read {path.name}: {innermost_reason(e)}") from None
     if len(ds) == 0:
         raise UserError(f"dataset '{name}': {path.name} has no rows")
     return ds
@@ -176,16 +150,16 @@ def _load_hub(name: str, split: str) -> Dataset:
         return datasets.load_dataset(name, split=split)
     except ValueError as e:
         if "split" in str(e).lower():
-            raise UserError(f"dataset '{name}': unknown split '{split}': {_reason(e)}") from None
-        raise UserError(f"cannot load dataset '{name}' from the Hugging Face Hub: {_reason(e)}") from None
+            raise UserError(f"dataset '{name}': unknown split '{split}': {innermost_reason(e)}") from None
+        raise UserError(f"cannot load dataset '{name}' from the Hugging Face Hub: {innermost_reason(e)}") from None
     except Exception as e:
         raise UserError(
-            f"cannot load dataset '{name}' from the Hugging Face Hub: {_reason(e)}; "
+            f"cannot load dataset '{name}' from the Hugging Face Hub: {innermost_reason(e)}; "
             "for offline use pass a local .jsonl/.parquet file or bundled:sort"
         ) from None
 
 
-def _reason(e: BaseException) -> str:
+def innermost_reason(e: BaseException) -> str:
     """First line of the innermost error (datasets wraps the informative pyarrow one)."""
     while e.__cause__ is not None:
         e = e.__cause__
@@ -274,257 +248,3 @@ def _normalise_chat(row: dict, idx: int, *, where: str) -> dict:
         users = [m["content"] for m in chosen[:-1] if m["role"] == "user"]
         prompt = users[-1] if users else ""
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-# --------------------------------------------------------------------------- tokenising
-
-
-def _adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer itself puts BOS in front of encoded text (Llama does, Qwen doesn't)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
-
-
-def render_pair(row: dict, tokenizer) -> tuple[str, str, str]:
-    """(prompt, chosen, rejected) texts of one normalised row, as the reference renders them.
-
-    Chat rows: prompt = template on ``chosen[:-1]`` with the generation prompt; each answer =
-    the template's rendering of the whole conversation after that prompt (so it carries the
-    template's end-of-turn text), or the raw answer if the rendering does not extend the prompt.
-    """
-    if isinstance(row["chosen"], str):
-        return row["prompt"], row["chosen"], row["rejected"]
-    try:
-        prompt = tokenizer.apply_chat_template(row["chosen"][:-1], tokenize=False, add_generation_prompt=True)
-        answers = []
-        for conv in (row["chosen"], row["rejected"]):
-            full = tokenizer.apply_chat_template(conv, tokenize=False)
-            answers.append(full[len(prompt):] if full.startswith(prompt) else conv[-1]["content"])
-    except Exception as e:  # jinja2 errors, e.g. a template that forbids a system turn
-        raise UserError(
-            f"the tokenizer's chat template failed on the pair with prompt {row['prompt'][:60]!r}: {_reason(e)}"
-        ) from None
-    return prompt, answers[0], answers[1]
-
-
-def truncate_pair(
-    prompt: list[int], chosen: list[int], rejected: list[int], *, max_length: int,
-    max_prompt_length: int, bos_token_id: int | None = None,
-) -> tuple[list[int], list[int], list[int], bool]:
-    """The reference's truncation: first the prompt keeps its last ``max_prompt_length`` tokens
-    (a leading BOS is kept in front of them), then responses are cut to
-    ``max_length - max_prompt_length``; each step only if prompt + longer response > max_length.
-    Returns (prompt, chosen, rejected, prompt_was_truncated)."""
-    longer = max(len(chosen), len(rejected))
-    cut = False
-    if len(prompt) + longer > max_length and len(prompt) > max_prompt_length:
-        cut = True
-        if bos_token_id is not None and prompt[0] == bos_token_id:
-            prompt = [bos_token_id] + prompt[len(prompt) - max_prompt_length + 1:]
-        else:
-            prompt = prompt[-max_prompt_length:]
-    if len(prompt) + longer > max_length:
-        chosen = chosen[: max_length - max_prompt_length]
-        rejected = rejected[: max_length - max_prompt_length]
-    return prompt, chosen, rejected, cut
-
-
-def tokenize_row(row: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    """One normalised row → the reference's token ids and labels (prompt positions = -100)."""
-    out = _tokenize_batch({k: [v] for k, v in row.items()}, tokenizer, max_length, max_prompt_length)
-    return {k: out[k][0] for k in TOKENISED_COLUMNS}
-
-
-def _tokenize_batch(batch: dict, tokenizer, max_length: int, max_prompt_length: int) -> dict:
-    rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
-    texts = [render_pair(row, tokenizer) for row in rows]
-    prompts, chosens, rejecteds = (list(t) for t in zip(*texts))
-    enc = lambda xs: tokenizer(xs, add_special_tokens=False)["input_ids"]  # noqa: E731
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    add_bos = _adds_bos(tokenizer)
-    out = {k: [] for k in TOKENISED_COLUMNS + ["prompt_truncated"]}
-    for row, p, c, r in zip(rows, enc(prompts), enc(chosens), enc(rejecteds)):
-        if add_bos and p[:1] != [bos]:
-            p = [bos] + p
-        c = c if c[-1:] == [eos] else c + [eos]
-        r = r if r[-1:] == [eos] else r + [eos]
-        p, c, r, cut = truncate_pair(p, c, r, max_length=max_length, max_prompt_length=max_prompt_length,
-                                     bos_token_id=bos)
-        out["prompt"].append(row["prompt"])
-        out["prompt_input_ids"].append(p)
-        out["chosen_input_ids"].append(p + c)
-        out["chosen_labels"].append([IGNORE_INDEX] * len(p) + c)
-        out["rejected_input_ids"].append(p + r)
-        out["rejected_labels"].append([IGNORE_INDEX] * len(p) + r)
-        out["prompt_truncated"].append(cut)
-    return out
-
-
-def tokenize_pairs(
-    ds: Dataset, tokenizer, max_length: int, max_prompt_length: int, *, num_proc: int | None = None,
-    name: str = "dataset", new_fingerprint: str | None = None,
-) -> Dataset:
-    """Tokenise normalised rows (see `tokenize_row`); logs one warning with the number of
-    prompts that were truncated. Output columns: `TOKENISED_COLUMNS`."""
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no eos_token; SimPO responses must end with one")
-    if is_chat(ds) and not getattr(tokenizer, "chat_template", None):
-        raise UserError(
-            f"{name}: the data is in chat format (message lists) but the tokenizer has no chat template; "
-            "use a tokenizer with a chat template (tokenizer_name_or_path) or give prompt/chosen/rejected as strings"
-        )
-    out = ds.map(
-        _tokenize_batch, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "max_prompt_length": max_prompt_length},
-        new_fingerprint=new_fingerprint, desc=f"tokenising {name}",
-    )
-    n_cut = sum(out["prompt_truncated"])
-    if n_cut:
-        log.warning("%s: %d of %d pairs do not fit max_length=%d; their prompts were truncated to the "
-                    "last %d tokens (max_prompt_length)", name, n_cut, len(out), max_length, max_prompt_length)
-    return out.remove_columns("prompt_truncated")
-
-
-# --------------------------------------------------------------------------- caching
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedData:
-    """Tokenised splits saved with ``save_to_disk``; paths are plain strings (Ray configs, YAML)."""
-
-    train_path: str
-    eval_path: str
-    num_train: int
-    num_eval: int
-    fingerprint: str
-
-
-def tokenizer_identity(tokenizer) -> dict:
-    """What about a tokenizer changes its token ids: the full fast-tokenizer spec (vocab, merges,
-    normaliser, added tokens) or the vocab, the chat template and the special tokens."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return {
-        "class": type(tokenizer).__name__,
-        "spec": hashlib.sha256(spec.encode()).hexdigest(),
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "bos": tokenizer.bos_token, "eos": tokenizer.eos_token, "adds_bos": _adds_bos(tokenizer),
-    }
-
-
-def _source_identity(name: str) -> Any:
-    """Local files by size and mtime (an edited file re-tokenises); the bundled task by its code."""
-    if name.startswith(BUNDLED_PREFIX):
-        from simpo_ray.bundled import task
-
-        return hashlib.sha256(Path(task.__file__).read_bytes()).hexdigest()
-    path = Path(name).expanduser()
-    files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
-    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-
-
-def data_fingerprint(cfg: TrainConfig, tokenizer) -> str:
-    """Hash of the data-relevant config keys, the sources and the tokenizer (not of learning
-    rate, beta, ...: every trial of a search shares one tokenised copy)."""
-    recipe = {
-        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),  # an edit here re-tokenises
-        "config": {k: getattr(cfg, k) for k in DATA_KEYS},
-        "sources": {name: _source_identity(name) for name in cfg.dataset_mixer},
-        "tokenizer": tokenizer_identity(tokenizer),
-    }
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_datasets(cfg: TrainConfig, tokenizer, *, cache_dir: str | os.PathLike | None = None) -> PreparedData:
-    """Load, tokenise and ``save_to_disk`` train and eval under ``<cache>/data/<fingerprint>``,
-    once: later calls (other trials, other workers, other processes) find it there.
-
-    Process-safe: builders serialise on a ``flock`` and write to a temp dir renamed into place.
-    """
-    fp = data_fingerprint(cfg, tokenizer)
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    root = root / "data"
-    final = root / fp
-    if not (final / "meta.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        with _locked(root / f".{fp}.lock"):
-            if not (final / "meta.json").is_file():  # nobody built it while we waited
-                _build(cfg, tokenizer, fp, root, final)
-    else:
-        log.info("reusing tokenised data %s", final)
-    meta = json.loads((final / "meta.json").read_text())
-    return PreparedData(str(final / "train"), str(final / "eval"), meta["num_train"], meta["num_eval"], fp)
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
-def _build(cfg: TrainConfig, tokenizer, fp: str, root: Path, final: Path) -> None:
-    train, eval_ = load_raw(cfg)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{fp}.", dir=root))
-    try:
-        sizes = {}
-        for split, ds in (("train", train), ("eval", eval_)):
-            tok = tokenize_pairs(ds, tokenizer, cfg.max_length, cfg.max_prompt_length,
-                                 num_proc=cfg.preprocessing_num_workers, name=f"{split} data",
-                                 new_fingerprint=f"{fp}-{split}")
-            tok.save_to_disk(str(tmp / split))
-            sizes[f"num_{split}"] = len(tok)
-        meta = {**sizes, "fingerprint": fp, "config": {k: getattr(cfg, k) for k in DATA_KEYS}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # a partial dir without meta.json, e.g. from a crash in an old version
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("tokenised %d train and %d eval pairs into %s", sizes["num_train"], sizes["num_eval"], final)
-
-
-def load_prepared(path: str | os.PathLike) -> Dataset:
-    """A tokenised split from `prepare_datasets` (memory-mapped Arrow, loads in milliseconds)."""
-    try:
-        return datasets.load_from_disk(str(path))
-    except FileNotFoundError:
-        raise UserError(f"no prepared dataset at {path} (was the cache dir deleted?)") from None
-
-
-# --------------------------------------------------------------------------- batching
-
-
-class PairCollator:
-    """Pads a list of tokenised rows into tensors.
-
-    ``chosen_*``/``rejected_*`` are right-padded (each to its own batch max): input ids with
-    ``pad_token_id``, labels with -100, attention mask 0. ``prompt_input_ids`` and
-    ``prompt_attention_mask`` are left-padded, ready for ``generate``.
-    """
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = {}
-        for side in ("chosen", "rejected"):
-            ids = [r[f"{side}_input_ids"] for r in rows]
-            batch[f"{side}_input_ids"] = _pad(ids, self.pad_token_id)
-            batch[f"{side}_attention_mask"] = _pad([[1] * len(x) for x in ids], 0)
-            batch[f"{side}_labels"] = _pad([r[f"{side}_labels"] for r in rows], IGNORE_INDEX)
-        if all("prompt_input_ids" in r for r in rows):
-            prompts = [r["prompt_input_ids"] for r in rows]
-            batch["prompt_input_ids"] = _pad(prompts, self.pad_token_id, left=True)
-            batch["prompt_attention_mask"] = _pad([[1] * len(x) for x in prompts], 0, left=True)
-        return batch
-
-
-def _pad(seqs: list[list[int]], value: int, *, left: bool = False) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        start = width - len(s) if left else 0
-        out[i, start:start + len(s)] = torch.as_tensor(s, dtype=torch.long)
-    return out

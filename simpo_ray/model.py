@@ -40,7 +40,7 @@ def resolve_model_path(name: str) -> str:
 def load_tokenizer(cfg: TrainConfig):
     """The tokenizer of ``tokenizer_name_or_path`` (default: the model's); pad token = EOS if unset.
 
-    Whether a chat template is needed depends on the data; `data.tokenize_pairs` checks that.
+    Whether a chat template is needed depends on the data; `tokens.tokenize_pairs` checks that.
     """
     name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     path = resolve_model_path(name)

@@ -1,7 +1,9 @@
-"""Turn a finished (or interrupted) search into tables: one row per trial, and learning curves.
+"""The search's outputs: trials.csv, curves.csv, best_config.yaml and the printed summary.
 
-`trials.csv` (one row per trial) and `curves.csv` (one row per report) live in the experiment
-directory beside `search.json`; `analysis/` and pandas users read them. Writes are atomic.
+`finish` turns Ray Tune's results into `trials.csv` (one row per trial, with its `rank` by
+`simpo_ray.records.ranked`) and `curves.csv` (one row per report) in the experiment directory
+beside `search.json`, writes the best trial's `best_config.yaml` and prints the summary. Writes
+are atomic.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Any
 
 import pandas as pd
 
-from simpo_ray.io import write_csv_atomic
+from simpo_ray.errors import one_line
+from simpo_ray.guide import PARAMS
+from simpo_ray.io import write_csv_atomic, write_text_atomic
+from simpo_ray.records import STATUSES, SearchRecord, best_trial, rank_column, ranked, write_remote
 
-SEARCHED = ("learning_rate", "beta", "gamma_beta_ratio", "sft_weight")
-STATUSES = ("completed", "stopped_early", "diverged", "errored")
 # Metrics copied into trials.csv as final_<name>.
 FINAL_METRICS = (
     "loss", "sft_loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
@@ -45,12 +48,16 @@ def is_same_point(params: dict[str, Any], point: dict[str, Any]) -> bool:
 
 def build_tables(results: list[Any], *, objective: str, mode: str, default_point: dict[str, Any] | None,
                  info: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, curves) from Ray Tune `Result` objects (a ResultGrid is iterable as such)."""
+    """(trials, curves) from Ray Tune `Result` objects (a ResultGrid is iterable as such).
+
+    `info`: the search record's fields (`SearchRecord.to_dict()`); `name`, `size_bucket`,
+    `task` and `model_type` label every row.
+    """
     rows, curves = [], []
     for result in results:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
-        params = {k: config[k] for k in SEARCHED if k in config}
+        params = {k: config[k] for k in PARAMS if k in config}
         trial_id = metrics.get("trial_id") or Path(result.path).name
         history = _one_row_per_step(result.metrics_dataframe)
         status = trial_status(metrics, result.error)
@@ -74,12 +81,12 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
             "objective_value": metrics.get(objective, math.nan), "best_objective": best,
             "best_step": best_step, "best_checkpoint": best_ckpt,
             "wall_time_s": metrics.get("time_total_s", math.nan),
-            "error": _one_line(result.error) if result.error is not None else "",
+            "error": one_line(result.error, with_type=True) if result.error is not None else "",
         }
         for name in FINAL_METRICS:
             row[f"final_{name}"] = metrics.get(name, math.nan)
         for key, value in config.items():
-            if key not in SEARCHED and isinstance(value, (int, float, str, bool)):
+            if key not in PARAMS and isinstance(value, (int, float, str, bool)):
                 row[f"config/{key}"] = value
         rows.append(row)
         if history is not None and len(history):
@@ -90,6 +97,7 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
     trials = pd.DataFrame(rows)
     if len(trials):
         trials = trials.sort_values("trial_id", kind="stable").reset_index(drop=True)
+        trials.insert(2, "rank", rank_column(trials, mode))
     curve_frame = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=list(CURVE_COLUMNS_FIRST))
     first = [c for c in CURVE_COLUMNS_FIRST if c in curve_frame.columns]
     curve_frame = curve_frame[first + [c for c in curve_frame.columns if c not in first]]
@@ -134,35 +142,64 @@ def write_tables(experiment_dir: Path, trials: pd.DataFrame, curves: pd.DataFram
     write_csv_atomic(experiment_dir / "curves.csv", curves)
 
 
-def best_trial(trials: pd.DataFrame, mode: str) -> pd.Series | None:
-    """The best trial by its best objective over its run; errored trials never win."""
-    ok = trials[trials["status"] != "errored"].dropna(subset=["best_objective"])
-    if ok.empty:
-        return None
-    ordered = ok.sort_values(["best_objective", "steps"], ascending=[mode == "min", False], kind="stable")
-    return ordered.iloc[0]
-
-
 def summary_table(trials: pd.DataFrame, mode: str, top: int = 5) -> str:
-    """A Markdown table of the top trials and the documented default, for the terminal."""
-    ok = trials[trials["status"] != "errored"].dropna(subset=["best_objective"])
-    ordered = ok.sort_values("best_objective", ascending=mode == "min", kind="stable")
+    """A Markdown table of the top trials (`records.ranked`) and the documented default."""
+    ordered = ranked(trials, mode)
     shown = ordered.head(top)
     default = ordered[ordered["is_default"]]
     if len(default) and default.index[0] not in shown.index:
         shown = pd.concat([shown, default.head(1)])
-    header = "| rank | trial | status | learning_rate | beta | gamma_beta_ratio | sft_weight | steps | objective |"
-    lines = [header, "|" + "---|" * 9]
-    for rank, (idx, r) in enumerate(shown.iterrows(), 1):
+    position = {idx: pos for pos, idx in enumerate(ordered.index, 1)}
+    header = "| rank | trial | status | " + " | ".join(PARAMS) + " | steps | objective |"
+    lines = [header, "|" + "---|" * (len(PARAMS) + 5)]
+    for idx, r in shown.iterrows():
         label = f"{r['trial_id']}{' (default)' if r['is_default'] else ''}"
-        pos = list(ordered.index).index(idx) + 1
-        values = " | ".join(f"{r[k]:.3g}" if k in r and pd.notna(r[k]) else "-" for k in SEARCHED)
-        lines.append(f"| {pos} | {label} | {r['status']} | {values} | {int(r['steps'])} | "
+        values = " | ".join(f"{r[k]:.3g}" if k in r and pd.notna(r[k]) else "-" for k in PARAMS)
+        lines.append(f"| {position[idx]} | {label} | {r['status']} | {values} | {int(r['steps'])} | "
                      f"{r['best_objective']:.4f} |")
     return "\n".join(lines)
 
 
-def _one_line(err: BaseException) -> str:
-    text = [line for line in str(err).strip().splitlines() if line.strip()]
-    message = text[-1] if text else type(err).__name__
-    return f"{type(err).__name__}: {message}"[:500]
+def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1) -> Path:
+    """Write trials.csv, curves.csv and the best trial's best_config.yaml; print the summary.
+
+    `exp_path` is a local directory or a pyarrow URI; for a URI the files are written under
+    ./results/<name> and copied there. Returns the local directory.
+    """
+    default_point = space.points_to_evaluate[0] if space.points_to_evaluate else None
+    trials, curves = build_tables(list(grid), objective=record.objective, mode=record.mode,
+                                  default_point=default_point, info=record.to_dict())
+    local = Path(exp_path) if "://" not in exp_path else Path("results") / record.name
+    write_tables(local, trials, curves)
+    best = best_trial(trials, record.mode)
+    lines = [f"\n[simpo-ray] search '{record.name}' finished: "
+             + ", ".join(f"{(trials['status'] == s).sum()} {s}" for s in STATUSES)]
+    if best is not None:
+        params = {k: float(best[k]) for k in space.params}
+        cfg = space.trial_config(params)
+        ckpt = best.get("best_checkpoint") or ""
+        header = (f"# Best configuration of search '{record.name}' ({record.objective} = "
+                  f"{best['best_objective']:.4f}, trial {best['trial_id']}, step {best['best_step']:.0f}).\n"
+                  + (f"# Its checkpoint at that step: {ckpt}\n" if ckpt else "")
+                  + f"# Run it: python -m simpo_ray.train --config {local / 'best_config.yaml'}\n")
+        write_text_atomic(local / "best_config.yaml", header + cfg.to_yaml())
+        lines.append(summary_table(trials, record.mode))
+        default = trials[trials["is_default"]]
+        if len(default) and default.iloc[0]["status"] != "errored":
+            d = default.iloc[0]
+            lines.append(f"documented default: {record.objective} = {d['best_objective']:.4f} "
+                         f"({d['status']}); best: {best['best_objective']:.4f} "
+                         f"({best['best_objective'] - d['best_objective']:+.4f})")
+        lines.append(f"best config: {local / 'best_config.yaml'}")
+        if ckpt:
+            lines.append(f"best checkpoint: {ckpt} (step {best['best_step']:.0f})")
+    else:
+        lines.append("no trial finished; see the error column of trials.csv")
+    lines.append(f"results: {local / 'trials.csv'} (one row per trial), {local / 'curves.csv'} (learning curves)")
+    if "://" in exp_path:
+        for fname in ("trials.csv", "curves.csv", "best_config.yaml"):
+            if (local / fname).exists():
+                write_remote(f"{exp_path}/{fname}", (local / fname).read_text())
+    if verbose:
+        print("\n".join(lines), flush=True)
+    return local

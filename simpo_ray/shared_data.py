@@ -1,6 +1,6 @@
 """Hand tokenised datasets from the driver to Ray workers on any node.
 
-The driver tokenises once (cached on its disk by `data.prepare_datasets`), then puts the Arrow
+The driver tokenises once (cached on its disk by `tokens.prepare_datasets`), then puts the Arrow
 tables into Ray's object store. Workers on every node, of every trial, read them from there
 instead of re-tokenising or needing the driver's file system.
 """
@@ -15,7 +15,7 @@ import ray
 
 def share_prepared(prepared: Any) -> dict[str, Any]:
     """Put the prepared train/eval Arrow tables into the object store; return their refs."""
-    from simpo_ray.data import load_prepared
+    from simpo_ray.tokens import load_prepared
 
     refs = {}
     for split, path in (("train", prepared.train_path), ("eval", prepared.eval_path)):
@@ -32,6 +32,6 @@ def load_shared(ref_or_path: Any) -> datasets.Dataset:
     """
     if isinstance(ref_or_path, dict):
         return datasets.Dataset(ray.get(ref_or_path["table"]), fingerprint=ref_or_path["fingerprint"])
-    from simpo_ray.data import load_prepared
+    from simpo_ray.tokens import load_prepared
 
     return load_prepared(ref_or_path)

@@ -1,20 +1,17 @@
-"""One SimPO training run on Ray Train: the per-worker loop and `python -m simpo_ray.train`.
+"""The SimPO loop that every Ray Train worker runs (DDP: gloo on CPU, nccl on GPU).
 
-The loop is what every Ray Train worker runs (DDP over the workers: gloo on CPU, nccl on GPU).
-It knows nothing about Ray Tune: it reports metrics with `ray.train.report` every
-`eval_steps`, and whoever launched the run (this module's CLI, or a Tune trial) forwards them.
+It trains, evaluates every `eval_steps`, checkpoints its state, stops on divergence, and
+reports metrics with `ray.train.report`; it knows nothing about Tune (whoever launched the run,
+`simpo_ray.launch`, forwards the reports). `python -m simpo_ray.train` is `simpo_ray.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import math
-import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,35 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from simpo_ray.config import TrainConfig, from_dict, load_train_config
+from simpo_ray import ray_workarounds
+from simpo_ray.config import TrainConfig, from_dict
 from simpo_ray.errors import UserError
 
 # Metrics whose worst value is known a priori (they are shares in [0, 1], higher is better).
 # A diverged run reports them as 0.0 so that a searcher ranks it last.
 BOUNDED_EVAL_METRICS = ("eval/preference_accuracy", "eval/rewards/accuracies", "eval/success_rate")
 STATE_FILE = "trainer_state.pt"
-
-
-def quiet_ray_train_logs() -> None:
-    """Keep Ray Train's per-report INFO lines (a full metrics dict per report) out of the console."""
-    import logging
-
-    import ray.train.v2._internal.execution.context as train_context
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # that module logs by file name
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars on every checkpoint
-
-
-def ray_env_defaults() -> None:
-    """Environment for the Ray processes this driver starts (set before `ray.init`).
-
-    Train V2's print patch routes worker prints through a logger that echoes them again, so
-    every progress line appeared twice.
-    """
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def is_bundled_task(cfg: TrainConfig) -> bool:
@@ -68,14 +44,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     t_start = time.perf_counter()  # start-up includes the imports below
     cfg = from_dict(config["train"])
-    quiet_ray_train_logs()
+    ray_workarounds.quiet_train_logs()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars on every checkpoint
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    from simpo_ray.data import PairCollator
+    from simpo_ray.tokens import PairCollator
     from simpo_ray.shared_data import load_shared
     from simpo_ray.logps import PolicyLogps
     from simpo_ray.model import load_model, load_tokenizer
@@ -109,20 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state = {"step": 0, "samples": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
              "restarts": 0}
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            saved = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=False)
-        bare.model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state.update(saved["counters"])
-        # A restart after a worker failure (Ray Train's FailureConfig): training continues from
-        # the checkpoint's step; reports carry how often this run was restarted.
-        state["restarts"] = state.get("restarts", 0) + 1
-        if rank == 0:
-            print(f"[simpo-ray] resumed from checkpoint at step {state['step']} "
-                  f"(restart {state['restarts']})", flush=True)
+    _load_checkpoint(ray.train.get_checkpoint(), bare, optimizer, scheduler, state, device, rank)
 
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
@@ -131,7 +97,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     startup_s = time.perf_counter() - t_start
     window_start = time.perf_counter()
     micro = 0
-    early_losses: list[float] = []  # the first steps' losses: the scale an explosion is judged against
+    divergence = DivergenceCheck(cfg)
     done = state["step"] >= total_steps
     if state["step"] == 0:
         # The starting point (the SFT model), so every curve and every "did it improve" has a baseline.
@@ -151,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             t0 = time.perf_counter()
             sync = (micro + 1) % cfg.gradient_accumulation_steps == 0
-            with policy.no_sync() if (not sync and hasattr(policy, "no_sync")) else _null():
+            with policy.no_sync() if (not sync and hasattr(policy, "no_sync")) else contextlib.nullcontext():
                 with _autocast(cfg, device):
                     out = policy(**_pair_fields(batch))
                 loss, metrics = simpo_objective_for(out, objective)
@@ -164,16 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["train_time_s"] += time.perf_counter() - t0
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-            loss_value = metrics["loss"].detach()
-            healthy = torch.isfinite(loss_value) & torch.isfinite(grad_norm)
-            if cfg.divergence_loss_threshold is not None:
-                healthy &= loss_value <= cfg.divergence_loss_threshold
-            if len(early_losses) < 10:
-                early_losses.append(float(loss_value))
-            elif cfg.divergence_factor is not None:
-                reference = max(sum(early_losses) / 10, 1.0)
-                healthy &= loss_value <= cfg.divergence_factor * reference
-            if not _all_ranks(healthy):
+            if not _all_ranks(divergence.healthy(metrics["loss"].detach(), grad_norm)):
                 state["step"] += 1
                 _report_diverged(state, window, startup_s, rank)
                 return
@@ -212,19 +169,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["batch_in_epoch"] = 0
 
 
+def _load_checkpoint(checkpoint, bare, optimizer, scheduler, state: dict, device, rank: int) -> None:
+    """Continue from a checkpoint that `_report` wrote (a restart after a worker failure, via
+    Ray Train's FailureConfig): model, optimizer, scheduler and counters; reports then carry how
+    often this run was restarted."""
+    if not checkpoint:
+        return
+    with checkpoint.as_directory() as ckpt_dir:
+        saved = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=False)
+    bare.model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    state.update(saved["counters"])
+    state["restarts"] = state.get("restarts", 0) + 1
+    if rank == 0:
+        print(f"[simpo-ray] resumed from checkpoint at step {state['step']} "
+              f"(restart {state['restarts']})", flush=True)
+
+
+class DivergenceCheck:
+    """Whether an optimizer step is healthy: finite loss and gradient norm, the loss not above
+    `divergence_loss_threshold`, nor above `divergence_factor` x its level over the first 10 steps."""
+
+    EARLY_STEPS = 10
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.threshold = cfg.divergence_loss_threshold
+        self.factor = cfg.divergence_factor
+        self.early_losses: list[float] = []  # the scale an explosion is judged against
+
+    def healthy(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.threshold is not None:
+            ok &= loss <= self.threshold
+        if len(self.early_losses) < self.EARLY_STEPS:
+            self.early_losses.append(float(loss))
+        elif self.factor is not None:
+            reference = max(sum(self.early_losses) / self.EARLY_STEPS, 1.0)
+            ok &= loss <= self.factor * reference
+        return ok
+
+
 def _autocast(cfg: TrainConfig, device):
     """bf16 compute over fp32 master weights when `bf16: true` (the reference trainer's mixed precision)."""
     if not cfg.bf16:
-        return _null()
+        return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _pair_fields(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -349,305 +339,6 @@ def _progress_line(r: dict[str, Any]) -> str:
     return "[simpo-ray] " + "  ".join(parts)
 
 
-# --- the driver side: prepare data once, launch a TorchTrainer -------------------------------
-
-@dataclass
-class PreparedRun:
-    """What the driver hands to the workers: tokenised data prepared once, in the object store."""
-
-    data: dict[str, Any]
-    num_train: int
-    num_eval: int
-
-
-def check_inputs(cfg: TrainConfig):
-    """Resolve the model (building a bundled one once) and tokenise the data (cached on disk).
-
-    Needs no Ray, so the CLIs call it before `ray.init`: a missing model path, a dataset with
-    missing columns or no rows, ... is one `UserError` line before any Ray process starts.
-    Returns `data.PreparedData`.
-    """
-    import datasets
-
-    from simpo_ray.data import prepare_datasets
-    from simpo_ray.model import load_tokenizer
-
-    # No progress bars: they would land on stderr before a one-line error (the CLI contract).
-    bars_were_on = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        tokenizer = load_tokenizer(cfg)
-        return prepare_datasets(cfg, tokenizer)
-    finally:
-        if bars_were_on:
-            datasets.enable_progress_bars()
-
-
-def prepare_run(cfg: TrainConfig, prepared=None) -> PreparedRun:
-    """Resolve the model, tokenise the data once (`check_inputs`), share it via the object store.
-
-    Runs in the driver, before any worker starts, so N workers and M trials reuse one
-    tokenisation (cached on disk by fingerprint) and one SFT model build.
-    """
-    from simpo_ray.shared_data import share_prepared
-
-    if prepared is None:
-        prepared = check_inputs(cfg)
-    return PreparedRun(data=share_prepared(prepared), num_train=prepared.num_train, num_eval=prepared.num_eval)
-
-
-def default_gpus_per_worker(cfg: TrainConfig, gpus_per_worker: float | None) -> float:
-    """The flag if given; else 1 when the config asks for a GPU (or `use_gpu` is unset and CUDA is here)."""
-    if gpus_per_worker is not None:
-        return gpus_per_worker
-    return 1 if (cfg.use_gpu or (cfg.use_gpu is None and torch.cuda.is_available())) else 0
-
-
-def check_fits(cluster, num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
-    """`UserError` when the run's workers can never be placed on `cluster` (a `tune_runtime.ClusterInfo`).
-
-    Ray Train retries an unplaceable worker group forever, so without this a run that asks
-    for a GPU on a CPU-only cluster would hang instead of failing.
-    """
-    from simpo_ray.tune_runtime import TrialResources, plan_concurrency
-
-    plan_concurrency(cluster, TrialResources(num_workers, cpus_per_worker, gpus_per_worker))
-
-
-def local_cluster():
-    """This machine's CPUs and GPUs as a `ClusterInfo`: what a local `ray.init()` would get."""
-    from simpo_ray.tune_runtime import ClusterInfo
-
-    node = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
-    return ClusterInfo(total=node, nodes=(node,))
-
-
-def check_writable(root: str) -> None:
-    """`UserError` unless `root` (a local directory; created if missing) is writable."""
-    if "://" in root:
-        return
-    try:
-        os.makedirs(root, exist_ok=True)
-        probe = Path(root) / f".simpo-ray-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"--storage-path: {root} is not writable ({e.strerror or e})") from None
-
-
-def worker_config(cfg: TrainConfig, prepared: PreparedRun, threads: int) -> dict[str, Any]:
-    return {"train": cfg.to_dict(), "data": prepared.data, "threads": threads}
-
-
-def history_callback(path: str | os.PathLike):
-    """A Ray Train callback that appends every report (rank 0's metrics) to a JSON-lines file.
-
-    Train's own `Result.metrics_dataframe` keeps only reports that carried a checkpoint; this
-    keeps the whole learning curve. It runs in the Train controller, on the driver's machine.
-    """
-    from ray.train import UserCallback
-
-    class MetricsHistory(UserCallback):
-        def __init__(self, target: str) -> None:
-            self.target = target
-
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
-            with open(self.target, "a") as f:
-                f.write(json.dumps(metrics[0], default=float) + "\n")
-
-    return MetricsHistory(os.fspath(path))
-
-
-def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The reports in a history.jsonl; a last line cut short by a crash mid-append is skipped."""
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise
-    return rows
-
-
-def final_metrics(result) -> dict[str, Any]:
-    """The last report of a run made by `run_training`.
-
-    Train V2's `Result.metrics` is the last *checkpointed* report, so a run that ended with a
-    report without checkpoint (a divergence) would show older metrics, or none.
-    """
-    history = Path(result.path) / "history.jsonl"
-    rows = read_history(history) if history.exists() else []
-    return rows[-1] if rows else dict(result.metrics or {})
-
-
-def make_trainer(cfg: TrainConfig, prepared: PreparedRun, *, num_workers: int, cpus_per_worker: float = 1,
-                 gpus_per_worker: float = 0, storage_path: str | None = None, name: str | None = None,
-                 max_failures: int = 0, callbacks: list | None = None,
-                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"):
-    """A `TorchTrainer` for one SimPO run (DDP over `num_workers`).
-
-    A worker that dies is restarted up to `max_failures` times from the latest checkpoint.
-    `cfg.save_total_limit` checkpoints are kept: the most recent ones, or the best by
-    `checkpoint_score_attribute` (e.g. the search objective) when given.
-    """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    use_gpu = gpus_per_worker > 0
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if use_gpu else {})}
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=worker_config(cfg, prepared, threads=max(1, int(cpus_per_worker))),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=name, storage_path=storage_path, callbacks=callbacks or [],
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit,
-                                               checkpoint_score_attribute=checkpoint_score_attribute,
-                                               checkpoint_score_order=checkpoint_score_order),
-            failure_config=FailureConfig(max_failures=max_failures),
-        ),
-    )
-
-
-def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_worker: float = 1,
-                 gpus_per_worker: float | None = None, storage_path: str | None = None,
-                 name: str | None = None, max_failures: int = 0, prepared=None,
-                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"):
-    """Run one SimPO training on the current Ray cluster; returns Ray Train's `Result`.
-
-    `prepared`: the `check_inputs` result when the caller already has it. Checkpoints kept:
-    the `save_total_limit` most recent, or with `checkpoint_score_attribute` (a reported metric)
-    the best ones by it (Ray Train also keeps the latest, which a restart resumes from).
-
-    Every report is also appended to `<storage_path>/<name>/history.jsonl` (the learning curve).
-    """
-    from simpo_ray.tune_runtime import ClusterInfo
-
-    num_workers = num_workers or cfg.num_workers
-    gpus_per_worker = default_gpus_per_worker(cfg, gpus_per_worker)
-    check_fits(ClusterInfo.from_ray(), num_workers, cpus_per_worker, gpus_per_worker)
-    prepared = prepare_run(cfg, prepared)
-    print(f"[simpo-ray] {prepared.num_train} training pairs, {prepared.num_eval} held-out pairs; "
-          f"{num_workers} worker(s) x {cpus_per_worker} CPU, {gpus_per_worker} GPU", flush=True)
-    storage_path = os.path.abspath(storage_path or os.path.join(os.getcwd(), "results"))
-    name = name or time.strftime("simpo-train-%Y%m%d-%H%M%S")
-    history = Path(storage_path) / name / "history.jsonl"
-    trainer = make_trainer(cfg, prepared, num_workers=num_workers, cpus_per_worker=cpus_per_worker,
-                           gpus_per_worker=gpus_per_worker, storage_path=storage_path, name=name,
-                           max_failures=max_failures, callbacks=[history_callback(history)],
-                           checkpoint_score_attribute=checkpoint_score_attribute,
-                           checkpoint_score_order=checkpoint_score_order)
-    return _fit_restoring_sigint(trainer)
-
-
-def _fit_restoring_sigint(trainer):
-    """`trainer.fit()`, then put back the caller's SIGINT handler.
-
-    In the main thread, Train V2's fit() installs a SIGINT handler (Ctrl-C aborts the run
-    gracefully) whose closure holds the controller actor's handle and is never removed: the
-    TrainController process (~400 MB) then outlives the run until the next fit() or the end
-    of the process, and Ctrl-C keeps going to a finished run. Restoring the handler releases both.
-    """
-    import signal
-    import threading
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main_thread else None
-    try:
-        return trainer.fit()
-    finally:
-        if main_thread and previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one `error: ...` line on stderr and exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineArgumentParser(
-        prog="python -m simpo_ray.train",
-        description="Run one SimPO training on Ray Train from a YAML config in the SimPO reference "
-                    "trainer's key names (model_name_or_path, dataset_mixer, learning_rate, beta, "
-                    "gamma_beta_ratio, sft_weight, ...).",
-    )
-    p.add_argument("--config", required=True, help="training config YAML")
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP); default: the config's num_workers")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 if CUDA is available)")
-    p.add_argument("--storage-path", default=None, help="where Ray Train keeps checkpoints (default ./results)")
-    p.add_argument("--name", default=None, help="run name under the storage path")
-    p.add_argument("--metrics-out", default=None, help="write the final metrics as JSON to this file")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local cluster)")
-    p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from via checkpoints")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parse_args(argv)
-    try:
-        cfg = load_train_config(args.config)
-        for flag, low in (("num_workers", 1), ("max_failures", 0)):
-            value = getattr(args, flag)
-            if value is not None and value < low:
-                raise UserError(f"--{flag.replace('_', '-')}: {value} is out of range; allowed >= {low}")
-        for flag in ("cpus_per_worker", "gpus_per_worker"):
-            value = getattr(args, flag)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
-                raise UserError(f"--{flag.replace('_', '-')}: {value} is out of range; allowed >= 0")
-        num_workers = args.num_workers or cfg.num_workers
-        gpus = default_gpus_per_worker(cfg, args.gpus_per_worker)
-        storage_path = os.path.abspath(os.path.expanduser(args.storage_path or os.path.join(os.getcwd(), "results")))
-        # Everything checkable without Ray is checked before Ray starts: no Ray log line and no
-        # Ray process for a mistake in the input.
-        check_writable(storage_path)
-        address = args.address or os.environ.get("RAY_ADDRESS")
-        if not address:
-            check_fits(local_cluster(), num_workers, args.cpus_per_worker, gpus)
-        prepared = check_inputs(cfg)
-        ray_env_defaults()
-        ray.init(address=address or "local", include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
-        try:
-            result = run_training(cfg, num_workers=num_workers, cpus_per_worker=args.cpus_per_worker,
-                                  gpus_per_worker=gpus, storage_path=storage_path,
-                                  name=args.name, max_failures=args.max_failures, prepared=prepared)
-            error = result.error
-        except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
-            # Train V2's fit() raises when the workers fail more often than --max-failures allows.
-            error = e
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if error is not None:
-        if args.debug:
-            raise error
-        print(f"error: training failed: {_one_line(error)}", file=sys.stderr)
-        return 1
-    metrics = final_metrics(result)
-    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
-    if args.metrics_out:
-        from simpo_ray.io import write_json_atomic
-
-        write_json_atomic(args.metrics_out, metrics)
-    print(json.dumps({k: metrics[k] for k in sorted(metrics) if k.startswith(("eval/", "step", "status"))}, indent=1))
-    return 0 if metrics.get("status") != "diverged" else 3
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[-1] if text else type(err).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m simpo_ray.train`: the command line is in cli.py
+    from simpo_ray.cli import train_main
+    sys.exit(train_main())

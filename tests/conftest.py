@@ -33,8 +33,7 @@ def ray_cluster():
     """A local 2-CPU Ray cluster shared by the tests that need one (started on first use)."""
     import ray
 
-    from simpo_ray.train import ray_env_defaults
-    from simpo_ray.tune_runtime import init_ray
+    from simpo_ray.cluster import init_ray, ray_env_defaults
 
     if ray.is_initialized():
         ray.shutdown()

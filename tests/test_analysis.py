@@ -23,6 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ("learning_rate", "beta", "gamma_beta_ratio", "sft_weight")
 FINISHED = ("completed", "stopped_early")
+TINY_SPACE = ROOT / "search_spaces" / "cpu-tiny.yaml"
 SIZES = ("tiny", "small")
 NUM_SAMPLES = 6
 # Short budgets: 12 steps, a report every 3, ASHA rungs at 3, 6 and the end.
@@ -86,13 +87,15 @@ def expected(d: Path) -> dict:
     """Best trial, top trials and counts computed from trials.csv with plain pandas."""
     search = json.loads((d / "search.json").read_text())
     t = pd.read_csv(d / "trials.csv", dtype={"trial_id": str})
-    # The score: the objective's last reported value.
-    last = t["objective_value"] if "objective_value" in t else pd.Series(float("nan"), index=t.index)
-    t["score"] = last.fillna(t[f"final_{search['objective']}"])
+    # The score: the best objective over the run; ties: better final value, longer run, trial id.
+    t["score"] = t["best_objective"]
     fin = t[t["status"].isin(FINISHED) & t["score"].notna()]
-    fin = fin.sort_values(["score", "steps"], ascending=[search["mode"] == "min", False], kind="stable")
+    lower = search["mode"] == "min"
+    fin = fin.sort_values(["score", "objective_value", "steps", "trial_id"],
+                          ascending=[lower, lower, False, True], kind="stable", na_position="last")
     k = min(len(fin), max(3, math.ceil(len(fin) / 4)))
     return {"trials": t, "best": fin.iloc[0], "top": fin.head(k), "n_finished": len(fin),
+            "order": list(fin.index),
             "counts": t["status"].value_counts().to_dict(), "mode": search["mode"],
             "objective": search["objective"]}
 
@@ -112,6 +115,21 @@ def test_best_trial_and_robust_range(analysed, searches):
             assert r.at[p, "robust_high"] == pytest.approx(e["top"][p].max(), rel=1e-9)
             assert r.at[p, "support"] == len(e["top"])
             assert r.at[p, "n_finished"] == e["n_finished"]
+
+
+@pytest.mark.slow
+def test_the_search_and_the_analysis_name_the_same_best_trial(analysed, searches):
+    """trials.csv's rank column, best_config.yaml and analysis's best trial: one ranking."""
+    bvd = pd.read_csv(analysed / "best_vs_default.csv", dtype={"best_trial": str})
+    for size, d in searches.items():
+        e = expected(d)
+        ranks = e["trials"].dropna(subset=["rank"]).sort_values("rank")
+        assert list(ranks["rank"]) == list(range(1, e["n_finished"] + 1))
+        e_ids = list(e["trials"].loc[e["order"], "trial_id"])
+        assert list(ranks["trial_id"]) == e_ids
+        assert bvd[bvd["size"] == size]["best_trial"].iloc[0] == e["best"]["trial_id"] == e_ids[0]
+        header = (d / "best_config.yaml").read_text().splitlines()[0]
+        assert f"trial {e['best']['trial_id']}," in header
 
 
 @pytest.mark.slow
@@ -350,3 +368,100 @@ def test_top_k_is_top_quartile_with_at_least_three():
     from analysis.report import top_k
 
     assert [top_k(n) for n in (1, 2, 3, 6, 12, 13, 40)] == [1, 2, 3, 3, 3, 4, 10]
+
+
+# ---------------------------------------------------------------- one ranking, one search.json
+
+def write_search(d: Path, trials: pd.DataFrame, **changes) -> Path:
+    """An experiment directory as the search writes it, with a hand-made trials table."""
+    import dataclasses
+
+    from simpo_ray.records import SearchRecord
+    from simpo_ray.space import load_space
+
+    record = SearchRecord.from_space(load_space(TINY_SPACE), TINY_SPACE, d.name)
+    SearchRecord.write(dataclasses.replace(record, **changes), str(d))
+    trials.to_csv(d / "trials.csv", index=False)
+    return d
+
+
+def tied_trials() -> pd.DataFrame:
+    """Three trials tie on the best value over the run and differ in the final value; a fourth
+    has a better final value but a worse best; a diverged one peaked higher before diverging."""
+    rows = [("a", "completed", 0.50, 0.30, 12), ("b", "completed", 0.50, 0.45, 12),
+            ("c", "stopped_early", 0.50, 0.20, 6), ("d", "completed", 0.48, 0.48, 12),
+            ("e", "diverged", 0.90, 0.10, 4), ("f", "errored", float("nan"), float("nan"), 0)]
+    return pd.DataFrame([
+        {"trial_id": tid, "status": status, "is_default": tid == "d", "steps": steps,
+         "objective_value": final, "best_objective": best, "best_step": steps,
+         "learning_rate": 1e-3 * (i + 1), "beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.1 * i}
+        for i, (tid, status, best, final, steps) in enumerate(rows)])
+
+
+def test_tied_best_values_the_search_and_the_analysis_pick_the_same_trial(tmp_path):
+    """On a tie of the best value the better final value wins, in the search's summary, its
+    best_config.yaml (results.best_trial), trials.csv's rank and every analysis table."""
+    from analysis import report
+    from analysis.load import load_results
+    from simpo_ray import results
+    from simpo_ray.records import rank_column
+
+    trials = tied_trials()
+    best = results.best_trial(trials, "max")
+    assert best["trial_id"] == "b"
+    summary = results.summary_table(trials, "max").splitlines()
+    assert [line.split(" | ")[1] for line in summary[2:]] == ["b", "a", "c", "d (default)"]
+    assert list(rank_column(trials, "max")) == [2, 1, 3, 4, pd.NA, pd.NA]
+
+    d = write_search((tmp_path / "tied"), trials.assign(rank=rank_column(trials, "max")))
+    loaded = load_results([d])
+    size = loaded.sizes[0]
+    assert report.best_trial(loaded, size)["trial_id"] == "b"
+    assert list(loaded.ranked(size)["trial_id"]) == ["b", "a", "c", "d"]
+    bvd = report.best_vs_default(loaded).iloc[0]
+    assert (bvd["best_trial"], bvd["best_score"], bvd["best_final_score"]) == ("b", 0.50, 0.45)
+    assert bvd["improvement"] == pytest.approx(0.02)
+    rec = report.recommendations(loaded).set_index("parameter")
+    assert rec.at["learning_rate", "recommended"] == pytest.approx(2e-3)
+    assert report.cross_size(loaded).iloc[0]["final_score"] == 0.45
+
+
+def test_tied_best_values_in_min_mode_prefer_the_lower_final_value():
+    from simpo_ray.records import ranked
+
+    trials = tied_trials().assign(best_objective=lambda t: -t["best_objective"],
+                                  objective_value=lambda t: -t["objective_value"])
+    assert list(ranked(trials, "min")["trial_id"]) == ["b", "a", "c", "d"]
+    same = trials.assign(objective_value=0.0)
+    assert list(ranked(same, "min")["trial_id"]) == ["a", "b", "c", "d"]  # longer run, then id
+
+
+def test_search_record_round_trips_and_rejects_other_schemas(tmp_path):
+    from simpo_ray.errors import UserError
+    from simpo_ray.records import SCHEMA_VERSION, SearchRecord
+
+    d = write_search(tmp_path / "s", tied_trials())
+    record = SearchRecord.read(d / "search.json")
+    assert record.schema_version == SCHEMA_VERSION and record.name == "s"
+    assert record.model_name_or_path == "bundled:tiny" and record.mode == record.search["mode"]
+    assert {"scheduler", "time_attr", "grace_period", "reduction_factor", "max_t"} <= set(record.search)
+    assert set(record.params) <= set(PARAMS) and record.guide["defaults"].keys() >= set(PARAMS)
+    data = json.loads((d / "search.json").read_text())
+    for bad, needle in [({**data, "schema_version": 99}, "schema_version 99"),
+                        ({k: v for k, v in data.items() if k != "objective"}, "missing field(s) objective"),
+                        ({**data, "seed": "zero"}, "field seed is 'zero', expected int"),
+                        ({**data, "mode": "best"}, "field mode is 'best'"),
+                        ({**data, "extra": 1}, "unknown field(s) extra")]:
+        (d / "search.json").write_text(json.dumps(bad))
+        with pytest.raises(UserError, match=r"search\.json: ") as info:
+            SearchRecord.read(d / "search.json")
+        assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content, needle", [("{not json", "not valid JSON"),
+                                             ('{"schema_version": 99}', "schema_version 99")])
+def test_cli_rejects_a_bad_search_json_in_one_line(tmp_path, content, needle):
+    d = write_search(tmp_path / "s", tied_trials())
+    (d / "search.json").write_text(content)
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli(d, "--out", out), out, needle)

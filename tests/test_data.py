@@ -1,4 +1,5 @@
-"""simpo_ray.data: loading, normalising, reference tokenisation, caching and collation.
+"""simpo_ray.data (loading, normalising) and simpo_ray.tokens (reference tokenisation, caching,
+collation).
 
 Expected token ids are spelled out token by token from the tokenizer's vocabulary, not by
 calling the code under test.
@@ -18,10 +19,12 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from simpo_ray import data
+from simpo_ray import data, tokens
 from simpo_ray.config import TrainConfig
-from simpo_ray.data import IGNORE_INDEX, PairCollator, load_raw, prepare_datasets, tokenize_row
+from simpo_ray.data import load_raw
 from simpo_ray.errors import UserError
+from simpo_ray.loss import IGNORE_INDEX
+from simpo_ray.tokens import PairCollator, prepare_datasets, tokenize_row
 
 
 def chat_row(prompt, chosen, rejected):
@@ -154,11 +157,11 @@ def test_truncated_prompts_counted_in_one_warning(chat_tokenizer, caplog):
     rows = [chat_row("sort: " + "1" * 30, "1", "2"), chat_row("sort: 1", "1", "2"),
             chat_row("sort: " + "2" * 30, "2", "3")]
     ds = data.normalise(datasets.Dataset.from_list(rows), "t")
-    with caplog.at_level(logging.WARNING, logger="simpo_ray.data"):
-        out = data.tokenize_pairs(ds, chat_tokenizer, max_length=20, max_prompt_length=12)
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
+        out = tokens.tokenize_pairs(ds, chat_tokenizer, max_length=20, max_prompt_length=12)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "2 of 3 pairs do not fit max_length=20" in warnings[0].getMessage()
-    assert out.column_names == data.TOKENISED_COLUMNS
+    assert out.column_names == tokens.TOKENISED_COLUMNS
     assert [len(x) for x in out["prompt_input_ids"]] == [12, 10, 12]
 
 
@@ -174,7 +177,7 @@ def test_chat_data_needs_a_chat_template(bos_tokenizer):
                                   eos_token="</s>")
     ds = data.normalise(datasets.Dataset.from_list([chat_row("hello", "fine", "bad")]), "t")
     with pytest.raises(UserError, match="chat format.*no chat template"):
-        data.tokenize_pairs(ds, tok, 64, 32)
+        tokens.tokenize_pairs(ds, tok, 64, 32)
 
 
 # --------------------------------------------------------------------------- loading
@@ -339,8 +342,8 @@ def test_unreachable_hub_says_so_plainly(monkeypatch):
 def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", [chat_row(f"sort: {i}", "1", "2") for i in range(40)])
     calls = []
-    real = data.tokenize_pairs
-    monkeypatch.setattr(data, "tokenize_pairs", lambda *a, **k: calls.append(k["name"]) or real(*a, **k))
+    real = tokens.tokenize_pairs
+    monkeypatch.setattr(tokens, "tokenize_pairs", lambda *a, **k: calls.append(k["name"]) or real(*a, **k))
     cfg = cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16)
     first = prepare_datasets(cfg, chat_tokenizer, cache_dir=tmp_path / "cache")
     assert calls == ["train data", "eval data"]
@@ -350,12 +353,12 @@ def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatc
     second = prepare_datasets(cfg.replace(learning_rate=1e-3, beta=10.0), chat_tokenizer,
                               cache_dir=tmp_path / "cache")
     assert second == first and len(calls) == 2
-    train = data.load_prepared(first.train_path)
-    assert train.column_names == data.TOKENISED_COLUMNS and len(train) == 38
+    train = tokens.load_prepared(first.train_path)
+    assert train.column_names == tokens.TOKENISED_COLUMNS and len(train) == 38
     expected = tokenize_row(load_raw(cfg)[0][0], chat_tokenizer, 32, 16)
     assert {k: train[0][k] for k in expected} == expected
     # Data-relevant changes give another fingerprint.
-    fp = data.data_fingerprint
+    fp = tokens.data_fingerprint
     assert fp(cfg.replace(max_length=64), chat_tokenizer) != first.fingerprint
     assert fp(cfg.replace(seed=1), chat_tokenizer) != first.fingerprint
     src.write_text(src.read_text() + json.dumps(chat_row("sort: 99", "9", "8")) + "\n")  # edited file
@@ -365,8 +368,8 @@ def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatc
 def test_prepare_is_built_once_under_concurrency(tmp_path, chat_tokenizer, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", string_rows(30))
     calls = []
-    real = data.tokenize_pairs
-    monkeypatch.setattr(data, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tokens.tokenize_pairs
+    monkeypatch.setattr(tokens, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16)
     results = []
     threads = [threading.Thread(target=lambda: results.append(

@@ -30,7 +30,7 @@ BASE = dict(model_name_or_path="bundled:tiny", dataset_mixer={"bundled:sort": 1.
 
 
 def _history(run_dir: Path) -> list[dict]:
-    from simpo_ray.train import read_history
+    from simpo_ray.launch import read_history
 
     path = run_dir / "history.jsonl"
     return read_history(path) if path.exists() else []
@@ -47,7 +47,7 @@ def _assert_cluster_clean(timeout_s: float = 30) -> None:
     import ray
     from ray._private.state import actors
 
-    from simpo_ray.tune_runtime import resources_settled
+    from simpo_ray.ray_workarounds import resources_settled
 
     gc.collect()  # actor handles held by garbage cycles keep their actors alive
 
@@ -154,14 +154,17 @@ class _FakeResult:
 def test_search_outputs_survive_a_crash_while_being_rewritten(tmp_path, monkeypatch):
     """trials.csv, curves.csv, best_config.yaml and search.json: a crash while rewriting any one
     of them (e.g. a resumed search finishing) leaves the previous version intact and readable."""
-    from simpo_ray import tune
+    import dataclasses
+
+    from simpo_ray.records import SearchRecord
+    from simpo_ray.results import finish
     from simpo_ray.space import load_space
 
     space = load_space(TINY_SPACE)
     exp = tmp_path / "exp"
-    info = {"name": "exp", "size_bucket": "cpu", "task": None, "model_type": None}
-    tune._write_search_info(str(exp), info)
-    tune.finish([_FakeResult("t1", 1e-3, 0.5), _FakeResult("t2", 2e-3, 0.6)], space, str(exp), info, verbose=0)
+    record = SearchRecord.from_space(space, TINY_SPACE, "exp")
+    record.write(str(exp))
+    finish([_FakeResult("t1", 1e-3, 0.5), _FakeResult("t2", 2e-3, 0.6)], space, str(exp), record, verbose=0)
     before = {n: (exp / n).read_text() for n in ("trials.csv", "curves.csv", "best_config.yaml", "search.json")}
     assert "learning_rate: 0.002" in before["best_config.yaml"]
 
@@ -171,9 +174,9 @@ def test_search_outputs_survive_a_crash_while_being_rewritten(tmp_path, monkeypa
         _fail_writes_to(monkeypatch, name)
         with pytest.raises(OSError, match="simulated crash"):
             if name == "search.json":
-                tune._write_search_info(str(exp), {**info, "num_samples": 3})
+                dataclasses.replace(record, num_samples=3).write(str(exp))
             else:
-                tune.finish(newer, space, str(exp), info, verbose=0)
+                finish(newer, space, str(exp), record, verbose=0)
         assert (exp / name).read_text() == before[name], name
         assert _stray_temp_files(exp) == [], name
     monkeypatch.undo()
@@ -186,7 +189,7 @@ def test_search_outputs_survive_a_crash_while_being_rewritten(tmp_path, monkeypa
 
 
 def test_history_with_a_line_cut_by_a_crash_is_still_readable(tmp_path):
-    from simpo_ray.train import read_history
+    from simpo_ray.launch import read_history
 
     path = tmp_path / "history.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 4, "lo')
@@ -214,7 +217,7 @@ def _my_train_workers() -> list:
 def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tmp_path):
     import threading
 
-    from simpo_ray.train import final_metrics, run_training
+    from simpo_ray.launch import final_metrics, run_training
 
     max_steps, every = 60, 4
     cfg = TrainConfig(**BASE, max_steps=max_steps, eval_steps=every, save_total_limit=2)
@@ -268,7 +271,7 @@ def test_worker_failure_beyond_max_failures_is_an_error(ray_cluster, tmp_path):
 
     import ray.train
 
-    from simpo_ray.train import run_training
+    from simpo_ray.launch import run_training
 
     cfg = TrainConfig(**BASE, max_steps=60, eval_steps=4)
     run_dir = tmp_path / "fatal"
@@ -304,7 +307,7 @@ def _checkpoint_steps(run_dir: Path) -> dict[str, int]:
 
 
 def test_checkpoint_retention_keeps_save_total_limit(ray_cluster, tmp_path):
-    from simpo_ray.train import run_training
+    from simpo_ray.launch import run_training
 
     # 5 checkpoints (steps 2, 4, 6, 8, 10); save_total_limit 2 keeps the 2 most recent.
     cfg = TrainConfig(**BASE, max_steps=10, eval_steps=2, save_total_limit=2)
@@ -319,7 +322,7 @@ def test_checkpoint_retention_keeps_save_total_limit(ray_cluster, tmp_path):
 def test_checkpoint_retention_by_score_keeps_the_best(ray_cluster, tmp_path):
     """With checkpoint_score_attribute (the search objective) the best N are kept, plus the
     latest (which a restart resumes from)."""
-    from simpo_ray.train import run_training
+    from simpo_ray.launch import run_training
 
     metric = "eval/preference_accuracy"
     cfg = TrainConfig(**BASE, max_steps=10, eval_steps=2, save_total_limit=2)

@@ -14,7 +14,9 @@ import pytest
 
 from simpo_ray import guide
 from simpo_ray.errors import ConfigError
-from simpo_ray.space import load_space, estimate_gpu_hours
+from simpo_ray.describe import describe_space
+from simpo_ray.estimate import estimate_gpu_hours
+from simpo_ray.space import load_space
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SHIPPED = sorted(SPACES.glob("*.yaml"))
@@ -89,7 +91,7 @@ def test_shipped_space_loads_inside_the_guide(path):
     for point in s.points_to_evaluate:
         for k, v in point.items():
             assert p[k].low - 1e-15 <= v <= p[k].high + 1e-15
-    s.describe()
+    describe_space(s)
     est = estimate_gpu_hours(s)
     assert est["steps_per_trial"] > 0
 
@@ -275,10 +277,10 @@ ERRORS = [
     ("resources.gpus_per_worker", -1, ["resources.gpus_per_worker", "-1", "allowed [0, inf)"]),
     ("search.num_samples", 0, ["search.num_samples", "0", "allowed [1, inf)"]),
     ("base.beta", 2.5, ["params.beta", "also fixed in base", "2.5"]),
-    ("base.lerning_rate", 5e-7, ["base", "'lerning_rate'", "did you mean 'learning_rate'"]),
+    ("base.lerning_rate", 5e-7, ["base.lerning_rate", "unknown key", "did you mean 'learning_rate'"]),
     ("base.warmup_ratio", 2.0, ["base.warmup_ratio", "2", "[0, 1]"]),
     ("base.per_device_train_batch_size", "two",
-     ["base.per_device_train_batch_size", "expected int", "'two'"]),
+     ["base.per_device_train_batch_size", "expected an integer", "'two'"]),
     ("base.num_workers", 4, ["base.num_workers", "resources.num_workers"]),
     ("base.sft_weight", 0.5, ["base.sft_weight: 0.5", "model type instruct [0.05, 0.1]"]),
     ("params.learning_rate.range", "guide",
@@ -345,10 +347,10 @@ def test_overrides_dotted_and_nested():
 def test_trial_config_merges_base_params_and_resources():
     s = load_space(SPACES / "cpu-small.yaml")
     cfg = s.trial_config({"learning_rate": 2e-3, "beta": 3.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.1})
-    assert cfg["learning_rate"] == 2e-3 and cfg["beta"] == 3.0 and cfg["sft_weight"] == 0.1
-    assert cfg["model_name_or_path"] == "bundled:small"
-    assert cfg["num_workers"] == 1 and cfg["use_gpu"] is False
-    assert cfg["loss_type"] == "sigmoid"  # every TrainConfig key is present
+    assert cfg.learning_rate == 2e-3 and cfg.beta == 3.0 and cfg.sft_weight == 0.1
+    assert cfg.model_name_or_path == "bundled:small"
+    assert cfg.num_workers == 1 and cfg.use_gpu is False
+    assert cfg.loss_type == "sigmoid"
     with pytest.raises(ConfigError, match="'max_steps' is not searched"):
         s.trial_config({"max_steps": 3})
     with pytest.raises(ConfigError, match="beta"):
@@ -361,8 +363,8 @@ def test_unsearched_params_take_base_or_the_documented_default():
     data["base"]["gamma_beta_ratio"] = 0.3
     s = load_space(data)
     cfg = s.trial_config({"learning_rate": 4e-7, "beta": 3.0})
-    assert cfg["gamma_beta_ratio"] == 0.3          # fixed in base
-    assert cfg["sft_weight"] == pytest.approx(0.1)  # 7B instruct default ("0.1 if instruct")
+    assert cfg.gamma_beta_ratio == 0.3          # fixed in base
+    assert cfg.sft_weight == pytest.approx(0.1)  # 7B instruct default ("0.1 if instruct")
     assert set(s.points_to_evaluate[0]) == {"learning_rate", "beta"}
 
 
@@ -374,7 +376,7 @@ def test_duplicate_points_are_dropped_with_a_note():
 
 
 def test_describe_shows_searched_documented_and_default():
-    text = load_space(SPACES / "7b.yaml").describe()
+    text = describe_space(load_space(SPACES / "7b.yaml"))
     for part in ["learning_rate", "loguniform 1e-07 to 1e-06",   # searched
                  "3e-07 to 5e-07",                               # guide's 7B-8B row
                  "1 to 10", "2 to 5",                            # beta documented / optimal
@@ -382,7 +384,7 @@ def test_describe_shows_searched_documented_and_default():
                  "0 to 0.05",                                    # sft, base model
                  "5e-07", "= 128", "128 to 256", "Mistral-Base"]:
         assert part in text, part
-    assert "5e-08 to 3e-07" in load_space(SPACES / "70b.yaml").describe()
+    assert "5e-08 to 3e-07" in describe_space(load_space(SPACES / "70b.yaml"))
 
 
 def test_format_table_shows_the_guides_tables():

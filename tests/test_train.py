@@ -2,14 +2,13 @@
 
 import math
 
-import pytest
 
 from simpo_ray.config import TrainConfig
-from simpo_ray.train import final_metrics, run_training
+from simpo_ray.launch import final_metrics, run_training
 
 BASE = dict(model_name_or_path="bundled:tiny", dataset_mixer={"bundled:sort": 1.0}, max_length=64,
             max_prompt_length=32, max_eval_samples=256, per_device_train_batch_size=16,
-            per_device_eval_batch_size=64, generation_eval_samples=64, beta=2.0,
+            per_device_eval_batch_size=64, generation_eval_samples=128, beta=2.0,
             gamma_beta_ratio=0.5, sft_weight=0.5, learning_rate=1e-3, warmup_ratio=0.1)
 
 
@@ -17,7 +16,7 @@ def _curve(result, metric):
     """{step: value} from the run's history.jsonl (every report, not only checkpointed ones)."""
     from pathlib import Path
 
-    from simpo_ray.train import read_history
+    from simpo_ray.launch import read_history
 
     rows = read_history(Path(result.path) / "history.jsonl")
     return {int(r["step"]): r[metric] for r in rows if metric in r}

@@ -106,7 +106,9 @@ def test_search_asha_stops_trials_and_divergence_is_caught(ray_cluster, tmp_path
 
     from simpo_ray.config import load_train_config
     from simpo_ray.tune import run_search
-    from simpo_ray.tune_runtime import plan_concurrency, TrialResources, resources_settled
+    from simpo_ray.cluster import plan_concurrency
+    from simpo_ray.ray_workarounds import resources_settled
+    from simpo_ray.space import Resources
 
     # An extra point must lie inside the searched range (space.py), so the learning rate is a
     # choice that includes the divergent value (outside the guide: allow_out_of_range). Sampled
@@ -119,7 +121,7 @@ def test_search_asha_stops_trials_and_divergence_is_caught(ray_cluster, tmp_path
             GOOD, {"learning_rate": DIVERGENT_LR}, NEAR_DEFAULT]}},
     )
     num_samples = 5
-    slots = plan_concurrency(ray_cluster, TrialResources(1, 1.0))
+    slots = plan_concurrency(ray_cluster, Resources(1, 1.0))
     assert slots == 2 < num_samples  # more trials than slots
     t0 = time.monotonic()
     exp = run_search(space, storage_path=str(tmp_path / "results"), name="search", allow_out_of_range=True,
@@ -298,8 +300,9 @@ def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # plan against this machine, as a user would
 
-    from simpo_ray.space import estimate_gpu_hours, load_space
-    from simpo_ray.tune import main
+    from simpo_ray.estimate import estimate_gpu_hours
+    from simpo_ray.space import load_space
+    from simpo_ray.cli import tune_main as main
 
     rc = main(["--space", str(space_file), "--dry-run"])
     out, err = capsys.readouterr()
@@ -396,7 +399,7 @@ def _one_error_line(err: str) -> str:
 
 @pytest.mark.parametrize("case", sorted(BAD_SPACES))
 def test_bad_space_is_a_one_line_error(case, tmp_path, capsys):
-    from simpo_ray.tune import main
+    from simpo_ray.cli import tune_main as main
 
     mutate, expected = BAD_SPACES[case]
     path = _space_7b(tmp_path, mutate)
@@ -427,7 +430,7 @@ def test_real_search_refuses_trial_needing_more_gpus_than_cluster(ray_cluster, t
     """Not a dry run: the search checks the trial against the live cluster before any trial starts."""
     import ray
 
-    from simpo_ray.tune import main
+    from simpo_ray.cli import tune_main as main
 
     from simpo_ray.errors import UserError
     from simpo_ray.tune import run_search
@@ -441,7 +444,7 @@ def test_real_search_refuses_trial_needing_more_gpus_than_cluster(ray_cluster, t
     with pytest.raises(UserError) as err:
         run_search(path, storage_path=str(storage), name="gpu2", verbose=0)
     msg = str(err.value)
-    assert (f"needs 1 GPU but no node has that many (largest node: 0 GPU, cluster total: 0 GPU)" in msg
+    assert ("needs 1 GPU but no node has that many (largest node: 0 GPU, cluster total: 0 GPU)" in msg
             if have == 0 else f"room for only {have} such worker(s)" in msg), msg
     for name in ("gpu", "gpu2"):
         exp = storage / name

@@ -1,14 +1,18 @@
+"""Start-up profile of one trial's setup steps, in-process, twice (cold, then warm); output in
+setup_prof.log beside it, discussed in docs/benchmarks.md."""
 import time, sys
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[2]
 T=time.perf_counter
 t=T(); import torch; torch.set_num_threads(1); print("import torch", round(T()-t,2))
 t=T(); import transformers; print("import transformers", round(T()-t,2))
 t=T(); import ray, ray.train, ray.train.torch; print("import ray.train.torch", round(T()-t,2))
-sys.path.insert(0,'/work/main')
+sys.path.insert(0, str(REPO))
 from simpo_ray.space import load_space
 from simpo_ray.config import from_dict
-space=load_space('/work/main/search_spaces/cpu-tiny.yaml')
+space=load_space(REPO / 'search_spaces' / 'cpu-tiny.yaml')
 cfg=from_dict(space.trial_config(space.points_to_evaluate[0]))
-t=T(); from simpo_ray.data import PairCollator, load_prepared, prepare_datasets; from simpo_ray.logps import PolicyLogps; from simpo_ray.model import load_model, load_tokenizer; print("import simpo_ray modules", round(T()-t,2))
+t=T(); from simpo_ray.tokens import PairCollator, load_prepared, prepare_datasets; from simpo_ray.logps import PolicyLogps; from simpo_ray.model import load_model, load_tokenizer; print("import simpo_ray modules", round(T()-t,2))
 for rep in range(2):
   t=T(); tok=load_tokenizer(cfg); print(rep,"load_tokenizer", round(T()-t,2))
   t=T(); m=load_model(cfg, device="cpu"); print(rep,"load_model", round(T()-t,2))

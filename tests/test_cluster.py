@@ -1,13 +1,18 @@
-"""Tests for simpo_ray.tune_runtime: concurrency planning (by hand) and a real Train-in-Tune run."""
+"""simpo_ray.cluster: concurrency planning (by hand), and a real search's trials (the production
+trainable, `tune.trial_trainable`, with a stub worker loop) running two at a time on 2 CPUs."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
+from simpo_ray.cluster import ClusterInfo, plan_concurrency
 from simpo_ray.errors import UserError
-from simpo_ray.tune_runtime import ClusterInfo, TrialResources, plan_concurrency
+from simpo_ray.space import Resources
+
+TINY_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "cpu-tiny.yaml"
 
 
 def cluster(*nodes: dict[str, float]) -> ClusterInfo:
@@ -23,73 +28,75 @@ def cluster(*nodes: dict[str, float]) -> ClusterInfo:
 
 def test_two_cpus_one_cpu_trials_run_two_at_once():
     # driver and controller take 0 CPU, so 2 CPUs hold two 1x1-CPU worker groups
-    assert plan_concurrency(cluster({"CPU": 2}), TrialResources(1, 1.0)) == 2
+    assert plan_concurrency(cluster({"CPU": 2}), Resources(1, 1.0)) == 2
 
 
 def test_requested_max_caps_but_never_raises_capacity():
     c = cluster({"CPU": 8})
-    assert plan_concurrency(c, TrialResources(2, 1.0), requested_max=3) == 3
-    assert plan_concurrency(c, TrialResources(2, 1.0), requested_max=10) == 4  # 8 // (2*1)
+    assert plan_concurrency(c, Resources(2, 1.0), requested_max=3) == 3
+    assert plan_concurrency(c, Resources(2, 1.0), requested_max=10) == 4  # 8 // (2*1)
 
 
 def test_fractional_and_per_node_packing():
     # 3 nodes of 3 CPU, bundles of 2 CPU: 1 per node (not 9 // 2 = 4) -> 3 slots -> 1 trial of 2
     c = cluster({"CPU": 3}, {"CPU": 3}, {"CPU": 3})
-    assert plan_concurrency(c, TrialResources(2, 2.0)) == 1
+    assert plan_concurrency(c, Resources(2, 2.0)) == 1
     # 0.5 CPU workers: 2 CPUs -> 4 slots -> 2 trials of 2 workers
-    assert plan_concurrency(cluster({"CPU": 2}), TrialResources(2, 0.5)) == 2
+    assert plan_concurrency(cluster({"CPU": 2}), Resources(2, 0.5)) == 2
 
 
 def test_gpus_bound_concurrency():
     c = cluster({"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4})
-    assert plan_concurrency(c, TrialResources(2, 4.0, 1.0)) == 4  # 8 GPUs / 2 per trial
-    assert plan_concurrency(c, TrialResources(1, 4.0, 1.0)) == 8
-    assert plan_concurrency(c, TrialResources(1, 10.0, 1.0)) == 2  # CPU-bound: 1 per node
+    assert plan_concurrency(c, Resources(2, 4.0, 1.0)) == 4  # 8 GPUs / 2 per trial
+    assert plan_concurrency(c, Resources(1, 4.0, 1.0)) == 8
+    assert plan_concurrency(c, Resources(1, 10.0, 1.0)) == 2  # CPU-bound: 1 per node
 
 
 def test_more_gpus_per_worker_than_any_node_is_refused():
     c = cluster({"CPU": 16, "GPU": 2}, {"CPU": 16, "GPU": 2})
     with pytest.raises(UserError, match="no node has that many"):
-        plan_concurrency(c, TrialResources(1, 1.0, 4.0))
+        plan_concurrency(c, Resources(1, 1.0, 4.0))
 
 
 def test_gpu_trial_on_cpu_cluster_is_refused():
     with pytest.raises(UserError, match=r"needs 1 GPU.*largest node: 0 GPU"):
-        plan_concurrency(cluster({"CPU": 2}), TrialResources(1, 1.0, 1.0))
+        plan_concurrency(cluster({"CPU": 2}), Resources(1, 1.0, 1.0))
 
 
 def test_more_workers_than_cluster_is_refused():
     with pytest.raises(UserError, match=r"room for only 2 such worker"):
-        plan_concurrency(cluster({"CPU": 2}), TrialResources(3, 1.0))
+        plan_concurrency(cluster({"CPU": 2}), Resources(3, 1.0))
     with pytest.raises(UserError, match=r"room for only 4 such worker"):
         plan_concurrency(cluster({"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}),
-                         TrialResources(5, 1.0, 1.0))
+                         Resources(5, 1.0, 1.0))
 
 
 def test_bad_resources_and_bad_max():
     with pytest.raises(UserError):
-        TrialResources(0, 1.0)
+        Resources(0, 1.0)
     with pytest.raises(UserError):
-        TrialResources(1, 0.0, 0.0)
+        Resources(1, 0.0, 0.0)
     with pytest.raises(UserError):
-        TrialResources(1, 1.0, 1.5)
+        Resources(1, 1.0, 1.5)
     with pytest.raises(UserError):
-        plan_concurrency(cluster({"CPU": 2}), TrialResources(1, 1.0), requested_max=0)
+        plan_concurrency(cluster({"CPU": 2}), Resources(1, 1.0), requested_max=0)
 
 
 # ---------------------------------------------------------------- real Ray
 
 
-def _dummy_worker(config):
+def _stub_loop(config):
+    """Stands in for `train.train_loop_per_worker`: gets the same worker config, reports 3 steps."""
     import time as _time
 
     import torch  # noqa: F401  (a real worker imports torch)
 
     import ray.train
 
+    x = config["train"]["learning_rate"] * 1000
     for step in range(1, 4):
         _time.sleep(0.2)
-        ray.train.report({"step": step, "loss": config["x"] / step})
+        ray.train.report({"step": step, "loss": x / step})
 
 
 @pytest.fixture(scope="module")
@@ -107,23 +114,29 @@ def ray_two_cpus(ray_cluster, tmp_path_factory):
 def test_init_ray_reports_cluster(ray_two_cpus):
     info, _ = ray_two_cpus
     assert info.cpus == 2 and info.gpus == 0 and len(info.nodes) == 1
-    assert plan_concurrency(info, TrialResources(1, 1.0)) == 2
+    assert plan_concurrency(info, Resources(1, 1.0)) == 2
     with pytest.raises(UserError):
-        plan_concurrency(info, TrialResources(1, 1.0, 1.0))
+        plan_concurrency(info, Resources(1, 1.0, 1.0))
 
 
 def test_six_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     import ray
     from ray import tune
 
-    from simpo_ray.tune_runtime import make_trainable, resources_settled
+    from simpo_ray.ray_workarounds import resources_settled
+    from simpo_ray.space import load_space
+    from simpo_ray.tune import trial_trainable
 
     info, storage = ray_two_cpus
-    res = TrialResources(num_workers=1, cpus_per_worker=1.0)
-    trainable = make_trainable(_dummy_worker, res, storage_path=str(storage))
+    space = load_space(TINY_SPACE)  # 1 worker x 1 CPU per trial
+    res = space.resources
+    assert res == Resources(num_workers=1, cpus_per_worker=1.0)
+    # What every search trial runs (0-CPU trial driver, launch.make_trainer), with a stub loop.
+    trainable = trial_trainable(space, {}, str(storage / "six"), train_loop=_stub_loop)
+    lrs = [1e-4, 2e-4, 3e-4, 4e-4, 5e-4, 6e-4]
     tuner = tune.Tuner(
         trainable,
-        param_space={"x": tune.grid_search([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])},
+        param_space={"learning_rate": tune.grid_search(lrs)},
         tune_config=tune.TuneConfig(metric="loss", mode="min", reuse_actors=True,
                                     max_concurrent_trials=plan_concurrency(info, res)),
         run_config=tune.RunConfig(name="six", storage_path=str(storage), verbose=0),
@@ -135,8 +148,8 @@ def test_six_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     assert not results.errors
     for r in results:
         assert r.metrics["step"] == 3
-        assert r.metrics["loss"] == pytest.approx(r.config["x"] / 3)
-    assert results.get_best_result().config["x"] == 0.1
+        assert r.metrics["loss"] == pytest.approx(r.config["learning_rate"] * 1000 / 3)
+    assert results.get_best_result().config["learning_rate"] == 1e-4
     # The old deadlock never finishes (each stuck trial re-times-out every 60 s); a healthy run is
     # ~3 rounds of ~10-20 s trials. Generous bound: the machine is shared and only has 2 cores.
     assert wall < 180, f"6 tiny trials took {wall:.0f}s"
@@ -159,33 +172,3 @@ def test_six_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     assert leftovers == []
     live_pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
     assert live_pgs == []
-
-
-def _pg(state="CREATED", creator: bytes = b"", detached=False, creator_dead=False):
-    from ray.core.generated import gcs_pb2
-
-    return gcs_pb2.PlacementGroupTableData(
-        placement_group_id=bytes(18), state=getattr(gcs_pb2.PlacementGroupTableData, state),
-        creator_actor_id=creator, is_detached=detached, creator_actor_dead=creator_dead)
-
-
-def test_orphan_placement_group_rule_trusts_the_actor_table_over_a_stale_flag():
-    """Seen on Ray 2.60: the worker group of a TrainController that the actor table lists as DEAD,
-    with the GCS's creator_actor_dead still False. Both CPUs stayed reserved and the next trials
-    waited forever; the reaper must treat such a group as orphaned."""
-    import ray
-
-    from simpo_ray.tune_runtime import is_orphan_placement_group
-
-    controller = bytes.fromhex("985f6b76" + "ab" * 12)  # an ActorID is 16 bytes
-    nil = ray.ActorID.nil().binary()
-    dead = {controller.hex()}
-    assert is_orphan_placement_group(_pg(creator=controller), dead)                      # stale flag
-    assert is_orphan_placement_group(_pg(creator=controller, creator_dead=True), set())  # the flag alone
-    assert not is_orphan_placement_group(_pg(creator=controller), set())                 # creator alive
-    assert not is_orphan_placement_group(_pg(creator=controller, detached=True), dead)   # detached
-    assert not is_orphan_placement_group(_pg(state="REMOVED", creator=controller), dead)
-    assert not is_orphan_placement_group(_pg(state="PENDING", creator=controller), set())
-    # Tune's trial groups: created by the driver (nil creator), flagged creator_actor_dead=True.
-    assert not is_orphan_placement_group(_pg(creator=nil, creator_dead=True), {nil.hex()})
-    assert not is_orphan_placement_group(_pg(creator=b"", creator_dead=True), set())

@@ -1,0 +1,196 @@
+"""The command lines: `python -m simpo_ray.train` (`train_main`) and `python -m simpo_ray.tune`
+(`tune_main`), and `run_command`, which every CLI (also `python -m analysis`) runs under.
+
+Contract: a mistake in the input is one `error: ...` line on stderr and exit status 2
+(`--debug` shows the traceback), found before any Ray process starts where that is possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+
+from simpo_ray.errors import UserError, one_line
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_command(command: Callable[[], int], *, debug: bool) -> int:
+    """`command()`'s exit status; a `UserError` becomes one `error: ...` line on stderr and
+    status 2, or with `debug` propagates (its traceback shown)."""
+    try:
+        return command()
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_flag_ranges(args: argparse.Namespace, lowest: dict[str, float]) -> None:
+    """`UserError` naming the first flag (`lowest`: attribute -> smallest allowed value) whose
+    given value is below it or not finite."""
+    for attr, low in lowest.items():
+        value = getattr(args, attr)
+        if value is not None and not (value >= low and math.isfinite(value)):
+            raise UserError(f"--{attr.replace('_', '-')}: {value} is out of range; allowed >= {low}")
+
+
+# ---------------------------------------------------------------- python -m simpo_ray.train
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(
+        prog="python -m simpo_ray.train",
+        description="Run one SimPO training on Ray Train from a YAML config in the SimPO reference "
+                    "trainer's key names (model_name_or_path, dataset_mixer, learning_rate, beta, "
+                    "gamma_beta_ratio, sft_weight, ...).",
+    )
+    p.add_argument("--config", required=True, help="training config YAML")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP); default: the config's num_workers")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: 1 if CUDA is available)")
+    p.add_argument("--storage-path", default=None, help="where Ray Train keeps checkpoints (default ./results)")
+    p.add_argument("--name", default=None, help="run name under the storage path")
+    p.add_argument("--metrics-out", default=None, help="write the final metrics as JSON to this file")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local cluster)")
+    p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from via checkpoints")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """`python -m simpo_ray.train`: 0 done, 1 training failed, 2 bad input, 3 diverged."""
+    args = _train_parser().parse_args(argv)
+    return run_command(lambda: _train(args), debug=args.debug)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import ray
+    import ray.train
+
+    from simpo_ray import cluster, launch
+    from simpo_ray.config import load_train_config
+
+    cfg = load_train_config(args.config)
+    check_flag_ranges(args, {"num_workers": 1, "max_failures": 0, "cpus_per_worker": 0, "gpus_per_worker": 0})
+    resources = launch.run_resources(cfg, args.num_workers, args.cpus_per_worker, args.gpus_per_worker)
+    storage_path = os.path.abspath(os.path.expanduser(args.storage_path or os.path.join(os.getcwd(), "results")))
+    # Everything checkable without Ray is checked before Ray starts: no Ray log line and no
+    # Ray process for a mistake in the input.
+    cluster.check_writable(storage_path)
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        cluster.check_fits(cluster.ClusterInfo.local(), resources)
+    prepared = launch.check_inputs(cfg)
+    cluster.init_ray(address, reap_orphans=False, log_to_driver=True, configure_logging=False)
+    try:
+        result = launch.run_training(cfg, num_workers=resources.num_workers,
+                                     cpus_per_worker=resources.cpus_per_worker,
+                                     gpus_per_worker=resources.gpus_per_worker, storage_path=storage_path,
+                                     name=args.name, max_failures=args.max_failures, prepared=prepared)
+        error = result.error
+    except (ray.exceptions.RayError, ray.train.TrainingFailedError) as e:
+        # Train V2's fit() raises when the workers fail more often than --max-failures allows.
+        error = e
+    if error is not None:
+        if args.debug:
+            raise error
+        print(f"error: training failed: {one_line(error)}", file=sys.stderr)
+        return 1
+    metrics = launch.final_metrics(result)
+    metrics["checkpoint"] = result.checkpoint.path if result.checkpoint else None
+    if args.metrics_out:
+        from simpo_ray.io import write_json_atomic
+
+        write_json_atomic(args.metrics_out, metrics)
+    print(json.dumps({k: metrics[k] for k in sorted(metrics) if k.startswith(("eval/", "step", "status"))}, indent=1))
+    return 0 if metrics.get("status") != "diverged" else 3
+
+
+# ---------------------------------------------------------------- python -m simpo_ray.tune
+
+
+def _tune_parser() -> argparse.ArgumentParser:
+    p = OneLineArgumentParser(
+        prog="python -m simpo_ray.tune",
+        description=(
+            "Search SimPO hyperparameters (learning_rate, beta, gamma_beta_ratio, sft_weight) "
+            "within the documented ranges for a model size, on a Ray cluster: Optuna TPE proposes, "
+            "ASHA stops weak trials early, each trial trains with Ray Train."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m simpo_ray.tune --space search_spaces/cpu-tiny.yaml      # bundled CPU task\n"
+            "  python -m simpo_ray.tune --space search_spaces/7b.yaml --dry-run  # plan only\n"
+            "  python -m simpo_ray.tune --space search_spaces/7b.yaml --address auto --storage-path s3://bucket/simpo\n"
+            "  python -m simpo_ray.tune --space search_spaces/cpu-tiny.yaml --resume   # continue an interrupted search\n"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--space", required=True, help="search space YAML (see search_spaces/)")
+    p.add_argument("--storage-path", default=None,
+                   help="where results and checkpoints go: a local dir (default ./results), NFS, or s3://...")
+    p.add_argument("--name", default=None, help="experiment name (default: the space's name)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join ('auto' or host:port; default RAY_ADDRESS, else start a local one)")
+    p.add_argument("--num-samples", type=int, default=None, help="number of trials (default: the space's)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once (default: as many as the cluster fits)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler (default: the space's)")
+    p.add_argument("--scheduler", default=None, choices=["asha", "hyperband", "median", "fifo"],
+                   help="early stopping (default: the space's; fifo = none)")
+    p.add_argument("--sampler", default=None, choices=["tpe", "random"],
+                   help="how trials are proposed (default: the space's; random = Optuna RandomSampler)")
+    p.add_argument("--task", default=None, choices=["chat", "code", "math", "creative"],
+                   help="task preset: narrows/shifts ranges as the guide's tables do")
+    p.add_argument("--model-type", default=None, choices=["base", "instruct", "chat"],
+                   help="model-type preset (sft_weight range)")
+    p.add_argument("--allow-out-of-range", action="store_true",
+                   help="search ranges outside the guide's documented ranges")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted search at --storage-path/--name (finished trials are kept)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the space against the cluster and print the plan; start no trial")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return p
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    """`python -m simpo_ray.tune`: 0 done, 2 bad input."""
+    args = _tune_parser().parse_args(argv)
+    return run_command(lambda: _tune(args), debug=args.debug)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from simpo_ray import cluster, launch, tune
+
+    if args.dry_run and args.resume:
+        raise UserError("--dry-run and --resume conflict: a dry run starts nothing to resume")
+    check_flag_ranges(args, {"num_samples": 1, "max_concurrent": 1})
+    space = tune.load(args.space, task=args.task, model_type=args.model_type,
+                      allow_out_of_range=args.allow_out_of_range, num_samples=args.num_samples,
+                      seed=args.seed, scheduler=args.scheduler, sampler=args.sampler,
+                      max_concurrent=args.max_concurrent)
+    if args.dry_run:
+        print(tune.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name))
+        return 0
+    # Check what needs no Ray before Ray starts (run_search starts it before it prepares the
+    # data and plans the trials): a bad model path, bad data or a trial that cannot fit is one
+    # error line, with no Ray process started and no Ray log line printed.
+    cluster.check_writable(tune.storage_root(args.storage_path))
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        cluster.check_fits(cluster.ClusterInfo.local(), space.resources)
+    prepared = launch.check_inputs(space.default_config())
+    tune.run_search(space, storage_path=args.storage_path, name=args.name, address=args.address,
+                    resume=args.resume, prepared=prepared)
+    return 0

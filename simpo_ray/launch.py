@@ -1,0 +1,182 @@
+"""Launch one SimPO training run on Ray Train: the driver side of `python -m simpo_ray.train`
+and of every Tune trial.
+
+`make_trainer` is the one builder of a run's `TorchTrainer`; `check_inputs` / `prepare_run`
+resolve the model and tokenise the data once in the driver; `run_training` runs one
+standalone training and records every report in `history.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simpo_ray import ray_workarounds
+from simpo_ray.cluster import ClusterInfo, check_fits
+from simpo_ray.config import TrainConfig
+from simpo_ray.space import Resources
+
+
+@dataclass
+class PreparedRun:
+    """What the driver hands to the workers: tokenised data prepared once, in the object store."""
+
+    data: dict[str, Any]
+    num_train: int
+    num_eval: int
+
+
+def check_inputs(cfg: TrainConfig):
+    """Resolve the model (building a bundled one once) and tokenise the data (cached on disk).
+
+    Needs no Ray, so the CLIs call it before `ray.init`: a missing model path, a dataset with
+    missing columns or no rows, ... is one `UserError` line before any Ray process starts.
+    Returns `tokens.PreparedData`.
+    """
+    import datasets
+
+    from simpo_ray.tokens import prepare_datasets
+    from simpo_ray.model import load_tokenizer
+
+    # No progress bars: they would land on stderr before a one-line error (the CLI contract).
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return prepare_datasets(cfg, load_tokenizer(cfg))
+    finally:
+        if bars_were_on:
+            datasets.enable_progress_bars()
+
+
+def prepare_run(cfg: TrainConfig, prepared=None) -> PreparedRun:
+    """Share the tokenised data (`prepared`, the `check_inputs` result, made here if None)
+    through the object store, so N workers and M trials reuse one tokenisation."""
+    from simpo_ray.shared_data import share_prepared
+
+    if prepared is None:
+        prepared = check_inputs(cfg)
+    return PreparedRun(data=share_prepared(prepared), num_train=prepared.num_train, num_eval=prepared.num_eval)
+
+
+def run_resources(cfg: TrainConfig, num_workers: int | None = None, cpus_per_worker: float = 1,
+                  gpus_per_worker: float | None = None) -> Resources:
+    """One run's resources: the given values, else the config's `num_workers`, and 1 GPU per
+    worker when the config asks for a GPU (or `use_gpu` is unset and CUDA is here)."""
+    if gpus_per_worker is None:
+        import torch
+
+        gpus_per_worker = 1 if (cfg.use_gpu or (cfg.use_gpu is None and torch.cuda.is_available())) else 0
+    return Resources(num_workers=num_workers or cfg.num_workers, cpus_per_worker=cpus_per_worker,
+                     gpus_per_worker=gpus_per_worker)
+
+
+def make_trainer(cfg: TrainConfig, data: dict[str, Any], resources: Resources, *,
+                 storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
+                 callbacks: list | None = None, checkpoint_score_attribute: str | None = None,
+                 checkpoint_score_order: str = "max", train_loop: Callable[[dict], None] | None = None):
+    """The `TorchTrainer` of one SimPO run (DDP over `resources.num_workers`).
+
+    `data`: `PreparedRun.data`. A worker that dies is restarted up to `max_failures` times from
+    the latest checkpoint. `cfg.save_total_limit` checkpoints are kept: the most recent, or the
+    best by `checkpoint_score_attribute` (a reported metric; Train also keeps the latest).
+    `train_loop`: the worker function, `train.train_loop_per_worker` unless a test passes a stub.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if train_loop is None:
+        from simpo_ray.train import train_loop_per_worker as train_loop
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"train": cfg.to_dict(), "data": data, "threads": max(1, int(resources.cpus_per_worker))},
+        scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
+                                     resources_per_worker=resources.worker_bundle),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, callbacks=callbacks or [],
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit,
+                                               checkpoint_score_attribute=checkpoint_score_attribute,
+                                               checkpoint_score_order=checkpoint_score_order),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def history_callback(path: str | os.PathLike):
+    """A Ray Train callback that appends every report (rank 0's metrics) to a JSON-lines file.
+
+    Train's own `Result.metrics_dataframe` keeps only reports that carried a checkpoint; this
+    keeps the whole learning curve. It runs in the Train controller, on the driver's machine.
+    """
+    from ray.train import UserCallback
+
+    class MetricsHistory(UserCallback):
+        def __init__(self, target: str) -> None:
+            self.target = target
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+            with open(self.target, "a") as f:
+                f.write(json.dumps(metrics[0], default=float) + "\n")
+
+    return MetricsHistory(os.fspath(path))
+
+
+def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The reports in a history.jsonl; a last line cut short by a crash mid-append is skipped."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+    return rows
+
+
+def final_metrics(result) -> dict[str, Any]:
+    """The last report of a run made by `run_training`.
+
+    Train V2's `Result.metrics` is the last *checkpointed* report, so a run that ended with a
+    report without checkpoint (a divergence) would show older metrics, or none.
+    """
+    history = Path(result.path) / "history.jsonl"
+    rows = read_history(history) if history.exists() else []
+    return rows[-1] if rows else dict(result.metrics or {})
+
+
+def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_worker: float = 1,
+                 gpus_per_worker: float | None = None, storage_path: str | None = None,
+                 name: str | None = None, max_failures: int = 0, prepared=None,
+                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"):
+    """Run one SimPO training on the current Ray cluster; returns Ray Train's `Result`.
+
+    `prepared`: the `check_inputs` result when the caller already has it. Every report is also
+    appended to `<storage_path>/<name>/history.jsonl` (the learning curve).
+    """
+    resources = run_resources(cfg, num_workers, cpus_per_worker, gpus_per_worker)
+    check_fits(ClusterInfo.from_ray(), resources)
+    run = prepare_run(cfg, prepared)
+    print(f"[simpo-ray] {run.num_train} training pairs, {run.num_eval} held-out pairs; "
+          f"{resources.num_workers} worker(s) x {resources.cpus_per_worker} CPU, "
+          f"{resources.gpus_per_worker} GPU", flush=True)
+    storage_path = os.path.abspath(storage_path or os.path.join(os.getcwd(), "results"))
+    name = name or time.strftime("simpo-train-%Y%m%d-%H%M%S")
+    trainer = make_trainer(cfg, run.data, resources, storage_path=storage_path, name=name,
+                           max_failures=max_failures,
+                           callbacks=[history_callback(Path(storage_path) / name / "history.jsonl")],
+                           checkpoint_score_attribute=checkpoint_score_attribute,
+                           checkpoint_score_order=checkpoint_score_order)
+    return _fit_restoring_sigint(trainer)
+
+
+def _fit_restoring_sigint(trainer):
+    """`trainer.fit()`, then put back the caller's SIGINT handler (a Train V2 workaround)."""
+    with ray_workarounds.sigint_handler_kept():
+        return trainer.fit()

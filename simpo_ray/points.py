@@ -1,0 +1,86 @@
+"""A search's start points: the guide's documented default first, then the SimPO reference's
+published settings for the model family, the guide's reasoning example, and the user's extras."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from simpo_ray import guide, schema
+from simpo_ray.errors import ConfigError
+
+if TYPE_CHECKING:
+    from simpo_ray.space import PointsSpec, SearchSpace
+
+POINTS_KEYS = ("references", "extra")
+
+
+def add_points(space: SearchSpace, spec: PointsSpec, model_name: str) -> None:
+    """Fill points_to_evaluate: guide default first, then references, reasoning example, extra."""
+    searched = space.params
+    fixed = space.fixed_params()
+    default = space.documented_default()
+    candidates: list[tuple[str, dict[str, float]]] = [
+        (f"guide default ({space.size_bucket}, task {space.task or '-'}, "
+         f"model type {space.model_type or '-'})", default)]
+    if spec.references:
+        for ref in guide.reference_settings(model_name):
+            candidates.append((f"SimPO reference {ref.name} ({ref.source.rsplit('/', 1)[-1]})", ref.params()))
+        if space.task in guide.REASONING_TASKS:
+            candidates.append(("guide example 'Llama 3 8B Instruct (Reasoning)': beta 5.0, "
+                               "gamma_beta_ratio 0.7; lr and sft_weight from this space's default",
+                               {**default, "beta": guide.REASONING_EXAMPLE["beta"],
+                                "gamma_beta_ratio": guide.REASONING_EXAMPLE["gamma_beta_ratio"]}))
+    for label, full in candidates:
+        point = {}
+        for p, param in searched.items():
+            x = float(full[p])
+            if not param.contains(x):
+                c = param.clip(x)
+                space.notes.append(f"{label}: {p} {x:g} is outside the searched {param}; clipped to {c:g}")
+                x = c
+            point[p] = x
+        ignored = [f"{p} {full[p]:g}" for p in fixed if not math.isclose(full[p], fixed[p])]
+        if ignored and label != candidates[0][0]:
+            space.notes.append(f"{label}: {', '.join(ignored)} not used (fixed in this space)")
+        _add_point(space, point, label)
+    for i, raw in enumerate(spec.extra):
+        fld = f"search.points_to_evaluate.extra[{i}]"
+        schema.check_keys(raw, tuple(searched), fld + ".")
+        point = {}
+        for p, param in searched.items():
+            # A parameter the point leaves out takes the first point's (the guide default's) value.
+            x = schema.coerce(f"{fld}.{p}", raw[p], float) if p in raw else space.points_to_evaluate[0][p]
+            if not param.contains(x):
+                raise ConfigError(f"{fld}.{p}: {x:g} is outside the searched {param}")
+            point[p] = x
+        _add_point(space, point, f"extra point {i + 1} (search.points_to_evaluate)")
+
+
+def _add_point(space: SearchSpace, point: dict[str, float], label: str) -> None:
+    for j, existing in enumerate(space.points_to_evaluate):
+        if all(math.isclose(point[k], existing[k], rel_tol=1e-9) for k in point):
+            space.notes.append(f"{label}: same as point {j + 1} after clipping; dropped")
+            return
+    space.points_to_evaluate.append(point)
+    space.point_labels.append(label)
+
+
+def parse_points_spec(raw: Any) -> PointsSpec:
+    """`search.points_to_evaluate`: default | default_only | {references, extra}."""
+    from simpo_ray.space import PointsSpec
+
+    fld = "search.points_to_evaluate"
+    if raw == "default":
+        return PointsSpec(references=True)
+    if raw == "default_only":
+        return PointsSpec(references=False)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{fld}: {raw!r} is not allowed; use 'default', 'default_only' or a mapping "
+                          "{references: true|false, extra: [points]}")
+    schema.check_keys(raw, POINTS_KEYS, fld + ".")
+    refs = schema.coerce(f"{fld}.references", raw.get("references", True), bool)
+    extra = raw.get("extra", []) or []
+    if not isinstance(extra, list) or not all(isinstance(p, dict) for p in extra):
+        raise ConfigError(f"{fld}.extra: expected a list of mappings (parameter: value), got {extra!r}")
+    return PointsSpec(references=refs, extra=tuple(dict(p) for p in extra))

@@ -1,0 +1,253 @@
+"""Workarounds for Ray 2.60 (Train V2, run inside Tune trials), kept in one place to be removed.
+
+Each is a defect or an unwanted default of this Ray version, not part of the tool's logic: the
+orphan placement-group reaper, restoring the caller's SIGINT handler after `fit()`, quieting
+Train's per-report log lines, and turning off Train's print patch. Why each is needed and how
+it was measured: docs/ray-runtime-notes.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+from simpo_ray.errors import one_line
+
+logger = logging.getLogger(__name__)
+
+# Environment for the Ray processes a driver starts (set before `ray.init`): Train V2's print
+# patch routes worker prints through a logger that echoes them again (every line twice).
+PRINT_PATCH_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+# The reaper below was written against this Ray version's GCS tables and Train V2 internals.
+WRITTEN_FOR_RAY = "2.60."
+FORCE_REAPER_ENV = "SIMPO_RAY_FORCE_PG_REAPER"  # "1": run the reaper on another Ray version too
+
+_warned: set[str] = set()
+_reaper_stop: threading.Event | None = None
+
+
+def _warn_once(kind: str, message: str, *args) -> None:
+    """A logging warning, once per process for each kind of failure."""
+    if kind not in _warned:
+        _warned.add(kind)
+        logger.warning(message, *args)
+
+
+# ---------------------------------------------------------------- logs, print patch, SIGINT
+
+
+def disable_print_patch() -> None:
+    """Set `PRINT_PATCH_ENV` (explicit user values win) before the driver starts Ray."""
+    for key, value in PRINT_PATCH_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def quiet_train_logs() -> None:
+    """Keep Ray Train's per-report INFO lines (a full metrics dict per report) off the console."""
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # it logs by file name
+
+
+@contextlib.contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """Put back the caller's SIGINT handler when the block (a Train `fit()`) ends.
+
+    In the main thread, Train V2's `fit()` installs a SIGINT handler whose closure holds the
+    controller actor's handle and is never removed: the TrainController process then outlives
+    the run, and Ctrl-C keeps going to a finished run.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- orphan placement-group reaper
+#
+# When Tune stops a trial early it kills the trial actor and with it the Train controller; the
+# controller's worker placement group then stays reserved until the driver exits, and the
+# detached PlacementGroupCleaner that Train starts for each run lives on too (one process per
+# trial ever run). Train's cleaner notices a dead controller only through the State API
+# (`ray.util.state.get_actor`), which needs the dashboard. This reaper reads the GCS tables
+# instead, acts only on this job's placement groups and cleaners, and is switched on only
+# where no dashboard runs (ray minimal, or `include_dashboard=False`).
+#
+# REMOVE when Ray's own cleaner no longer needs the State API (or every cluster this tool
+# supports runs a dashboard). The leak is ray-project/ray issue #54305; PR #58515 added Train's
+# PlacementGroupCleaner for it, checking the controller through the State API; as of Ray 2.60
+# (and the open PR #65447 that shares one cleaner across runs) it still does.
+
+
+def state_api_available() -> bool:
+    """Whether this cluster serves the dashboard's HTTP API, which Ray's State API (and so Ray's
+    own PlacementGroupCleaner) needs. The head publishes its URL as `webui:url` in the GCS store,
+    empty when no HTTP server runs (ray minimal, or `include_dashboard=False`). (The `dashboard`
+    key is no sign: the minimal dashboard process publishes it without serving anything.)"""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    try:
+        url = internal_kv._internal_kv_get("webui:url", namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    except Exception as e:  # noqa: BLE001 - any GCS failure means "cannot tell": assume none
+        _warn_once("dashboard-kv", "could not read the dashboard URL from the GCS (%s); "
+                   "assuming Ray's State API is unavailable", one_line(e, with_type=True))
+        return False
+    return bool(url)
+
+
+def reaper_needed() -> bool:
+    """True where Ray's own cleaner cannot work (no dashboard) and the Ray version is the one
+    the reaper was written for (or `SIMPO_RAY_FORCE_PG_REAPER=1`)."""
+    import ray
+
+    if state_api_available():
+        logger.info("this Ray cluster has a dashboard: Ray Train's own PlacementGroupCleaner "
+                    "frees stopped trials' workers; the orphan reaper stays off")
+        return False
+    if ray.__version__.startswith(WRITTEN_FOR_RAY):
+        return True
+    if os.environ.get(FORCE_REAPER_ENV) == "1":
+        _warn_once("version-forced", "orphan placement-group reaper forced on Ray %s (written for "
+                   "%sx)", ray.__version__, WRITTEN_FOR_RAY)
+        return True
+    _warn_once("version", "orphan placement-group reaper disabled: written for Ray %sx, this is "
+               "Ray %s; early-stopped trials may keep their workers' resources (set %s=1 to force "
+               "it, or run the cluster with a dashboard)", WRITTEN_FOR_RAY, ray.__version__,
+               FORCE_REAPER_ENV)
+    return False
+
+
+def is_orphan_placement_group(pg, dead_actor_ids: set[str], job_id: str) -> bool:
+    """Whether a GCS `PlacementGroupTableData` is a leaked group of job `job_id` (hex): not
+    removed yet, not detached, created by an actor (not by a driver), and that actor is dead by
+    the group's own flag or by the actor table (`dead_actor_ids`: hex actor ids).
+
+    The GCS's `creator_actor_dead` flag alone is not enough: it was seen still False for groups
+    whose TrainController the actor table listed as DEAD (docs/ray-runtime-notes.md §1).
+    """
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    if pg.creator_job_id.hex() != job_id:  # another job's group: never ours to remove
+        return False
+    if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
+        return False
+    # Driver-created groups (Tune's trial groups) have a nil creator actor: they die with the job.
+    if not pg.creator_actor_id or ray.ActorID(pg.creator_actor_id).is_nil():
+        return False
+    return bool(pg.creator_actor_dead) or pg.creator_actor_id.hex() in dead_actor_ids
+
+
+def reap_orphan_placement_groups() -> int:
+    """Remove this job's orphaned placement groups and end this job's orphaned
+    PlacementGroupCleaner actors; return how many were removed or ended."""
+    import ray
+    from ray._private.state import actors, state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    table = actors()
+    dead = {actor_id for actor_id, a in table.items() if a.get("State") == "DEAD"}
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if not is_orphan_placement_group(pg, dead, job_id):
+            continue
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        except Exception as e:  # noqa: BLE001 - e.g. raced with Train's own cleanup; retried next tick
+            _warn_once("remove-pg", "could not remove orphaned placement group %s: %s",
+                       pg.placement_group_id.hex(), one_line(e, with_type=True))
+    return removed + _end_orphan_cleaners(table, job_id)
+
+
+def _end_orphan_cleaners(table: dict, job_id: str) -> int:
+    """End this job's PlacementGroupCleaner actors whose owner (the controller) is dead.
+
+    The cleaner is detached and unnamed: no handle can be had for `ray.kill`. It runs on the
+    head node (where this driver runs), so its process gets SIGTERM after checking that it
+    really is that actor's Ray worker.
+    """
+    import psutil
+    import ray
+
+    alive = {(a["Address"].get("IPAddress"), a["Address"].get("Port"))
+             for a in table.values() if a["State"] == "ALIVE"}
+    here = ray.get_runtime_context().get_node_id()
+    ended = 0
+    for a in table.values():
+        if (a["ActorClassName"] != "PlacementGroupCleaner" or a["State"] != "ALIVE"
+                or a.get("JobID") != job_id):
+            continue
+        owner = (a["OwnerAddress"].get("IPAddress"), a["OwnerAddress"].get("Port"))
+        if owner in alive or a["Address"].get("NodeID") != here or not a.get("Pid"):
+            continue
+        try:
+            proc = psutil.Process(int(a["Pid"]))
+            if "PlacementGroupCleaner" not in " ".join(proc.cmdline()):
+                continue
+            proc.send_signal(signal.SIGTERM)
+            ended += 1
+        except psutil.NoSuchProcess:
+            continue  # it ended by itself
+        except (psutil.Error, OSError) as e:
+            _warn_once("end-cleaner", "could not end an orphaned PlacementGroupCleaner (pid %s): %s",
+                       a.get("Pid"), one_line(e, with_type=True))
+    return ended
+
+
+def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
+    """Run `reap_orphan_placement_groups` every `interval_s` in a daemon thread of this driver,
+    when `reaper_needed()`; returns the event that stops it (None when not started). A reaper
+    started earlier in this process is stopped first."""
+    global _reaper_stop
+    import ray
+
+    if _reaper_stop is not None:
+        _reaper_stop.set()
+        _reaper_stop = None
+    if not reaper_needed():
+        return None
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s) and ray.is_initialized():
+            try:
+                reap_orphan_placement_groups()
+            except Exception as e:  # noqa: BLE001 - keep reaping; each kind is logged once
+                _warn_once(f"reap-{type(e).__name__}", "orphan placement-group reaper: %s "
+                           "(continuing)", one_line(e, with_type=True))
+
+    threading.Thread(target=loop, name="simpo-ray-pg-reaper", daemon=True).start()
+    _reaper_stop = stop
+    return stop
+
+
+def resources_settled(timeout_s: float = 30.0, keys: tuple[str, ...] = ("CPU", "GPU")) -> bool:
+    """Wait until `ray.available_resources()` equals `ray.cluster_resources()` for `keys`
+    (worker placement groups are removed asynchronously after a trial ends)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, avail = ray.cluster_resources(), ray.available_resources()
+        if all(abs(total.get(k, 0.0) - avail.get(k, 0.0)) < 1e-6 for k in keys):
+            return True
+        if _reaper_stop is not None:
+            reap_orphan_placement_groups()
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
