@@ -29,6 +29,11 @@ class TrainConfig:
     attn_implementation: str | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # The reference trainer turns dropout off (`disable_dropout: true`): SimPO's log-prob
+    # comparisons are then deterministic, and a resumed run equals an uninterrupted one.
+    disable_dropout: bool = True
+    # A Jinja chat template replacing the tokenizer's (the reference's gemma-2 configs set one).
+    chat_template: str | None = None
 
     # Data
     dataset_mixer: dict[str, float] = field(default_factory=lambda: {"bundled:sort": 1.0})
@@ -38,6 +43,8 @@ class TrainConfig:
     max_train_samples: int | None = field(default=None, metadata=_range(1))
     max_eval_samples: int | None = field(default=None, metadata=_range(1))
     preprocessing_num_workers: int | None = field(default=None, metadata=_range(1))
+    # A single data file has no eval split: this share of its rows is held out for evaluation.
+    eval_holdout_fraction: float = field(default=0.05, metadata=_range(0, 0.5, low_open=True))
 
     # SimPO
     learning_rate: float = field(default=5e-7, metadata=_range(0, None, low_open=True))
@@ -74,6 +81,11 @@ class TrainConfig:
     # Resources of one run
     num_workers: int = field(default=1, metadata=_range(1))
     use_gpu: bool | None = None
+    # How the workers share the model: DDP (a full copy each), FSDP2 (sharded), or auto (DDP when
+    # the memory plan fits one GPU, else FSDP). fsdp_cpu_offload keeps FSDP's parameter and
+    # optimizer shards in CPU memory.
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp_cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)

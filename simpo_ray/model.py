@@ -86,11 +86,29 @@ def load_model(cfg: TrainConfig, device: str | torch.device | None = None, *, fo
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise UserError(f"cannot load model '{cfg.model_name_or_path}': {_first_line(e)}") from None
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     if device is not None:
         model.to(device)
     return model
+
+
+def disable_dropout(model) -> None:
+    """Every dropout layer to p=0, as the reference trainer's `disable_dropout: true` does."""
+    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop",
+             "attn_pdrop", "summary_first_dropout")
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for key in rates:  # attention modules keep their rate as a float attribute
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, 0.0)
+    config = getattr(model, "config", None)
+    for key in rates:
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
 
 
 def enable_checkpointing(model) -> None:

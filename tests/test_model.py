@@ -103,3 +103,23 @@ def test_bundled_name_resolves_through_ensure_model(tiny_dir, monkeypatch):
     assert M.resolve_model_path("bundled:small") == str(tiny_dir)
     m = M.load_model(TrainConfig(model_name_or_path="bundled:tiny"))
     assert asked == ["small", "tiny"] and isinstance(m, LlamaForCausalLM)
+
+
+def test_dropout_is_off_by_default_as_in_the_reference(tmp_path):
+    # A Llama saved with attention dropout 0.5: loaded for training, two forwards in train mode
+    # must agree (the reference trainer's disable_dropout: true); with disable_dropout: false
+    # they differ.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from simpo_ray.model import load_model
+
+    config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, attention_dropout=0.5)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 32, (2, 12))
+    for disable, same in ((True, True), (False, False)):
+        model = load_model(TrainConfig(model_name_or_path=str(tmp_path / "m"), disable_dropout=disable))
+        model.train()
+        with torch.no_grad():
+            a, b = model(ids).logits, model(ids).logits
+        assert torch.equal(a, b) is same
