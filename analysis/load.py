@@ -3,7 +3,9 @@
 One search = one directory holding `search.json` (read as `simpo_ray.records.SearchRecord`),
 `trials.csv`, `curves.csv` and `best_config.yaml`. `load_results(paths)` takes such directories
 or folders of them and returns the trials (one row each) and the learning curves (long format).
-Trials rank by `simpo_ray.records.ranked`. Every problem with the input is a one-line `UserError`.
+Trials rank by `simpo_ray.records.ranked`. Every problem with the input is a one-line `UserError`;
+what is read is checked first (`analysis.validate`), and an experiment whose tables are partial
+(an interrupted or unfinished search) says so in `Experiment.partial`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from analysis import validate
 from simpo_ray import guide, records
 from simpo_ray.errors import UserError
 from simpo_ray.guide import PARAMS
@@ -40,6 +43,7 @@ class Experiment:
     trials: pd.DataFrame  # trials.csv as written
     curves: pd.DataFrame  # curves.csv as written (empty when absent)
     best_config: dict[str, Any] | None  # best_config.yaml, when present
+    partial: str | None = None  # why the tables are partial (validate.partial_reason), or None
 
     @property
     def name(self) -> str:
@@ -180,14 +184,19 @@ def load_experiment(path: Path) -> Experiment:
     search = SearchRecord.read(search_file)
     if not trials_file.is_file():
         raise UserError(f"{path}: trials.csv missing: the search has not finished or did not start")
+    validate.check_file_end(trials_file)
     trials = _read_csv(trials_file)
     missing = [c for c in TRIALS_COLUMNS if c not in trials.columns]
     if trials.columns.size and missing:
         raise UserError(f"{trials_file}: not a simpo_ray results table (no column {', '.join(missing)})")
     if trials.empty:
         raise UserError(f"{trials_file}: no trials recorded")
+    validate.check_trials(trials_file, trials, search)
     curves_file = path / "curves.csv"
+    if curves_file.is_file():
+        validate.check_file_end(curves_file)
     curves = _read_csv(curves_file) if curves_file.is_file() else pd.DataFrame()
+    validate.check_curves(curves_file, curves, trials)
     best_config = None
     if (path / "best_config.yaml").is_file():
         try:
@@ -195,7 +204,8 @@ def load_experiment(path: Path) -> Experiment:
             best_config = loaded if isinstance(loaded, dict) else None
         except yaml.YAMLError:
             best_config = None
-    return Experiment(path=path, search=search, trials=trials, curves=curves, best_config=best_config)
+    return Experiment(path=path, search=search, trials=trials, curves=curves, best_config=best_config,
+                      partial=validate.partial_reason(search, trials))
 
 
 # ---------------------------------------------------------------- the combined tables

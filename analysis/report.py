@@ -322,6 +322,8 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         "# SimPO hyperparameter recommendations", "",
         f"Objective: `{results.objective}` ({sign} is better), from "
         + ", ".join(f"`{e.path}`" for e in results.experiments) + ".", "",
+        *[f"**Partial results** from `{e.path}`: {e.partial}." for e in results.experiments if e.partial],
+        *([""] if any(e.partial for e in results.experiments) else []),
         "How to read this:",
         "- A trial's *score* is its best objective value over the run (step 0 excluded; its kept checkpoint "
         f"and the search's best_config.yaml match it); only {' and '.join(RANKED_STATUSES)} trials rank, "

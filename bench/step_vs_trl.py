@@ -1,9 +1,15 @@
 """SimPO training step: simpo-ray (PolicyLogps + simpo_objective + AdamW) vs TRL's CPOTrainer
-(loss_type="simpo"), same model weights, same collated batches, same threads, same optimizer.
+(loss_type="simpo") vs Liger Kernel's LigerFusedLinearSimPOLoss, same model weights, same collated
+batches, same threads, same optimizer.
 
 What is timed on each side is one optimizer step on an identical batch:
   ours: PolicyLogps(model)(batch) -> simpo_objective -> backward -> clip_grad_norm -> AdamW.step
   TRL : trainer.get_batch_loss_metrics(model, batch) -> backward -> clip_grad_norm -> AdamW.step
+  Liger: decoder forward of the same concatenated batch -> LigerFusedLinearSimPOLoss(lm_head.weight,
+         hidden[:, :-1], labels[:, 1:]) (chunked fused linear + loss; gamma absolute = beta x
+         gamma_beta_ratio, alpha = sft_weight on its NLL term; compiled=False: no torch.compile on
+         this CPU box) -> backward -> clip_grad_norm -> AdamW.step. Needs `pip install --no-deps
+         liger-kernel` (the `bench` extra); it runs on CPU without triton.
 Time per step is reported as process CPU time (`time.process_time`, 1 torch thread) - robust
 to other users' jobs on a shared box, unlike wall time, which is also reported (every run).
 We call TRL's own loss path (`get_batch_loss_metrics`, the function `CPOTrainer.compute_loss`
@@ -28,24 +34,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import parser, REPO, load, machine, table, write_json  # noqa: E402
+from _common import REPO, load, machine, parser, table, write_json  # noqa: E402
+from _common import peak_mb as _peak_mb, rss_mb as _rss_mb  # noqa: E402
 
 BETA, GAMMA_BETA_RATIO, SFT_WEIGHT, LR = 2.0, 0.5, 0.5, 1e-3
 BIG_VOCAB = 128256
+IMPLS = ("simpo_ray", "trl", "liger")
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 # ---- worker side (one implementation, one model, in a fresh process) --------------------------
@@ -115,6 +110,25 @@ def worker(args) -> dict:
             loss, metrics = simpo_objective(out, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO,
                                             loss_type="sigmoid", sft_weight=SFT_WEIGHT)
             return loss, {k: float(v) for k, v in metrics.items()}  # as MetricWindow.add does
+    elif args.impl == "liger":
+        import torch.nn.functional as F
+        from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
+
+        liger = LigerFusedLinearSimPOLoss(beta=BETA, gamma=GAMMA_BETA_RATIO * BETA, alpha=SFT_WEIGHT,
+                                          compute_nll_loss=True, compiled=False)
+
+        def loss_fn(batch):
+            length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+            def cat(key, value):
+                return torch.cat([F.pad(batch[f"{side}_{key}"], (0, length - batch[f"{side}_{key}"].shape[1]),
+                                        value=value) for side in ("chosen", "rejected")])
+
+            ids, mask, labels = cat("input_ids", 0), cat("attention_mask", 0), cat("labels", -100)
+            hidden = model.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            head = model.lm_head
+            out = liger(head.weight, hidden[:, :-1], labels[:, 1:], head.bias)
+            return (out[0] if isinstance(out, tuple) else out), {}
     else:
         import tempfile
         import warnings
@@ -203,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--big-batch-size", type=int, default=4, help="pairs per step for vocab128k")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (a trial worker has 1)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=("simpo_ray", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=IMPLS, help=argparse.SUPPRESS)
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -216,7 +230,7 @@ def main(argv=None) -> int:
     runs = []
     for rep in range(args.repeats):
         for case in cases:
-            order = ("simpo_ray", "trl") if rep % 2 == 0 else ("trl", "simpo_ray")  # alternate who goes first
+            order = IMPLS if rep % 2 == 0 else IMPLS[::-1]  # alternate who goes first
             for impl in order:
                 r = run_case(impl, case, args)
                 r["repeat"] = rep
@@ -228,6 +242,7 @@ def main(argv=None) -> int:
     for case in cases:
         ours = [r for r in runs if r["case"] == case and r["impl"] == "simpo_ray"]
         trl = [r for r in runs if r["case"] == case and r["impl"] == "trl"]
+        liger = [r for r in runs if r["case"] == case and r["impl"] == "liger"]
 
         def best(rs, key, fn=min):
             return fn(r[key] for r in rs)
@@ -250,8 +265,14 @@ def main(argv=None) -> int:
             "ours_step_mem_mb": best(ours, "peak_minus_setup_mb"), "trl_step_mem_mb": best(trl, "peak_minus_setup_mb"),
             "ours_first_loss": ours[0]["first_loss"], "trl_first_loss": trl[0]["first_loss"],
             "first_loss_abs_diff": abs(ours[0]["first_loss"] - trl[0]["first_loss"]),
-            "load": [r["load"] for r in ours + trl],
+            "liger_cpu_s_per_step": best(liger, "cpu_s_per_step_median"),
+            "liger_step_mem_mb": best(liger, "peak_minus_setup_mb"),
+            "liger_first_loss": liger[0]["first_loss"],
+            "liger_first_loss_abs_diff": abs(ours[0]["first_loss"] - liger[0]["first_loss"]),
+            "load": [r["load"] for r in ours + trl + liger],
         }
+        row["cpu_ratio_liger_over_ours"] = row["liger_cpu_s_per_step"] / row["ours_cpu_s_per_step"]
+        row["step_mem_ratio_liger_over_ours"] = row["liger_step_mem_mb"] / max(row["ours_step_mem_mb"], 1e-9)
         row["time_ratio_trl_over_ours"] = row["trl_s_per_step"] / row["ours_s_per_step"]
         row["cpu_ratio_trl_over_ours"] = row["trl_cpu_s_per_step"] / row["ours_cpu_s_per_step"]
         row["step_mem_ratio_trl_over_ours"] = row["trl_step_mem_mb"] / max(row["ours_step_mem_mb"], 1e-9)
@@ -270,16 +291,27 @@ def main(argv=None) -> int:
              f"{min(s['load']):.1f}-{max(s['load']):.1f}"] for s in summary]
     rows.append(["GPU rows", "", "", "", "not measured (no GPU in this environment)"] + [""] * 17)
     md = table(headers, rows)
+    liger_md = table(
+        ["model", "vocab", "ours CPU s/step", "TRL CPU s/step", "Liger CPU s/step", "TRL/ours", "Liger/ours",
+         "ours step mem MB", "TRL step mem MB", "Liger step mem MB", "TRL/ours mem", "Liger/ours mem",
+         "|first loss ours - Liger|", "load (1 min)"],
+        [[s["case"], s["vocab"], s["ours_cpu_s_per_step"], s["trl_cpu_s_per_step"], s["liger_cpu_s_per_step"],
+          s["cpu_ratio_trl_over_ours"], s["cpu_ratio_liger_over_ours"], s["ours_step_mem_mb"],
+          s["trl_step_mem_mb"], s["liger_step_mem_mb"], s["step_mem_ratio_trl_over_ours"],
+          s["step_mem_ratio_liger_over_ours"], f"{s['liger_first_loss_abs_diff']:.1e}",
+          f"{min(s['load']):.1f}-{max(s['load']):.1f}"] for s in summary])
     print(f"\nSimPO step vs TRL CPOTrainer(loss_type='simpo'), {args.threads} thread(s), fp32, CPU "
           f"({info['cpu_model']}, {info['cores']} cores), {info['date_utc']}")
     print(md)
+    print("\nThe three side by side (ratios > 1: ours is faster / smaller):")
+    print(liger_md)
     bad = [s["case"] for s in summary if s["first_loss_abs_diff"] > 1e-4]
     print("first-step losses agree (|diff| <= 1e-4)" if not bad else f"WARNING: first-step losses differ for {bad}")
     out = write_json(args.out, {"benchmark": "step_vs_trl", "machine": info, "quick": args.quick,
                                 "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "impl", "case")},
                                 "hyperparameters": {"beta": BETA, "gamma_beta_ratio": GAMMA_BETA_RATIO,
                                                     "sft_weight": SFT_WEIGHT, "learning_rate": LR},
-                                "summary": summary, "runs": runs, "markdown": md})
+                                "summary": summary, "runs": runs, "markdown": md, "markdown_liger": liger_md})
     print(f"wrote {out}")
     return 0
 

@@ -3,6 +3,7 @@
 
 Contract: a mistake in the input is one `error: ...` line on stderr and exit status 2
 (`--debug` shows the traceback), found before any Ray process starts where that is possible.
+An interrupted command (Ctrl-C) exits with status 130 (128 + SIGINT), as shells expect.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Callable
 
 from simpo_ray.errors import UserError, one_line
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -34,6 +38,11 @@ def run_command(command: Callable[[], int], *, debug: bool) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def check_flag_ranges(args: argparse.Namespace, lowest: dict[str, float]) -> None:
@@ -166,13 +175,16 @@ def _tune_parser() -> argparse.ArgumentParser:
 
 
 def tune_main(argv: list[str] | None = None) -> int:
-    """`python -m simpo_ray.tune`: 0 done, 2 bad input."""
+    """`python -m simpo_ray.tune`: 0 done, 2 bad input, 130 interrupted (partial tables written)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _tune_parser().parse_args(argv)
-    return run_command(lambda: _tune(args), debug=args.debug)
+    resume = shlex.join(["python", "-m", "simpo_ray.tune", *argv] + ([] if args.resume else ["--resume"]))
+    return run_command(lambda: _tune(args, resume_command=resume), debug=args.debug)
 
 
-def _tune(args: argparse.Namespace) -> int:
+def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
     from simpo_ray import cluster, launch, tune
+    from simpo_ray.records import SearchRecord
 
     if args.dry_run and args.resume:
         raise UserError("--dry-run and --resume conflict: a dry run starts nothing to resume")
@@ -191,6 +203,7 @@ def _tune(args: argparse.Namespace) -> int:
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         cluster.check_fits(cluster.ClusterInfo.local(), space.resources)
     prepared = launch.check_inputs(space.default_config())
-    tune.run_search(space, storage_path=args.storage_path, name=args.name, address=args.address,
-                    resume=args.resume, prepared=prepared)
-    return 0
+    local = tune.run_search(space, storage_path=args.storage_path, name=args.name, address=args.address,
+                            resume=args.resume, prepared=prepared, resume_command=resume_command)
+    # An interrupted search wrote partial tables and printed how to resume it.
+    return EXIT_INTERRUPTED if SearchRecord.read(local / "search.json").state == "interrupted" else 0

@@ -3,18 +3,25 @@
 `init_ray` starts a private local cluster (or joins one) with safe defaults; `ClusterInfo`
 describes its nodes (or this machine, before Ray starts); `plan_concurrency` / `check_fits`
 say how many trials' worker groups fit at once, or why not even one does.
+
+A private local cluster listens on 127.0.0.1 only and keeps its files under `ray_temp_dir()`
+(not Ray's shared /tmp/ray), so that processes a killed search left behind can be found and
+ended when the next one starts (`ray_workarounds.end_dead_session_processes`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simpo_ray import ray_workarounds
-from simpo_ray.errors import UserError
+from simpo_ray import loopback, ray_workarounds
+from simpo_ray.errors import UserError, one_line
 
 if TYPE_CHECKING:
     from simpo_ray.space import Resources
@@ -33,6 +40,13 @@ TRAIN_ENV_DEFAULTS = {
 }
 
 _EPS = 1e-9
+
+# Where private local clusters keep their session directories; `SIMPO_RAY_RAY_TEMP_DIR` moves it.
+RAY_TEMP_DIR_ENV = "SIMPO_RAY_RAY_TEMP_DIR"
+LOOPBACK = "127.0.0.1"
+# Starting a local cluster: attempts, and the pause before each retry (transient failures only).
+INIT_ATTEMPTS = 3
+INIT_RETRY_PAUSE_S = (2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -141,9 +155,60 @@ def check_writable(root: str) -> None:
         raise UserError(f"--storage-path: {root} is not writable ({e.strerror or e})") from None
 
 
+def ray_temp_dir() -> str:
+    """The root of this user's private clusters' session directories: `$SIMPO_RAY_RAY_TEMP_DIR`,
+    else `<system temp dir>/simpo_ray_ray_<uid>` (short: Ray's socket paths must fit 107 bytes)."""
+    if os.environ.get(RAY_TEMP_DIR_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[RAY_TEMP_DIR_ENV]))
+    return os.path.join(tempfile.gettempdir(), f"simpo_ray_ray_{os.getuid()}")
+
+
 def ray_env_defaults() -> None:
     """Environment for the Ray processes this driver starts (call before `ray.init`)."""
     ray_workarounds.disable_print_patch()
+    ray_workarounds.quiet_ray_console()
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A failure to start Ray that another attempt may not meet (a machine too busy to start
+    the processes in time)."""
+    import ray
+
+    text = f"{type(exc).__name__} {exc}".lower()
+    return isinstance(exc, (TimeoutError, ray.exceptions.GetTimeoutError)) or "timed out" in text \
+        or "timeout" in text
+
+
+def _start_ray(init_kwargs: dict[str, Any], *, private: bool) -> None:
+    """`ray.init(**init_kwargs)`; every failure is one `UserError` line, after up to
+    `INIT_ATTEMPTS` tries where it is transient (a timeout)."""
+    import ray
+
+    where = "start the local Ray cluster" if private else f"connect to the Ray cluster at {init_kwargs['address']!r}"
+    for attempt in range(1, INIT_ATTEMPTS + 1):
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as exc:  # noqa: BLE001 - Ray raises many kinds here; each becomes one line
+            if ray.is_initialized():
+                ray.shutdown()  # a half-started cluster: its processes go, the next try starts clean
+            transient = _is_transient(exc)
+            if transient and attempt < INIT_ATTEMPTS:
+                pause = INIT_RETRY_PAUSE_S[min(attempt - 1, len(INIT_RETRY_PAUSE_S) - 1)]
+                print(f"[simpo-ray] could not {where} ({one_line(exc, with_type=True, limit=200)}); "
+                      f"retrying in {pause:g}s ({attempt + 1}/{INIT_ATTEMPTS})", file=sys.stderr, flush=True)
+                time.sleep(pause)
+                continue
+            if private:
+                advice = ("the machine may be too busy or short of memory (/dev/shm); retry when it is quieter"
+                          if transient else
+                          f"check free memory, /dev/shm and that {ray_temp_dir()} is writable")
+            else:
+                advice = ("check the address, that the cluster runs the same Ray version, and its token "
+                          "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+            tries = f" after {attempt} attempts" if attempt > 1 else ""
+            raise UserError(f"cannot {where}{tries}: {one_line(exc, with_type=True, limit=300)}; {advice} "
+                            "(--debug shows Ray's traceback)") from exc
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, *,
@@ -156,6 +221,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
       `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token`).
     * No dashboard unless asked for; when asked for, it binds to 127.0.0.1 unless
       `dashboard_host` is given.
+    * A private cluster listens on 127.0.0.1 only and lives under `ray_temp_dir()`; before it
+      starts, the processes of dead sessions there are ended. Every failure to start or join
+      Ray is one `UserError` line (timeouts are retried, `INIT_ATTEMPTS` in all).
     * `TRAIN_ENV_DEFAULTS` go in the job's runtime env (explicit user values win), and the
       repository root on the workers' `PYTHONPATH` (workers do not get the driver's sys.path).
     * `reap_orphans`: start the orphan placement-group reaper where it is needed
@@ -168,6 +236,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if ray.is_initialized():
         return ClusterInfo.from_ray()
     ray_env_defaults()
+    # Processes that a SIGKILLed search's private cluster left behind (issue: they outlive it).
+    ray_workarounds.end_dead_session_processes(ray_temp_dir())
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     env_vars = dict(runtime_env.get("env_vars") or {})
     for k, v in TRAIN_ENV_DEFAULTS.items():
@@ -179,19 +249,25 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     runtime_env["env_vars"] = env_vars
     init_kwargs: dict[str, Any] = dict(runtime_env=runtime_env, log_to_driver=log_to_driver, **kwargs)
     if address is None:
+        # A private cluster is reachable from this machine only: every Ray process binds to
+        # 127.0.0.1 (loopback.loopback_only), and so do PyTorch's store and gloo's sockets in
+        # the trials' workers (loopback.torch_store_on_loopback).
+        runtime_env.setdefault("worker_process_setup_hook", loopback.STORE_HOOK)
+        if sys.platform.startswith("linux"):
+            env_vars.setdefault("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
         init_kwargs.update(address="local", num_cpus=num_cpus, num_gpus=num_gpus,
-                           include_dashboard=include_dashboard)
+                           include_dashboard=include_dashboard, _node_ip_address=LOOPBACK,
+                           _temp_dir=ray_temp_dir())
         if include_dashboard:
-            init_kwargs.setdefault("dashboard_host", "127.0.0.1")
+            init_kwargs.setdefault("dashboard_host", LOOPBACK)
+        with loopback.loopback_only():
+            _start_ray(init_kwargs, private=True)
     else:
         if num_cpus is not None or num_gpus is not None:
             raise UserError("num_cpus/num_gpus only apply when starting a local cluster "
                             "(address=None), not when joining one")
         init_kwargs["address"] = address
-    try:
-        ray.init(**init_kwargs)
-    except ConnectionError as exc:
-        raise UserError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from exc
+        _start_ray(init_kwargs, private=False)
     if reap_orphans:
         ray_workarounds.start_orphan_reaper()
     return ClusterInfo.from_ray()

@@ -45,6 +45,13 @@ class TrainConfig:
     preprocessing_num_workers: int | None = field(default=None, metadata=_range(1))
     # A single data file has no eval split: this share of its rows is held out for evaluation.
     eval_holdout_fraction: float = field(default=0.05, metadata=_range(0, 0.5, low_open=True))
+    # The reference's (alignment-handbook DataArguments) rule: an empty system turn goes in front
+    # of a prompt without one when the chat template mentions "system" or "<|im_start|>".
+    auto_insert_empty_system_msg: bool = True
+    # False (the reference): the assistant header (the template's generation prompt) is part of
+    # the labelled response. True: it is masked with the prompt, as TRL's DPOTrainer and earlier
+    # simpo-ray versions do.
+    mask_generation_prompt: bool = False
 
     # SimPO
     learning_rate: float = field(default=5e-7, metadata=_range(0, None, low_open=True))

@@ -2,13 +2,20 @@
 (tokenising, caching and batching them is `simpo_ray.tokens`).
 
 Sources (keys of `dataset_mixer`) are Hugging Face Hub dataset names, local `.json`/`.jsonl`/
-`.parquet` files (or a directory of `<split>.jsonl` etc.), or `bundled:sort`. Rows are either
-plain strings (`prompt`, `chosen`, `rejected`) or UltraFeedback-style chat conversations
-(`chosen`/`rejected` message lists ending in the assistant turn, `prompt` optional).
+`.parquet` files, local directories (`<split>.jsonl` etc., a `save_to_disk` DatasetDict, or a
+downloaded hub snapshot such as `data/train_prefs-00000-of-00001.parquet`), or `bundled:sort`.
+Rows are either plain strings (`prompt`, `chosen`, `rejected`) or UltraFeedback-style chat
+conversations (`chosen`/`rejected` message lists ending in the assistant turn, `prompt` optional).
+
+Also the Hub checks: `require_hub` (fail within seconds, not after minutes of retries, when the
+Hub cannot be reached) and `check_sources` (what `--dry-run` says about the model and the data).
 """
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +28,8 @@ from simpo_ray.errors import UserError
 
 BUNDLED_PREFIX = "bundled:"
 LOCAL_SUFFIXES = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-# A single local file has no splits: this share of its rows (at least one) becomes the eval split.
-HOLDOUT_FRACTION = 0.05
 HOLDOUT_SEED = 0  # fixed, so the eval rows do not move with the training seed
+HUB_TIMEOUT_S = 5.0
 
 _MESSAGES = List({"role": Value("string"), "content": Value("string")})
 CHAT_FEATURES = Features({"prompt": Value("string"), "chosen": _MESSAGES, "rejected": _MESSAGES})
@@ -32,19 +38,20 @@ STRING_FEATURES = Features({"prompt": Value("string"), "chosen": Value("string")
 # --------------------------------------------------------------------------- loading
 
 
-def load_raw(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
+def load_raw(cfg: TrainConfig, notes: list[str] | None = None) -> tuple[Dataset, Dataset]:
     """(train, eval) mixed from ``cfg.dataset_mixer``, normalised to ``prompt``/``chosen``/``rejected``.
 
     As alignment-handbook's ``mix_datasets``: each source's train split is subsampled to
     ``int(fraction * len)`` rows (the first rows of a shuffle seeded with ``cfg.seed``), eval
     splits are used whole; both concatenations are shuffled with ``cfg.seed`` and then cut to
-    ``max_train_samples`` / ``max_eval_samples``. A single local file has no splits: a fixed 5%
-    of its rows (at least one) is held out as its eval split whatever ``dataset_splits`` says.
+    ``max_train_samples`` / ``max_eval_samples``. A single local file has no splits: a fixed
+    share (``eval_holdout_fraction``, at least one row) of its rows is held out as its eval split
+    whatever ``dataset_splits`` says; a line saying so is appended to ``notes``.
     """
     train_split, eval_split = cfg.dataset_splits
     trains, evals = [], []
     for name, frac in cfg.dataset_mixer.items():
-        train, eval_ = _load_source(name, train_split, eval_split)
+        train, eval_ = _load_source(name, train_split, eval_split, cfg.eval_holdout_fraction, notes)
         keep = int(frac * len(train))
         if keep == 0:
             raise UserError(f"dataset '{name}': fraction {frac} of its {len(train)} train rows leaves no rows")
@@ -77,15 +84,19 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in LOCAL_SUFFIXES
 
 
-def _load_source(name: str, train_split: str, eval_split: str) -> tuple[Dataset, Dataset]:
+def _load_source(name: str, train_split: str, eval_split: str, holdout: float = 0.05,
+                 notes: list[str] | None = None) -> tuple[Dataset, Dataset]:
     """One mixer entry's (train, eval), normalised."""
     path = Path(name).expanduser()
     if path.is_file():
         ds = normalise(_read_file(name, path), name)  # row numbers in errors are the file's
         if len(ds) < 2:
             raise UserError(f"dataset '{name}': needs at least 2 rows to hold out an eval row, has {len(ds)}")
-        n_eval = max(1, round(HOLDOUT_FRACTION * len(ds)))
+        n_eval = min(len(ds) - 1, max(1, round(holdout * len(ds))))
         parts = ds.train_test_split(test_size=n_eval, shuffle=True, seed=HOLDOUT_SEED)
+        if notes is not None:
+            notes.append(f"{n_eval} of the {len(ds)} rows of {path.name} held out for evaluation "
+                         f"(eval_holdout_fraction {holdout:g}; a single file has no '{eval_split}' split)")
         return parts["train"], parts["test"]
     if name.startswith(BUNDLED_PREFIX):
         load = _load_bundled
@@ -138,14 +149,65 @@ def _read_dir_split(name: str, path: Path, split: str) -> Dataset:
     for suffix in LOCAL_SUFFIXES:
         if (path / f"{split}{suffix}").is_file():
             return _read_file(name, path / f"{split}{suffix}")
-    found = sorted(p.stem for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES)
+    files = dir_split_files(path)  # a hub snapshot: data/<split>-00000-of-00001.parquet, ...
+    if split in files:
+        return _read_files(name, path, files[split])
+    found = sorted({p.stem for p in path.iterdir() if p.suffix in LOCAL_SUFFIXES and not _SHARD.match(p.name)}
+                   | set(files))
     raise UserError(
-        f"dataset '{name}': unknown split '{split}' (no {split}.jsonl, .json or .parquet in the directory); "
-        f"available: {', '.join(found) or 'none'}"
+        f"dataset '{name}': unknown split '{split}' (no {split}.jsonl, .json or .parquet in the directory, "
+        f"nor a hub layout such as data/{split}-00000-of-00001.parquet); available: {', '.join(found) or 'none'}"
     )
 
 
+_SHARD = re.compile(r"^(?P<split>.+?)-\d{5}-of-\d{5}")
+
+
+def dir_split_files(path: Path) -> dict[str, list[Path]]:
+    """Split name → data files of a local directory in the layouts of a dataset repository (as
+    a hub download leaves it): shards ``[data/]<split>-00000-of-00002.parquet``, a file
+    ``data/<split>.jsonl``, or what `datasets` resolves by itself (``train-*.jsonl``, a
+    ``test/`` folder, ...). {} when none matches. Only .json/.jsonl/.parquet files count."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    out: dict[str, list[Path]] = {}
+    try:
+        resolved = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
+        for split, found in resolved.items():
+            out[str(split)] = sorted(Path(f) for f in found)
+    except Exception:  # datasets' EmptyDatasetError / FileNotFoundError: no layout it knows
+        pass
+    mine: dict[str, list[Path]] = {}
+    for folder in (path, path / "data"):
+        if folder.is_dir():
+            for f in sorted(folder.iterdir()):
+                shard = _SHARD.match(f.name)
+                if f.is_file() and f.suffix in LOCAL_SUFFIXES and (shard or folder.name == "data"):
+                    mine.setdefault(shard.group("split") if shard else f.stem, []).append(f)
+    out.update(mine)  # a split's exact name wins over datasets' keyword guess ("train_prefs-*" → "train")
+    return {split: kept for split, files in out.items()
+            if (kept := sorted({f for f in files if f.suffix in LOCAL_SUFFIXES}))}
+
+
+def _read_files(name: str, root: Path, files: list[Path]) -> Dataset:
+    """One split made of several data files (shards) of one type."""
+    if len(files) == 1:
+        return _read_file(name, files[0])
+    builders = {LOCAL_SUFFIXES[f.suffix] for f in files}
+    shown = ", ".join(str(f.relative_to(root)) for f in files[:3]) + (", ..." if len(files) > 3 else "")
+    if len(builders) > 1:
+        raise UserError(f"dataset '{name}': one split mixes file types ({shown}); use one type per split")
+    try:
+        ds = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
+    except Exception as e:
+        raise UserError(f"dataset '{name}': cannot read {shown}: {innermost_reason(e)}") from None
+    if len(ds) == 0:
+        raise UserError(f"dataset '{name}': {shown} have no rows")
+    return ds
+
+
 def _load_hub(name: str, split: str) -> Dataset:
+    require_hub(f"dataset '{name}'")
     try:
         return datasets.load_dataset(name, split=split)
     except ValueError as e:
@@ -157,6 +219,123 @@ def _load_hub(name: str, split: str) -> Dataset:
             f"cannot load dataset '{name}' from the Hugging Face Hub: {innermost_reason(e)}; "
             "for offline use pass a local .jsonl/.parquet file or bundled:sort"
         ) from None
+
+
+# --------------------------------------------------------------------------- the Hub
+
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_REACHABLE: dict[str, bool] = {}  # endpoint -> answered, asked once per process
+
+
+def hub_offline() -> str | None:
+    """The name of the offline setting in force (the Hugging Face libraries then read only their
+    local cache and make no request), else None."""
+    for var in _OFFLINE_VARS:
+        if os.environ.get(var, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return var
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT  # HF_ENDPOINT (a mirror) or https://huggingface.co
+
+
+def hub_reachable(timeout: float | None = None) -> bool:
+    """Whether the Hub endpoint answers an HTTP request within ``timeout`` seconds (default
+    `HUB_TIMEOUT_S`; any HTTP status counts; name resolution included). Asked once per process
+    and endpoint."""
+    timeout = HUB_TIMEOUT_S if timeout is None else timeout
+    endpoint = hub_endpoint()
+    if endpoint not in _REACHABLE:
+        import urllib.error
+        import urllib.request
+
+        answered = []
+
+        def ask() -> None:
+            try:
+                urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+                answered.append(True)
+            except urllib.error.HTTPError:  # an HTTP status is an answer
+                answered.append(True)
+            except Exception:
+                answered.append(False)
+
+        asker = threading.Thread(target=ask, daemon=True)  # bounds DNS too, which ignores timeout=
+        asker.start()
+        asker.join(timeout)
+        _REACHABLE[endpoint] = bool(answered and answered[0])
+    return _REACHABLE[endpoint]
+
+
+def require_hub(what: str) -> None:
+    """A `UserError` within seconds when ``what`` (e.g. "model 'org/name'") must come from the
+    Hub and the Hub does not answer; the libraries would retry for minutes. Nothing is checked
+    in offline mode (the local Hugging Face cache is used, and its own error is quick)."""
+    if hub_offline() is None and not hub_reachable():
+        raise UserError(
+            f"cannot load {what} from the Hugging Face Hub: {hub_endpoint()} did not answer within "
+            f"{HUB_TIMEOUT_S:g} s; use a local path, or set HF_HUB_OFFLINE=1 to load it from the local "
+            "Hugging Face cache"
+        )
+
+
+def source_status(kind: str, name: str, splits: list[str] | None = None) -> str:
+    """Where ``name`` (a ``kind``: model, tokenizer or dataset) will come from, checked without
+    loading it: bundled, a local path (exists or not; a dataset directory: whether ``splits``
+    are in it), or the Hub (reachable, not reachable, or not checked in offline mode)."""
+    if name.startswith(BUNDLED_PREFIX):
+        return "bundled (built on first use)" if kind != "dataset" else "bundled"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if kind == "model" and not (path / "config.json").is_file():
+            return "local directory exists, but has no config.json"
+        if kind == "dataset" and splits:
+            found = _dir_splits(path)
+            missing = [s for s in splits if s not in found]
+            if missing:
+                return (f"local directory exists, but split(s) {', '.join(missing)} not found in it; "
+                        f"available: {', '.join(sorted(found)) or 'none'}")
+            return f"local directory exists (splits {', '.join(splits)} found)"
+        return "local directory exists"
+    if path.exists():
+        return "local file exists"
+    if name.startswith(("/", "./", "../", "~")) or (kind == "dataset" and _looks_local(name)):
+        return "local path does not exist"
+    offline = hub_offline()
+    if offline is not None:
+        return f"Hub not checked ({offline}: the local Hugging Face cache only)"
+    if hub_reachable():
+        return f"Hub reachable ({hub_endpoint()})"
+    return (f"Hub not reachable ({hub_endpoint()} did not answer within {HUB_TIMEOUT_S:g} s): "
+            "use a local path or HF_HUB_OFFLINE=1")
+
+
+def check_sources(cfg: TrainConfig) -> list[str]:
+    """One line per source of a run, for ``--dry-run``: the model, the tokenizer (when it is
+    another), each dataset of ``dataset_mixer``; e.g. ``model org/name: Hub reachable (...)``."""
+    entries = [("model", cfg.model_name_or_path)]
+    if cfg.tokenizer_name_or_path and cfg.tokenizer_name_or_path != cfg.model_name_or_path:
+        entries.append(("tokenizer", cfg.tokenizer_name_or_path))
+    entries += [("dataset", name) for name in cfg.dataset_mixer]
+    return [f"{kind} {name}: {source_status(kind, name, cfg.dataset_splits)}" for kind, name in entries]
+
+
+def _dir_splits(path: Path) -> set[str]:
+    """The split names a local dataset directory offers (the layouts `_read_dir_split` reads)."""
+    import json
+
+    if (path / "dataset_dict.json").is_file():
+        try:
+            return set(json.loads((path / "dataset_dict.json").read_text())["splits"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+    top = {p.stem for p in path.iterdir() if p.is_file() and p.suffix in LOCAL_SUFFIXES and not _SHARD.match(p.name)}
+    return top | set(dir_split_files(path))
 
 
 def innermost_reason(e: BaseException) -> str:

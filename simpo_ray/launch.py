@@ -78,13 +78,17 @@ def run_resources(cfg: TrainConfig, num_workers: int | None = None, cpus_per_wor
 def make_trainer(cfg: TrainConfig, data: dict[str, Any], resources: Resources, *,
                  storage_path: str | None = None, name: str | None = None, max_failures: int = 0,
                  callbacks: list | None = None, checkpoint_score_attribute: str | None = None,
-                 checkpoint_score_order: str = "max", train_loop: Callable[[dict], None] | None = None):
+                 checkpoint_score_order: str = "max", train_loop: Callable[[dict], None] | None = None,
+                 strategy: str | None = None, resume_from: str | None = None):
     """The `TorchTrainer` of one SimPO run (DDP over `resources.num_workers`).
 
     `data`: `PreparedRun.data`. A worker that dies is restarted up to `max_failures` times from
     the latest checkpoint. `cfg.save_total_limit` checkpoints are kept: the most recent, or the
     best by `checkpoint_score_attribute` (a reported metric; Train also keeps the latest).
     `train_loop`: the worker function, `train.train_loop_per_worker` unless a test passes a stub.
+    `strategy`: ddp|fsdp as the memory plan chose (None: `cfg.parallel`, `auto` decided by the
+    workers from their GPU). `resume_from`: a checkpoint directory to start from (any worker
+    count) when the run has no checkpoint of its own. A relative `output_dir` is the caller's.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -93,7 +97,13 @@ def make_trainer(cfg: TrainConfig, data: dict[str, Any], resources: Resources, *
         from simpo_ray.train import train_loop_per_worker as train_loop
     return TorchTrainer(
         train_loop,
-        train_loop_config={"train": cfg.to_dict(), "data": data, "threads": max(1, int(resources.cpus_per_worker))},
+        train_loop_config={
+            "train": cfg.replace(output_dir=os.path.abspath(cfg.output_dir)).to_dict() if cfg.output_dir
+            else cfg.to_dict(),
+            "data": data, "threads": max(1, int(resources.cpus_per_worker)),
+            "strategy": strategy or (None if cfg.parallel == "auto" else cfg.parallel),
+            "resume_from": os.path.abspath(resume_from) if resume_from else None,
+        },
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=resources.worker_bundle),
         run_config=RunConfig(
@@ -154,7 +164,8 @@ def final_metrics(result) -> dict[str, Any]:
 def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_worker: float = 1,
                  gpus_per_worker: float | None = None, storage_path: str | None = None,
                  name: str | None = None, max_failures: int = 0, prepared=None,
-                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max"):
+                 checkpoint_score_attribute: str | None = None, checkpoint_score_order: str = "max",
+                 resume_from: str | None = None):
     """Run one SimPO training on the current Ray cluster; returns Ray Train's `Result`.
 
     `prepared`: the `check_inputs` result when the caller already has it. Every report is also
@@ -172,7 +183,7 @@ def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_w
                            max_failures=max_failures,
                            callbacks=[history_callback(Path(storage_path) / name / "history.jsonl")],
                            checkpoint_score_attribute=checkpoint_score_attribute,
-                           checkpoint_score_order=checkpoint_score_order)
+                           checkpoint_score_order=checkpoint_score_order, resume_from=resume_from)
     return _fit_restoring_sigint(trainer)
 
 

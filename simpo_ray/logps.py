@@ -19,6 +19,16 @@ def _shift_labels(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+# The fp32 logits of one log-prob chunk take at most this much (a chunk's size in tokens follows
+# from the vocabulary): 64 MiB is 128 tokens of a 128k vocabulary and 2048 (the cap) of a small one.
+LOGITS_CHUNK_BYTES = 64 * 2**20
+
+
+def logps_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per log-prob chunk for a vocabulary: the most whose fp32 logits fit LOGITS_CHUNK_BYTES."""
+    return max(16, min(2048, LOGITS_CHUNK_BYTES // (4 * vocab_size)))
+
+
 class PolicyLogps(nn.Module):
     """A causal LM wrapped so that one call gives the SimPO inputs; DDP wraps this module whole.
 
@@ -35,12 +45,12 @@ class PolicyLogps(nn.Module):
     and raises ``NotImplementedError`` if they do not (an unsupported head transform).
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int = 512, verify: bool = True):
+    def __init__(self, model: nn.Module, *, chunk_size: int | None = None, verify: bool = True):
         super().__init__()
         self.model = model
-        self.chunk_size = chunk_size
-        self._verified = not verify
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.chunk_size = chunk_size or logps_chunk_tokens(config.vocab_size)
+        self._verified = not verify
         self.softcap = getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_softcapping", None)
         self.logit_scale = float(getattr(config, "logit_scale", None) or 1.0)
         if getattr(config, "logits_scaling", None):
@@ -50,6 +60,11 @@ class PolicyLogps(nn.Module):
         # A model whose head is not a plain Linear, or whose "decoder" is the model itself, goes
         # through its own full logits instead.
         self._split = isinstance(head, nn.Linear) and decoder is not None and decoder is not model
+
+    def generate(self, *args, **kwargs):
+        """The wrapped model's `generate` (registered as an FSDP forward method when sharded, so
+        the root's parameters are gathered for it)."""
+        return self.model.generate(*args, **kwargs)
 
     def _decoder(self) -> nn.Module | None:
         if hasattr(self.model, "get_decoder"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 GB = 1e9
@@ -16,7 +17,6 @@ GB = 1e9
 GPU_OVERHEAD_BYTES = 2.0 * GB
 # The plan must leave this share of a GPU free (allocator slack, eval, spikes).
 FIT_MARGIN = 0.9
-LOGPS_CHUNK_TOKENS = 512  # PolicyLogps' chunk: the only [tokens, vocab] tensors alive at once
 
 # Public configs of the spaces' model families, used when a model's own config cannot be read
 # (no network at planning time): (name, layers, hidden, intermediate, vocab, kv_dim, tied).
@@ -164,7 +164,9 @@ def plan(shape: ModelShape, batch: Batch, *, strategy: str, world: int,
     kept, recompute = activation_bytes(shape, batch, sharded_bf16=strategy == "fsdp")
     parts["activations"] = kept + recompute
     # logits, log-softmax and their gradient for one chunk, fp32
-    parts["logps_chunk"] = 3 * 4 * LOGPS_CHUNK_TOKENS * shape.vocab
+    from simpo_ray.logps import logps_chunk_tokens
+
+    parts["logps_chunk"] = 3 * 4 * logps_chunk_tokens(shape.vocab) * shape.vocab
     parts["overhead"] = GPU_OVERHEAD_BYTES if gpu else 0.0
     return MemoryPlan(strategy, shards, cpu_offload and strategy == "fsdp", parts, shape)
 
@@ -197,3 +199,38 @@ def choose(shape: ModelShape, batch: Batch, *, parallel: str, world: int, gpu_me
             f"other {(chosen.total - chosen.state - p['activations']) / GB:.0f} GB); the trial's GPUs "
             f"have {gpu_memory_gb:g} GB (plans may use {FIT_MARGIN:.0%}); {hint}")
     return chosen
+
+
+def shape_for(cfg: Any, params_billion: float | None = None) -> ModelShape:
+    """The model's shape from its config: a bundled or local model's, else the Hub cache's
+    (no download); failing both, `params_billion` (a space's estimate) with a reference shape."""
+    from simpo_ray.model import BUNDLED_PREFIX, resolve_model_path
+
+    name = cfg.model_name_or_path
+    try:
+        from transformers import AutoConfig
+
+        local = name.startswith(BUNDLED_PREFIX) or Path(name).expanduser().is_dir()
+        path = resolve_model_path(name) if local else name
+        config = AutoConfig.from_pretrained(path, local_files_only=True,
+                                            trust_remote_code=cfg.trust_remote_code)
+        return ModelShape.from_config(config, f"the config of {name}")
+    except (OSError, ValueError) as e:
+        if params_billion is None:
+            from simpo_ray.errors import UserError
+
+            raise UserError(f"cannot read the config of {name} to plan memory ({str(e).splitlines()[0]}); "
+                            "give estimate.params_billion in the space") from None
+        return ModelShape.from_params(params_billion, "its config could not be read offline")
+
+
+def plan_for(cfg: Any, resources: Any, params_billion: float | None = None) -> MemoryPlan | None:
+    """The chosen plan for one run of `cfg` on `resources` (a `space.Resources`); `UserError`
+    when it cannot fit `resources.gpu_memory_gb`; None when no GPU memory is declared (CPU)."""
+    if resources.gpu_memory_gb is None:
+        return None
+    shape = shape_for(cfg, params_billion)
+    batch = Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16, cfg.gradient_checkpointing)
+    return choose(shape, batch, parallel=cfg.parallel, world=resources.num_workers,
+                  gpu_memory_gb=resources.gpu_memory_gb, cpu_offload=cfg.fsdp_cpu_offload,
+                  model_name=cfg.model_name_or_path.rsplit("/", 1)[-1])

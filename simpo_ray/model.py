@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from simpo_ray.config import TrainConfig
+from simpo_ray.data import require_hub
 from simpo_ray.errors import UserError
 
 BUNDLED_PREFIX = "bundled:"
@@ -19,7 +20,8 @@ BUNDLED_PREFIX = "bundled:"
 
 def resolve_model_path(name: str) -> str:
     """``bundled:<size>`` → the built model's directory; an existing local directory → itself;
-    anything else is a Hub id left to transformers. A path that looks local but is missing is an error."""
+    anything else is a Hub id left to transformers, after checking that the Hub answers (unless
+    offline mode is on; `data.require_hub`). A path that looks local but is missing is an error."""
     if name.startswith(BUNDLED_PREFIX):
         from simpo_ray.bundled import models
 
@@ -34,13 +36,17 @@ def resolve_model_path(name: str) -> str:
         raise UserError(f"model path '{name}' is a file; expected a directory saved with save_pretrained")
     if name.startswith(("/", "./", "../", "~")):
         raise UserError(f"model path '{name}' does not exist")
+    require_hub(f"model '{name}'")
     return name
 
 
 def load_tokenizer(cfg: TrainConfig):
-    """The tokenizer of ``tokenizer_name_or_path`` (default: the model's); pad token = EOS if unset.
+    """The tokenizer of ``tokenizer_name_or_path`` (default: the model's); pad token = EOS if
+    unset; ``cfg.chat_template``, when given, replaces its chat template (as the reference's
+    ``get_tokenizer`` does). Also checks ``max_length`` against the model's position limit
+    (`check_position_limit`), so `launch.check_inputs` refuses it before Ray starts.
 
-    Whether a chat template is needed depends on the data; `tokens.tokenize_pairs` checks that.
+    Whether a chat template is needed depends on the data; `tokens.tokenize_split` checks that.
     """
     name = cfg.tokenizer_name_or_path or cfg.model_name_or_path
     path = resolve_model_path(name)
@@ -52,7 +58,44 @@ def load_tokenizer(cfg: TrainConfig):
         raise UserError(f"tokenizer '{name}' has no eos_token; SimPO responses must end with one")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out of loss and attention
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = cfg.chat_template
+    check_position_limit(cfg)
     return tokenizer
+
+
+# Config attributes that hold a model's maximum sequence length, by architecture family.
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length",
+                       "n_ctx", "max_seq_len")
+
+
+def position_limit(config) -> tuple[int, str] | None:
+    """(limit, its key in the model's config.json) of a transformers model config, or None if it
+    states none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value, getattr(text, "attribute_map", {}).get(key, key)  # GPT-2: n_positions
+    return None
+
+
+def check_position_limit(cfg: TrainConfig) -> None:
+    """`UserError` when ``max_length`` exceeds the model's position limit (GPT-2's 1024 with the
+    reference's ``max_length: 2048`` would fail inside a worker with an index error)."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg.model_name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model '{cfg.model_name_or_path}': {_first_line(e)}") from None
+    found = position_limit(config)
+    if found is not None and cfg.max_length > found[0]:
+        raise UserError(
+            f"max_length: {cfg.max_length} is above the position limit of model '{cfg.model_name_or_path}' "
+            f"({found[1]}: {found[0]}); set max_length to at most {found[0]}"
+        )
 
 
 def bf16_supported(device: torch.device) -> bool:

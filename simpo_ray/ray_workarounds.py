@@ -2,8 +2,10 @@
 
 Each is a defect or an unwanted default of this Ray version, not part of the tool's logic: the
 orphan placement-group reaper, restoring the caller's SIGINT handler after `fit()`, quieting
-Train's per-report log lines, and turning off Train's print patch. Why each is needed and how
-it was measured: docs/ray-runtime-notes.md.
+Train's per-report log lines and Ray's console noise, turning off Train's print patch, and
+ending the agents a SIGKILLed driver's cluster leaves behind (keeping a private cluster on
+127.0.0.1 is in `simpo_ray.loopback`). Why each is needed and how it was measured:
+docs/ray-runtime-notes.md; each says when it can go.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -54,6 +57,84 @@ def quiet_train_logs() -> None:
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # it logs by file name
+
+
+# ---------------------------------------------------------------- console noise
+#
+# Ray prints on the driver's console (1) every "worker died" message the raylet publishes for
+# this job, as red "(raylet) A worker died or was killed ... SIGTERM" lines, also for the
+# processes Tune, Train and this module end on purpose when a trial stops, and (2) with
+# `log_to_driver` (the train CLI) the output of Train's PlacementGroupCleaner actors, which
+# cannot work without a dashboard and die with a `ConnectionError: Found multiple active Ray
+# instances` traceback when another Ray cluster runs on the machine. `quiet_ray_console` drops
+# those and turns any other raylet message into one line saying what happened and where to look.
+# REMOVE with the orphan reaper (the cleaner's part) and when Ray stops reporting intended
+# terminations as system errors.
+_EXPECTED_EXIT = re.compile(r"The process receives a SIGTERM|killed by `ray\.kill`|intended", re.I)
+_QUIET_ACTORS = ("PlacementGroupCleaner",)
+
+
+def ray_console_filter(data: dict) -> dict | None:
+    """What Ray's console printer gets for one batch of lines: None to drop it, or the batch
+    with Ray's own error messages made one line each."""
+    if data.get("actor_name") in _QUIET_ACTORS:
+        logger.debug("dropped %d line(s) of %s", len(data.get("lines", [])), data.get("actor_name"))
+        return None
+    if data.get("pid") != "raylet":
+        return data
+    lines = []
+    for line in data.get("lines", []):
+        if _EXPECTED_EXIT.search(line):
+            logger.debug("raylet (expected): %s", line)
+            continue
+        lines.append(_one_line_ray_error(line))
+    return {**data, "lines": lines} if lines else None
+
+
+def _one_line_ray_error(line: str) -> str:
+    detail = re.search(r"Worker exit type: (\S+) Worker exit detail: ([^.]*)", line)
+    what = line.split(". ")[0].strip()
+    if detail:
+        what += f" ({detail.group(1)}: {detail.group(2).strip()})"
+    return (f"[simpo-ray] Ray: {what[:300]}. If a trial failed, its error is in trials.csv; Ray's "
+            "logs are in the session's logs/ directory (simpo_ray.cluster.ray_temp_dir()).")
+
+
+def quiet_ray_console() -> None:
+    """Install `ray_console_filter` in front of Ray's console printer (before `ray.init`: the
+    driver binds the printer when it connects). Idempotent."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_simpo_ray_filter", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        kept = ray_console_filter(data)
+        if kept is not None:
+            original(kept, ignore_prefix)
+
+    print_to_stdstream._simpo_ray_filter = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+class _TuneEndHints(logging.Filter):
+    """Drops Tune's end-of-run lines that our summary replaces: "Experiment has been interrupted
+    ... Resume experiment with: Tuner.restore(path=..., trainable=...)" (a Python call; the
+    summary prints the command that resumes) and "Trials did not complete: [...]" (trials.csv
+    has each trial's status and error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Experiment has been interrupted", "Trials did not complete"))
+
+
+def quiet_tune_end_hints() -> None:
+    """Install `_TuneEndHints` on Tune's run logger (idempotent). REMOVE if Tune lets the caller
+    word these lines."""
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _TuneEndHints) for f in tune_logger.filters):
+        tune_logger.addFilter(_TuneEndHints())
 
 
 @contextlib.contextmanager
@@ -177,9 +258,11 @@ def reap_orphan_placement_groups() -> int:
 def _end_orphan_cleaners(table: dict, job_id: str) -> int:
     """End this job's PlacementGroupCleaner actors whose owner (the controller) is dead.
 
-    The cleaner is detached and unnamed: no handle can be had for `ray.kill`. It runs on the
+    The cleaner is detached and unnamed: no handle can be had for `ray.kill` (the core worker's
+    `kill_actor` fails without one, and `get_actor_handle` aborts the process). It runs on the
     head node (where this driver runs), so its process gets SIGTERM after checking that it
-    really is that actor's Ray worker.
+    really is that actor's Ray worker; the raylet's "worker died ... SIGTERM" message about it
+    is kept off the console by `quiet_ray_console`.
     """
     import psutil
     import ray
@@ -206,6 +289,96 @@ def _end_orphan_cleaners(table: dict, job_id: str) -> int:
         except (psutil.Error, OSError) as e:
             _warn_once("end-cleaner", "could not end an orphaned PlacementGroupCleaner (pid %s): %s",
                        a.get("Pid"), one_line(e, with_type=True))
+    return ended
+
+
+# ---------------------------------------------------------------- leftovers of a killed driver
+#
+# After SIGKILL of a driver that started a private cluster, its gcs_server and raylet exit, but
+# its DashboardAgent and RuntimeEnvAgent outlive it for a minute or more: they block for 60 s
+# at a time publishing an error to the dead GCS, ignoring SIGTERM meanwhile. A search started
+# next must not depend on (or share the machine with) them. Private clusters keep their
+# sessions under their own root (`cluster.ray_temp_dir()`), so the processes of a session whose
+# raylet and gcs_server are gone can be told apart from any live cluster's and SIGKILLed.
+# REMOVE when Ray's agents exit by themselves once their raylet is gone (check: the test
+# `test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts` finds no agent alive
+# right after the driver's SIGKILL).
+_RAY_SCRIPTS = ("/ray/_private/workers/", "/ray/dashboard/", "/ray/_private/runtime_env/agent/",
+                "/ray/autoscaler/_private/monitor.py", "/ray/_private/log_monitor.py")
+_SESSION_OWNERS = ("raylet", "gcs_server")
+
+
+def _ray_process_info(proc, root: str) -> tuple[str, str] | None:
+    """(session dir under `root`, kind) of one of Ray's own processes of a session under
+    `root`, or None. Kind: the process name (raylet, gcs_server) or its command."""
+    try:
+        cmdline = proc.cmdline()
+        name = proc.name()
+    except Exception:  # noqa: BLE001 - gone, or not ours to read
+        return None
+    text = " ".join(cmdline)
+    if not (name in _SESSION_OWNERS or text.startswith("ray::") or any(s in text for s in _RAY_SCRIPTS)):
+        return None
+    pattern = re.compile(re.escape(root.rstrip("/")) + r"/(session_[^/\s]+)")
+    found = pattern.search(text)
+    if found is None:
+        try:
+            found = pattern.search(" ".join(f.path for f in proc.open_files()))
+        except Exception:  # noqa: BLE001
+            return None
+    if found is None:
+        return None
+    return found.group(1), (name if name in _SESSION_OWNERS else text[:60])
+
+
+def end_dead_session_processes(root: str, *, wait_s: float = 5.0) -> list[str]:
+    """SIGKILL this user's Ray processes of sessions under `root` whose raylet and gcs_server
+    are both gone; returns what was ended ("<session> <kind> pid <n>"). A session with a live
+    raylet or gcs_server (a running cluster, or one being started) is never touched, and only
+    Ray's own processes are (raylet, gcs_server, `ray::` workers and agents, Ray's scripts):
+    never a driver."""
+    import psutil
+
+    if not os.path.isdir(root):
+        return []
+    me = os.getpid()
+    uid = os.getuid()
+    sessions: dict[str, list] = {}
+    live: set[str] = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me or proc.uids().real != uid:
+                continue
+        except Exception:  # noqa: BLE001
+            continue
+        info = _ray_process_info(proc, root)
+        if info is None:
+            continue
+        session, kind = info
+        sessions.setdefault(session, []).append((proc, kind))
+        if kind in _SESSION_OWNERS:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    live.add(session)
+            except Exception:  # noqa: BLE001
+                pass
+    ended, victims = [], []
+    for session, procs in sessions.items():
+        if session in live:
+            continue
+        for proc, kind in procs:
+            try:
+                proc.kill()
+                victims.append(proc)
+                ended.append(f"{session} {kind} pid {proc.pid}")
+            except psutil.NoSuchProcess:
+                continue
+            except Exception as e:  # noqa: BLE001
+                _warn_once("end-dead-session", "could not end a leftover Ray process (pid %s): %s",
+                           proc.pid, one_line(e, with_type=True))
+    if victims:
+        psutil.wait_procs(victims, timeout=wait_s)
+        logger.info("ended %d process(es) left by dead Ray sessions under %s", len(victims), root)
     return ended
 
 

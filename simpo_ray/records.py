@@ -3,7 +3,9 @@
 `SearchRecord` is the schema of `search.json`: the search writes it (`SearchRecord.from_space`,
 `.write`), `analysis` reads it (`SearchRecord.read`). `ranked` / `best_trial` / `rank_column`
 order trials for the search summary, `best_config.yaml`, the `rank` column of `trials.csv` and
-every analysis table. `STATUSES` are the trial statuses of `trials.csv`.
+every analysis table. `STATUSES` are the trial statuses of `trials.csv`; `STATES` the states
+of a whole search (`SearchRecord.state`). `resolved_space` / `space_differences` say what a
+space resolves to and how two differ (a `--resume` with another space is refused).
 """
 
 from __future__ import annotations
@@ -21,9 +23,16 @@ import pandas as pd
 from simpo_ray.errors import UserError
 from simpo_ray.guide import PARAMS
 
-STATUSES = ("completed", "stopped_early", "diverged", "errored")
-RANKED_STATUSES = ("completed", "stopped_early")  # diverged and errored trials never rank
-SCHEMA_VERSION = 1
+# interrupted: the search was stopped (Ctrl-C, SIGTERM of the driver) while the trial was
+# running or waiting; `--resume` reruns it. It never ranks.
+STATUSES = ("completed", "stopped_early", "diverged", "errored", "interrupted")
+RANKED_STATUSES = ("completed", "stopped_early")  # diverged, errored, interrupted never rank
+# running: started, tables not written yet; finished: every trial finished; interrupted: the
+# tables hold what was done when it stopped (partial); unrecorded: a version-1 record.
+STATES = ("running", "finished", "interrupted", "unrecorded")
+SCHEMA_VERSION = 2
+# Search settings that only set the budget or the pace: a --resume may differ in them.
+BUDGET_KEYS = ("search.num_samples", "search.max_concurrent")
 
 
 # ---------------------------------------------------------------- the best trial
@@ -93,6 +102,10 @@ class SearchRecord:
     point_labels: list[str]
     guide: dict[str, Any]  # simpo_ray.guide.summary for the bucket, task and model type
     simpo_ray_version: str
+    # Schema version 2:
+    space_sha256: str  # of the space file's bytes ("" when built from a mapping, or a version-1 record)
+    space: dict[str, Any]  # `resolved_space`: what every trial ran with ({} in a version-1 record)
+    state: str  # one of STATES
 
     @classmethod
     def from_space(cls, space, space_path: str | Path, name: str) -> SearchRecord:
@@ -112,19 +125,35 @@ class SearchRecord:
             params={n: p.to_dict() for n, p in space.params.items()},
             points_to_evaluate=list(space.points_to_evaluate), point_labels=list(space.point_labels),
             guide=space.guide_summary(), simpo_ray_version=ours,
+            space_sha256=space_sha256(space_path), space=resolved_space(space), state="running",
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def write(self, exp_path: str) -> None:
+    def write(self, exp_path: str | Path) -> None:
         """Write `<exp_path>/search.json` atomically (a local path or a pyarrow URI)."""
         from simpo_ray.io import write_json_atomic
 
+        exp_path = str(exp_path)
         if "://" in exp_path:
             write_remote(f"{exp_path}/search.json", json.dumps(self.to_dict(), indent=2, sort_keys=True))
         else:
             write_json_atomic(Path(exp_path) / "search.json", self.to_dict())
+
+    @classmethod
+    def load(cls, exp_path: str) -> SearchRecord:
+        """`<exp_path>/search.json` of a local directory or a pyarrow URI."""
+        if "://" not in exp_path:
+            return cls.read(Path(exp_path) / "search.json")
+        source = f"{exp_path}/search.json"
+        text = read_remote(source)
+        if text is None:
+            raise UserError(f"{source}: missing; not a simpo_ray result directory")
+        try:
+            return cls.from_dict(json.loads(text), source=source)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{source}: not valid JSON ({str(e).splitlines()[0]})") from None
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "search.json") -> SearchRecord:
@@ -132,9 +161,11 @@ class SearchRecord:
         if not isinstance(data, dict):
             raise UserError(f"{source}: not a simpo_ray search record (a JSON object is expected)")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version == 1:
+            data = _from_version_1(data)
+        elif version != SCHEMA_VERSION:
             what = "no schema_version" if version is None else f"schema_version {version!r}"
-            raise UserError(f"{source}: {what}; this simpo_ray reads schema_version {SCHEMA_VERSION} "
+            raise UserError(f"{source}: {what}; this simpo_ray reads schema_version 1 and {SCHEMA_VERSION} "
                             "(written by another simpo_ray version?)")
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in data]
@@ -148,6 +179,8 @@ class SearchRecord:
                 raise UserError(f"{source}: field {n} is {data[n]!r}, expected {_type_name(_TYPES[n])}")
         if data["mode"] not in ("max", "min"):
             raise UserError(f"{source}: field mode is {data['mode']!r}, expected 'max' or 'min'")
+        if data["state"] not in STATES:
+            raise UserError(f"{source}: field state is {data['state']!r}, expected one of {', '.join(STATES)}")
         guide = data["guide"]
         for key in ("defaults", "recommended_ranges", "documented_ranges"):
             table = guide.get(key)
@@ -178,8 +211,72 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "task": (str, _NONE), "model_type": (str, _NONE), "model_name_or_path": (str,),
     "objective": (str,), "mode": (str,), "seed": (int,), "sampler": (str,), "num_samples": (int,),
     "search": (dict,), "params": (dict,), "points_to_evaluate": (list,), "point_labels": (list,),
-    "guide": (dict,), "simpo_ray_version": (str,),
+    "guide": (dict,), "simpo_ray_version": (str,), "space_sha256": (str,), "space": (dict,),
+    "state": (str,),
 }
+
+
+def _from_version_1(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 record read as version 2 (the migration rule, also in the README).
+
+    Version 1 (before interruptions and spaces were recorded) has no `space_sha256`, `space` or
+    `state`: it reads with `space_sha256` "", `space` {} (a `--resume` cannot compare spaces and
+    says so) and `state` "unrecorded" (its tables may come from a Ctrl-C'ed search, whose cut
+    trials version 1 labelled stopped_early; analysis says so).
+    """
+    if not isinstance(data, dict):
+        return data
+    out = {k: v for k, v in data.items() if k != "schema_version"}
+    out.update(schema_version=SCHEMA_VERSION, space_sha256="", space={}, state="unrecorded")
+    return out
+
+
+# ---------------------------------------------------------------- the space a search ran with
+
+def space_sha256(path: str | Path) -> str:
+    """The SHA-256 of a space file's bytes ("" when the space was not read from a file)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except (OSError, TypeError, ValueError):
+        return ""
+
+
+def resolved_space(space) -> dict[str, Any]:
+    """What a space resolves to, after presets, ranges from the guide and overrides: the fixed
+    training config of every trial (searched keys left out), the searched parameters, one
+    trial's resources, the search settings and the start points. Its name, description, dry-run
+    estimate and file path are left out: they do not change what a trial trains."""
+    base = space.trial_config().to_dict()
+    for p in space.params:
+        base.pop(p, None)
+    return json.loads(json.dumps({
+        "size_bucket": space.size_bucket, "task": space.task, "model_type": space.model_type,
+        "base": base, "params": {n: p.to_dict() for n, p in space.params.items()},
+        "resources": dataclasses.asdict(space.resources), "search": dataclasses.asdict(space.search),
+        "points_to_evaluate": list(space.points_to_evaluate),
+    }, default=str))
+
+
+def space_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: stored -> current` for each dotted key where two `resolved_space` dicts differ."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                walk(a.get(k, "<unset>"), b.get(k, "<unset>"), f"{key}.{k}" if key else str(k))
+        elif a != b:
+            out.append(f"{key}: {_short(a)} -> {_short(b)}")
+
+    walk(stored, current, "")
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _has_type(value: Any, types: tuple[type, ...]) -> bool:
@@ -197,3 +294,15 @@ def write_remote(uri: str, text: str) -> None:
     fs, path = pyarrow.fs.FileSystem.from_uri(uri)
     with fs.open_output_stream(path) as f:  # object stores replace an object atomically
         f.write(text.encode())
+
+
+def read_remote(uri: str) -> str | None:
+    """The text of a pyarrow filesystem URI, or None when there is no such file."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read().decode()
+    except FileNotFoundError:
+        return None

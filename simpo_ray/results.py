@@ -4,10 +4,20 @@
 `simpo_ray.records.ranked`) and `curves.csv` (one row per report) in the experiment directory
 beside `search.json`, writes the best trial's `best_config.yaml` and prints the summary. Writes
 are atomic.
+
+Interrupted searches: Tune saves its experiment state (each trial's status) one last time when
+a SIGINT stops it, *before* it stops the running trials, which it then marks TERMINATED in
+memory like the trials a scheduler stopped. So the saved state is what tells them apart: a
+trial not TERMINATED or ERROR there (RUNNING, PENDING, PAUSED) was cut by the interruption
+(`saved_trial_states`), and the search did not finish. Such a search's tables are partial
+(`search.json` state `interrupted`), its cut trials `interrupted` (never ranked), no
+`best_config.yaml` is written, and the summary gives the `--resume` command.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -17,7 +27,8 @@ import pandas as pd
 from simpo_ray.errors import one_line
 from simpo_ray.guide import PARAMS
 from simpo_ray.io import write_csv_atomic, write_text_atomic
-from simpo_ray.records import STATUSES, SearchRecord, best_trial, rank_column, ranked, write_remote
+from simpo_ray.records import (STATUSES, SearchRecord, best_trial, rank_column, ranked, read_remote,
+                               write_remote)
 
 # Metrics copied into trials.csv as final_<name>.
 FINAL_METRICS = (
@@ -28,17 +39,69 @@ FINAL_METRICS = (
     "train_time_s", "startup_s",
 )
 CURVE_COLUMNS_FIRST = ("trial_id", "step", "samples", "tokens")
+# Tune trial statuses of a trial that ended (by itself, a scheduler, a stopper, or an error).
+TUNE_ENDED = ("TERMINATED", "ERROR")
+# Where each trial's Train run keeps every report it made (all attempts, in order): the
+# learning curve's complete source when Tune's own result file was restarted by a --resume.
+TRIAL_HISTORY = "train_runs/train-{trial_id}/history.jsonl"
 
 
-def trial_status(metrics: dict[str, Any], error: BaseException | None) -> str:
-    """completed | stopped_early (by the scheduler) | diverged | errored."""
+def trial_status(metrics: dict[str, Any], error: BaseException | None, tune_status: str | None = None) -> str:
+    """completed | stopped_early (by the scheduler) | diverged | errored | interrupted.
+
+    `tune_status`: the trial's status in Tune's saved experiment state; one other than
+    TERMINATED or ERROR means the search was interrupted while the trial ran or waited.
+    """
     if error is not None:
         return "errored"
     if metrics.get("diverged") == 1 or metrics.get("status") == "diverged":
         return "diverged"
+    if tune_status is not None and tune_status not in TUNE_ENDED:
+        return "interrupted"
     if metrics.get("status") == "completed":
         return "completed"
     return "stopped_early" if metrics else "errored"
+
+
+def saved_trial_states(exp_path: str) -> dict[str, dict[str, str]]:
+    """{trial_id: {"status", "dir"}} from Tune's latest saved experiment state (plain JSON; one
+    `experiment_state-<session start>.json` per driver session, the latest last by name).
+    Empty when there is none."""
+    if "://" in exp_path:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(exp_path)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        names = sorted(i.base_name for i in infos if i.base_name.startswith("experiment_state-"))
+        text = read_remote(f"{exp_path}/{names[-1]}") if names else None
+    else:
+        files = sorted(Path(exp_path).glob("experiment_state-*.json"))
+        text = files[-1].read_text() if files else None
+    if not text:
+        return {}
+    out = {}
+    for state, _ in json.loads(text).get("trial_data", []):
+        state = json.loads(state) if isinstance(state, str) else state
+        out[str(state["trial_id"])] = {"status": str(state.get("status")),
+                                       "dir": str(state.get("relative_logdir") or "")}
+    return out
+
+
+def read_trial_history(exp_path: str, trial_id: str) -> pd.DataFrame | None:
+    """The reports a trial's Train run recorded in its history.jsonl (every attempt, in order),
+    or None. A last line cut short by a crash is skipped."""
+    where = f"{exp_path.rstrip('/')}/{TRIAL_HISTORY.format(trial_id=trial_id)}"
+    try:
+        text = read_remote(where) if "://" in where else Path(where).read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    rows = []
+    for line in (text or "").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return pd.DataFrame(rows) if rows else None
 
 
 def is_same_point(params: dict[str, Any], point: dict[str, Any]) -> bool:
@@ -47,20 +110,31 @@ def is_same_point(params: dict[str, Any], point: dict[str, Any]) -> bool:
 
 
 def build_tables(results: list[Any], *, objective: str, mode: str, default_point: dict[str, Any] | None,
-                 info: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 info: dict[str, Any], tune_states: dict[str, dict[str, str]] | None = None,
+                 exp_path: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(trials, curves) from Ray Tune `Result` objects (a ResultGrid is iterable as such).
 
     `info`: the search record's fields (`SearchRecord.to_dict()`); `name`, `size_bucket`,
-    `task` and `model_type` label every row.
+    `task` and `model_type` label every row. `tune_states`: `saved_trial_states` (which trials
+    an interruption cut). `exp_path`: where the trials' Train histories are (`TRIAL_HISTORY`).
     """
+    tune_states = tune_states or {}
+    by_dir = {s["dir"]: tid for tid, s in tune_states.items() if s["dir"]}
     rows, curves = [], []
     for result in results:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
         params = {k: config[k] for k in PARAMS if k in config}
-        trial_id = metrics.get("trial_id") or Path(result.path).name
-        history = _one_row_per_step(result.metrics_dataframe)
-        status = trial_status(metrics, result.error)
+        trial_id = str(metrics.get("trial_id") or by_dir.get(Path(result.path).name) or Path(result.path).name)
+        earlier = read_trial_history(exp_path, trial_id) if exp_path else None
+        history = _one_row_per_step(result.metrics_dataframe, earlier)
+        if history is not None and len(history) and "step" in history:
+            # A trial whose run had ended when a resume restarted it reports nothing new: its
+            # last report (status completed) is in its Train history only.
+            last = history.iloc[-1]
+            if _as_float(metrics.get("step"), -1.0) < _as_float(last["step"], -1.0):
+                metrics.update({k: v for k, v in last.items() if not (isinstance(v, float) and math.isnan(v))})
+        status = trial_status(metrics, result.error, tune_states.get(trial_id, {}).get("status"))
         best, best_step, best_ckpt = math.nan, math.nan, ""
         if history is not None and objective in history and status != "diverged":
             trained = history[history["step"] > 0] if "step" in history else history
@@ -104,6 +178,13 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
     return trials, curve_frame
 
 
+def _as_float(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
 def _best_checkpoint(rows: pd.DataFrame, scores: pd.Series, best: float) -> tuple[float, str]:
     """(step, checkpoint path) of the best report: the latest of equally good reports, which is
     the one Ray Train keeps when it retains checkpoints by the objective. The path is empty when
@@ -118,13 +199,25 @@ def _best_checkpoint(rows: pd.DataFrame, scores: pd.Series, best: float) -> tupl
     return step, ""
 
 
-def _one_row_per_step(history: pd.DataFrame | None) -> pd.DataFrame | None:
+def _one_row_per_step(history: pd.DataFrame | None, earlier: pd.DataFrame | None = None) -> pd.DataFrame | None:
     """A trial's reports, one per step: the last run's where a step was reported twice.
 
-    A trial interrupted by a killed driver is run again by `--resume` (from its last Train
-    checkpoint, or from step 0 when it had none), and Tune appends the new reports to the same
-    result file, so steps reported before the kill can appear twice.
+    A trial interrupted by a killed or Ctrl-C'ed driver is run again by `--resume`, from its
+    last Train checkpoint (or from step 0 when it had none). Tune restarts such a trial's result
+    file (it restores a result file only for trials with a *Tune* checkpoint, and trials report
+    only Train checkpoints), so after a resume from step 400 Tune's reports start at step 500.
+    `earlier`: the trial's Train history (`read_trial_history`, every report of every attempt);
+    its reports of the steps before Tune's first one are put back in front. A rerun from step 0
+    takes nothing from it: a step reported twice keeps the later run's report.
     """
+    if earlier is not None and len(earlier) and "step" in earlier:
+        if history is None or not len(history) or "step" not in history:
+            history = earlier
+        else:
+            first = pd.to_numeric(history["step"], errors="coerce").min()
+            before = earlier[pd.to_numeric(earlier["step"], errors="coerce") < first]
+            if len(before):
+                history = pd.concat([before, history], ignore_index=True)
     if history is None or not len(history) or "step" not in history:
         return history
     return history.drop_duplicates(subset="step", keep="last").sort_values(
@@ -160,21 +253,48 @@ def summary_table(trials: pd.DataFrame, mode: str, top: int = 5) -> str:
     return "\n".join(lines)
 
 
-def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1) -> Path:
-    """Write trials.csv, curves.csv and the best trial's best_config.yaml; print the summary.
+def search_was_interrupted(tune_states: dict[str, dict[str, str]], num_samples: int) -> bool:
+    """Whether the search stopped before its end: in Tune's saved state a trial did not end, or
+    fewer trials than `num_samples` were created. (No saved state: results that did not come
+    from a Tune run, which cannot tell; read as finished.)"""
+    if not tune_states:
+        return False
+    return (any(s["status"] not in TUNE_ENDED for s in tune_states.values())
+            or len(tune_states) < num_samples)
+
+
+def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1,
+           resume_command: str | None = None) -> Path:
+    """Write trials.csv, curves.csv, search.json (its `state`) and, when the search finished,
+    the best trial's best_config.yaml; print the summary.
 
     `exp_path` is a local directory or a pyarrow URI; for a URI the files are written under
-    ./results/<name> and copied there. Returns the local directory.
+    ./results/<name> and copied there. Returns the local directory. `resume_command`: the
+    command line that continues this search, printed when it was interrupted.
     """
     default_point = space.points_to_evaluate[0] if space.points_to_evaluate else None
-    trials, curves = build_tables(list(grid), objective=record.objective, mode=record.mode,
-                                  default_point=default_point, info=record.to_dict())
+    results = list(grid)
+    states = saved_trial_states(exp_path)
+    interrupted = search_was_interrupted(states, record.num_samples)
+    record = dataclasses.replace(record, state="interrupted" if interrupted else "finished")
+    trials, curves = build_tables(results, objective=record.objective, mode=record.mode,
+                                  default_point=default_point, info=record.to_dict(), tune_states=states,
+                                  exp_path=exp_path)
     local = Path(exp_path) if "://" not in exp_path else Path("results") / record.name
     write_tables(local, trials, curves)
     best = best_trial(trials, record.mode)
-    lines = [f"\n[simpo-ray] search '{record.name}' finished: "
-             + ", ".join(f"{(trials['status'] == s).sum()} {s}" for s in STATUSES)]
-    if best is not None:
+    counts = ", ".join(f"{(trials['status'] == s).sum()} {s}" for s in STATUSES) if len(trials) else "no trial"
+    if interrupted:
+        (local / "best_config.yaml").unlink(missing_ok=True)  # only a finished search has one
+        lines = [f"\n[simpo-ray] search '{record.name}' INTERRUPTED before its end: {counts}; "
+                 f"{max(0, record.num_samples - len(trials))} not started. The tables are partial "
+                 "(search.json: state interrupted); best_config.yaml is written when the search finishes."]
+    else:
+        lines = [f"\n[simpo-ray] search '{record.name}' finished: {counts}"]
+    if best is not None and interrupted:
+        lines.append("best so far:")
+        lines.append(summary_table(trials, record.mode))
+    elif best is not None:
         params = {k: float(best[k]) for k in space.params}
         cfg = space.trial_config(params)
         ckpt = best.get("best_checkpoint") or ""
@@ -193,13 +313,18 @@ def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1
         lines.append(f"best config: {local / 'best_config.yaml'}")
         if ckpt:
             lines.append(f"best checkpoint: {ckpt} (step {best['best_step']:.0f})")
-    else:
+    elif not interrupted:
         lines.append("no trial finished; see the error column of trials.csv")
     lines.append(f"results: {local / 'trials.csv'} (one row per trial), {local / 'curves.csv'} (learning curves)")
+    record.write(local)
     if "://" in exp_path:
+        record.write(exp_path)
         for fname in ("trials.csv", "curves.csv", "best_config.yaml"):
             if (local / fname).exists():
                 write_remote(f"{exp_path}/{fname}", (local / fname).read_text())
+    if interrupted:
+        lines.append("resume it with: " + (resume_command or f"python -m simpo_ray.tune --space "
+                                            f"{record.space_file} --name {record.name} --resume"))
     if verbose:
         print("\n".join(lines), flush=True)
     return local

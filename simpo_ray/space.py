@@ -91,6 +91,7 @@ class Resources:
     num_workers: int = field(default=1, metadata=rng(1))
     cpus_per_worker: float = field(default=1.0, metadata=rng(0, low_open=True))
     gpus_per_worker: float = field(default=0.0, metadata=rng(0))
+    gpu_memory_gb: float | None = field(default=None, metadata=rng(0, low_open=True))  # per GPU
 
     def __post_init__(self) -> None:
         schema.validate(self)

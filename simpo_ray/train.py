@@ -22,14 +22,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from simpo_ray import ray_workarounds
+from simpo_ray import parallel, ray_workarounds
 from simpo_ray.config import TrainConfig, from_dict
 from simpo_ray.errors import UserError
 
 # Metrics whose worst value is known a priori (they are shares in [0, 1], higher is better).
 # A diverged run reports them as 0.0 so that a searcher ranks it last.
 BOUNDED_EVAL_METRICS = ("eval/preference_accuracy", "eval/rewards/accuracies", "eval/success_rate")
-STATE_FILE = "trainer_state.pt"
 
 
 def is_bundled_task(cfg: TrainConfig) -> bool:
@@ -40,7 +39,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker entry point.
 
     `config` holds `train` (a TrainConfig dict), `data` (the tokenised train/eval datasets,
-    as object-store references or cache paths, prepared once by the driver) and `threads`.
+    as object-store references or cache paths, prepared once by the driver), `threads`,
+    `strategy` (ddp|fsdp, or None: decided here) and `resume_from` (a checkpoint directory to
+    start from when Ray Train has none of its own, e.g. on a different number of workers).
     """
     t_start = time.perf_counter()  # start-up includes the imports below
     cfg = from_dict(config["train"])
@@ -54,13 +55,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
 
-    from simpo_ray.tokens import PairCollator
+    from simpo_ray.model import load_tokenizer
     from simpo_ray.shared_data import load_shared
-    from simpo_ray.logps import PolicyLogps
-    from simpo_ray.model import load_model, load_tokenizer
+    from simpo_ray.tokens import PairCollator
 
     tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg, device=device)
+    strategy = config.get("strategy") or _strategy(cfg, device, world)
+    policy, bare = parallel.build_policy(cfg, strategy, device, rank, world)
     train_ds = load_shared(config["data"]["train"])
     eval_ds = load_shared(config["data"]["eval"])
     collator = PairCollator(tokenizer.pad_token_id)
@@ -75,8 +76,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x {world} workers"
         )
 
-    policy = ray.train.torch.prepare_model(PolicyLogps(model))
-    bare = getattr(policy, "module", policy)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
@@ -88,27 +87,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     state = {"step": 0, "samples": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
              "restarts": 0}
-    _load_checkpoint(ray.train.get_checkpoint(), bare, optimizer, scheduler, state, device, rank)
+    if rank == 0:
+        print(_setup_line(cfg, strategy, world, device), flush=True)
+    _resume(ray.train.get_checkpoint(), config.get("resume_from"), bare.model, optimizer, scheduler, state, rank)
 
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
+    ev = Evaluator(policy, bare, tokenizer, eval_ds, collator, cfg, objective, device, rank, world, strategy)
     save_every = cfg.save_steps or cfg.eval_steps
-    window = MetricWindow()
+    window, log = MetricWindow(), MetricWindow()
     startup_s = time.perf_counter() - t_start
-    window_start = time.perf_counter()
+    window_start = log_start = time.perf_counter()
     micro = 0
     divergence = DivergenceCheck(cfg)
     done = state["step"] >= total_steps
     if state["step"] == 0:
         # The starting point (the SFT model), so every curve and every "did it improve" has a baseline.
-        baseline = evaluate(policy, bare, tokenizer, eval_ds, collator, cfg, objective, device, rank, world)
-        report = {**baseline, "step": 0, "epoch": 0.0, "samples": 0, "tokens": 0,
+        report = {**ev(), "step": 0, "epoch": 0.0, "samples": 0, "tokens": 0,
                   "learning_rate": scheduler.get_last_lr()[0], "train_time_s": 0.0,
                   "startup_s": startup_s, "total_steps": total_steps, "diverged": 0, "status": "running"}
         ray.train.report(report)
         if rank == 0:
             print(_progress_line(report), flush=True)
-        window_start = time.perf_counter()
+        window_start = log_start = time.perf_counter()
 
     while not done:
         sampler.set_epoch(state["epoch"])
@@ -117,19 +118,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             t0 = time.perf_counter()
             sync = (micro + 1) % cfg.gradient_accumulation_steps == 0
-            with policy.no_sync() if (not sync and hasattr(policy, "no_sync")) else contextlib.nullcontext():
-                with _autocast(cfg, device):
+            with _gradient_sync(policy, strategy, sync):
+                with _autocast(cfg, device, strategy):
                     out = policy(**_pair_fields(batch))
                 loss, metrics = simpo_objective_for(out, objective)
                 (loss / cfg.gradient_accumulation_steps).backward()
             window.add(metrics, tokens=_tokens(batch))
+            log.add(metrics, tokens=_tokens(batch))
             micro += 1
             state["batch_in_epoch"] = batch_index + 1
             state["samples"] += batch["chosen_input_ids"].shape[0] * world
             if not sync:
                 state["train_time_s"] += time.perf_counter() - t0
                 continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
+            grad_norm = parallel.clip_grad_norm(policy, cfg.max_grad_norm)
             if not _all_ranks(divergence.healthy(metrics["loss"].detach(), grad_norm)):
                 state["step"] += 1
                 _report_diverged(state, window, startup_s, rank)
@@ -145,46 +147,96 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 train_metrics = window.reduce(world)
                 tokens_in_window = train_metrics.pop("tokens")
                 state["tokens"] += int(tokens_in_window)
-                eval_metrics = evaluate(policy, bare, tokenizer, eval_ds, collator, cfg, objective, device, rank, world)
+                sizes = parallel.local_bytes(policy, optimizer)
                 report = {
-                    **train_metrics, **eval_metrics,
+                    **train_metrics, **ev(),
                     "step": state["step"], "epoch": state["epoch"] + state["batch_in_epoch"] / len(loader),
                     "samples": state["samples"], "tokens": state["tokens"],
                     "learning_rate": scheduler.get_last_lr()[0],
                     "tokens_per_s": tokens_in_window / max(window_s, 1e-9),
                     "train_time_s": state["train_time_s"], "startup_s": startup_s,
                     "total_steps": total_steps, "diverged": 0, "restarts": state["restarts"],
+                    "memory/param_bytes": sizes["param_bytes"], "memory/optimizer_bytes": sizes["optimizer_bytes"],
                     "status": "completed" if done else "running",
                 }
                 ckpt = state["step"] % save_every == 0 or done
-                _report(report, bare, optimizer, scheduler, state, tokenizer, rank, with_checkpoint=ckpt)
+                _report(report, bare.model, optimizer, scheduler, state, cfg, rank, with_checkpoint=ckpt)
                 if rank == 0:
                     print(_progress_line(report), flush=True)
-                window = MetricWindow()
-                window_start = time.perf_counter()
+                window, log = MetricWindow(), MetricWindow()
+                window_start = log_start = time.perf_counter()
+            elif state["step"] % cfg.logging_steps == 0 and rank == 0:
+                print(_log_line(state["step"], total_steps, log.reduce(1), scheduler.get_last_lr()[0],
+                                time.perf_counter() - log_start), flush=True)
+                log, log_start = MetricWindow(), time.perf_counter()
             if done:
                 break
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
+    if cfg.output_dir:
+        _save_final_model(bare.model, tokenizer, cfg.output_dir, rank)
 
 
-def _load_checkpoint(checkpoint, bare, optimizer, scheduler, state: dict, device, rank: int) -> None:
-    """Continue from a checkpoint that `_report` wrote (a restart after a worker failure, via
-    Ray Train's FailureConfig): model, optimizer, scheduler and counters; reports then carry how
-    often this run was restarted."""
-    if not checkpoint:
+def _strategy(cfg: TrainConfig, device: torch.device, world: int) -> str:
+    """`cfg.parallel`, with `auto` decided by the memory plan against this worker's GPU (DDP on CPU)."""
+    if cfg.parallel != "auto":
+        return cfg.parallel
+    if device.type != "cuda":
+        return "ddp"
+    from transformers import AutoConfig
+
+    from simpo_ray.memory import Batch, ModelShape, choose
+    from simpo_ray.model import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path),
+                                        trust_remote_code=cfg.trust_remote_code)
+    shape = ModelShape.from_config(config, cfg.model_name_or_path)
+    gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    plan = choose(shape, Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16,
+                               cfg.gradient_checkpointing), parallel="auto", world=world, gpu_memory_gb=gb)
+    fsdp = torch.tensor([1.0 if plan.strategy == "fsdp" else 0.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(fsdp, op=dist.ReduceOp.MAX)  # every worker must agree
+    return "fsdp" if fsdp.item() > 0 else "ddp"
+
+
+def _setup_line(cfg: TrainConfig, strategy: str, world: int, device: torch.device) -> str:
+    precision = "bf16 compute over fp32 master weights" if cfg.bf16 else "fp32"
+    how = f"{strategy} over {world} worker(s)" + (", CPU offload" if strategy == "fsdp" and cfg.fsdp_cpu_offload else "")
+    return (f"[simpo-ray] {how} on {device.type}; precision {precision}; gradient checkpointing "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}; dropout {'off' if cfg.disable_dropout else 'on'}")
+
+
+def _resume(checkpoint, resume_from: str | None, model, optimizer, scheduler, state: dict, rank: int) -> None:
+    """Continue from Ray Train's latest checkpoint of this run (a restart after a worker failure),
+    else from `resume_from`: model, optimizer, scheduler, counters and RNG state. Reports then
+    carry how often this run was restarted."""
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state.update(parallel.load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank))
+        state["restarts"] = state.get("restarts", 0) + 1
+        what = f"restart {state['restarts']}"
+    elif resume_from:
+        state.update(parallel.load_checkpoint(Path(resume_from), model, optimizer, scheduler, rank))
+        what = f"from {resume_from}"
+    else:
         return
-    with checkpoint.as_directory() as ckpt_dir:
-        saved = torch.load(Path(ckpt_dir) / STATE_FILE, map_location=device, weights_only=False)
-    bare.model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    state.update(saved["counters"])
-    state["restarts"] = state.get("restarts", 0) + 1
     if rank == 0:
-        print(f"[simpo-ray] resumed from checkpoint at step {state['step']} "
-              f"(restart {state['restarts']})", flush=True)
+        print(f"[simpo-ray] resumed from checkpoint at step {state['step']} ({what})", flush=True)
+
+
+def _save_final_model(model, tokenizer, output_dir: str, rank: int) -> None:
+    """The trained model as a plain Hugging Face directory (the full state dict gathered once)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(output_dir, state_dict=full)
+        tokenizer.save_pretrained(output_dir)
+        print(f"[simpo-ray] final model saved to {output_dir}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class DivergenceCheck:
@@ -210,11 +262,20 @@ class DivergenceCheck:
         return ok
 
 
-def _autocast(cfg: TrainConfig, device):
-    """bf16 compute over fp32 master weights when `bf16: true` (the reference trainer's mixed precision)."""
-    if not cfg.bf16:
+def _autocast(cfg: TrainConfig, device, strategy: str = "ddp"):
+    """bf16 compute over fp32 master weights when `bf16: true` (the reference trainer's mixed
+    precision); under FSDP its MixedPrecisionPolicy casts the gathered parameters instead."""
+    if not cfg.bf16 or strategy == "fsdp":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _gradient_sync(policy, strategy: str, sync: bool):
+    """No gradient all-reduce (DDP) / reduce-scatter (FSDP) on accumulation micro-batches."""
+    if strategy == "fsdp":
+        policy.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return policy.no_sync() if (not sync and hasattr(policy, "no_sync")) else contextlib.nullcontext()
 
 
 def _pair_fields(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -268,50 +329,77 @@ class MetricWindow:
         return reduced
 
 
-@torch.no_grad()
-def evaluate(policy, bare, tokenizer, eval_ds, collator, cfg: TrainConfig, objective, device, rank, world):
+class Evaluator:
     """Held-out metrics, sharded across workers and all-reduced.
 
     `eval/preference_accuracy` (share of pairs whose average log-prob of chosen exceeds
     rejected) does not depend on beta or gamma, so it ranks trials fairly; the SimPO loss and
     reward margins do not. On the bundled task, `eval/success_rate` checks greedy answers.
+    Under FSDP every forward is collective, so every worker runs the same number of batches
+    (a worker with fewer rows repeats one and discards it) and generation runs with synced_gpus.
     """
-    policy.eval()
-    shard = eval_ds.select(range(rank, len(eval_ds), world))
-    window = MetricWindow()
-    for start in range(0, len(shard), cfg.per_device_eval_batch_size):
-        rows = [shard[i] for i in range(start, min(start + cfg.per_device_eval_batch_size, len(shard)))]
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(rows).items()}
-        with _autocast(cfg, device):
-            out = bare(**_pair_fields(batch))  # no DDP wrapper: shards differ in size
-        _, metrics = simpo_objective_for(out, objective)
-        window.add(metrics, tokens=_tokens(batch))
-    result = {f"eval/{k}": v for k, v in window.reduce(world).items() if k != "tokens"}
-    result["eval/sft_loss"] = result.get("eval/sft_loss", float("nan"))
-    if is_bundled_task(cfg) and cfg.generation_eval_samples > 0:
-        from simpo_ray.bundled.evaluate import success_rate
 
-        n = min(cfg.generation_eval_samples, len(eval_ds))
-        prompts = [eval_ds[i]["prompt"] for i in range(rank, n, world)]
-        rate = success_rate(bare.model, tokenizer, prompts) if prompts else 0.0
-        counts = torch.tensor([rate * len(prompts), float(len(prompts))], dtype=torch.float64)
-        if world > 1 and dist.is_initialized():
+    def __init__(self, policy, bare, tokenizer, eval_ds, collator, cfg: TrainConfig, objective, device,
+                 rank: int, world: int, strategy: str) -> None:
+        self.policy, self.bare, self.tokenizer, self.ds, self.collator = policy, bare, tokenizer, eval_ds, collator
+        self.cfg, self.objective, self.device, self.rank, self.world = cfg, objective, device, rank, world
+        self.lockstep = strategy == "fsdp" and world > 1
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        cfg, ds = self.cfg, self.ds
+        self.policy.eval()
+        rows = list(range(self.rank, len(ds), self.world))
+        size = cfg.per_device_eval_batch_size
+        n_batches = math.ceil(math.ceil(len(ds) / self.world) / size) if self.lockstep else math.ceil(len(rows) / size)
+        window = MetricWindow()
+        for b in range(n_batches):
+            chunk = rows[b * size:(b + 1) * size]
+            batch = self.collator([ds[i] for i in (chunk or [0])])
+            batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with _autocast(cfg, self.device, "fsdp" if self.lockstep else "ddp"):
+                # DDP: the bare module (shards differ in size); FSDP: the sharded root.
+                out = self.bare(**_pair_fields(batch))
+            if chunk:
+                _, metrics = simpo_objective_for(out, self.objective)
+                window.add(metrics, tokens=_tokens(batch))
+        result = {f"eval/{k}": v for k, v in window.reduce(self.world).items() if k != "tokens"}
+        result["eval/sft_loss"] = result.get("eval/sft_loss", float("nan"))
+        if is_bundled_task(cfg) and cfg.generation_eval_samples > 0:
+            result["eval/success_rate"] = self._success_rate()
+        self.policy.train()
+        return result
+
+    def _success_rate(self) -> float:
+        from simpo_ray.bundled import task
+        from simpo_ray.bundled.evaluate import generate_answers
+
+        n = min(self.cfg.generation_eval_samples, len(self.ds))
+        prompts = [self.ds[i]["prompt"] for i in range(self.rank, n, self.world)]
+        real = len(prompts)
+        if self.lockstep:  # the same number of generate() calls on every worker
+            prompts += [self.ds[0]["prompt"]] * (math.ceil(n / self.world) - real)
+        model = self.bare if self.lockstep else self.bare.model
+        from simpo_ray.tokens import inserts_system_turn
+
+        system = self.cfg.auto_insert_empty_system_msg and inserts_system_turn(self.tokenizer)
+        answers = (generate_answers(model, self.tokenizer, prompts, synced=self.lockstep, system_turn=system)
+                   if prompts else [])
+        correct = sum(task.check(p, a) for p, a in zip(prompts[:real], answers[:real]))
+        counts = torch.tensor([float(correct), float(real)], dtype=torch.float64)
+        if self.world > 1 and dist.is_initialized():
             dist.all_reduce(counts)
-        result["eval/success_rate"] = counts[0].item() / max(counts[1].item(), 1.0)
-    policy.train()
-    return result
+        return counts[0].item() / max(counts[1].item(), 1.0)
 
 
-def _report(report, bare, optimizer, scheduler, state, tokenizer, rank, *, with_checkpoint: bool) -> None:
-    """ray.train.report on every rank (it is a barrier); rank 0 attaches the checkpoint."""
-    if not (with_checkpoint and rank == 0):
+def _report(report, model, optimizer, scheduler, state, cfg: TrainConfig, rank: int, *, with_checkpoint: bool) -> None:
+    """ray.train.report on every rank (it is a barrier); with a checkpoint, every rank writes its
+    shards into its own directory and reports it: Ray Train gathers them into one checkpoint."""
+    if not with_checkpoint:
         ray.train.report(report)
         return
     with tempfile.TemporaryDirectory() as tmp:
-        bare.model.save_pretrained(Path(tmp) / "model")
-        tokenizer.save_pretrained(Path(tmp) / "model")
-        torch.save({"model": bare.model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "counters": dict(state)}, Path(tmp) / STATE_FILE)
+        parallel.save_checkpoint(Path(tmp), model, optimizer, scheduler, dict(state), cfg, rank)
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -327,16 +415,29 @@ def _report_diverged(state, window, startup_s, rank) -> None:
               "divergence_loss_threshold); stopping this run", flush=True)
 
 
+def _num(r: dict[str, Any], key: str, fmt: str) -> str:
+    """A metric formatted, or an em dash where there is none yet (step 0 has no training loss)."""
+    value = r.get(key)
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
 def _progress_line(r: dict[str, Any]) -> str:
-    parts = [f"step {r['step']}/{r['total_steps']}", f"loss {r.get('loss', float('nan')):.4f}",
-             f"eval/loss {r.get('eval/loss', float('nan')):.4f}",
-             f"eval/pref_acc {r.get('eval/preference_accuracy', float('nan')):.3f}",
-             f"margin {r.get('eval/rewards/margins', float('nan')):.3f}"]
+    parts = [f"step {r['step']}/{r['total_steps']}", f"loss {_num(r, 'loss', '.4f')}",
+             f"eval/loss {_num(r, 'eval/loss', '.4f')}",
+             f"eval/pref_acc {_num(r, 'eval/preference_accuracy', '.3f')}",
+             f"margin {_num(r, 'eval/rewards/margins', '.3f')}"]
     if "eval/success_rate" in r:
         parts.append(f"success {r['eval/success_rate']:.3f}")
     if "tokens_per_s" in r:
         parts.append(f"{r['tokens_per_s']:.0f} tok/s")
     return "[simpo-ray] " + "  ".join(parts)
+
+
+def _log_line(step: int, total: int, m: dict[str, float], lr: float, seconds: float) -> str:
+    """Every `logging_steps`: the training loss since the last line (rank 0's batches)."""
+    return (f"[simpo-ray] step {step}/{total}  loss {_num(m, 'loss', '.4f')}  "
+            f"reward margin {_num(m, 'rewards/margins', '.3f')}  lr {lr:.3g}  "
+            f"{m.get('tokens', 0.0) / max(seconds, 1e-9):.0f} tok/s")
 
 
 if __name__ == "__main__":  # `python -m simpo_ray.train`: the command line is in cli.py

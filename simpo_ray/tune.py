@@ -7,7 +7,9 @@ its plan. The command line (`python -m simpo_ray.tune`) is in `simpo_ray.cli`. N
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -16,10 +18,11 @@ from typing import Any
 
 from ray.tune import Stopper
 
-from simpo_ray import cluster
+from simpo_ray import cluster, ray_workarounds
 from simpo_ray.errors import UserError
-from simpo_ray.records import SearchRecord
-from simpo_ray.results import finish
+from simpo_ray.lock import ExperimentLock
+from simpo_ray.records import BUDGET_KEYS, SearchRecord, space_differences
+from simpo_ray.results import TRIAL_HISTORY, finish
 from simpo_ray.space import SearchSpace, load_space
 
 
@@ -71,6 +74,12 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
                      f"about {-(-space.search.num_samples // slots)} wave(s) before early stopping")
     except UserError as e:
         lines.append(f"does not fit this cluster: {e}")
+    try:
+        plan = memory_plan(space)
+        lines.append(f"memory per GPU: {plan.summary()}; model shape from {plan.shape.source}"
+                     if plan else "memory per GPU: not planned (no resources.gpu_memory_gb)")
+    except UserError as e:
+        lines.append(f"memory: does not fit: {e}")
     est = estimate_gpu_hours(space)
     if space.resources.gpus_per_worker > 0:
         lines.append(
@@ -101,25 +110,62 @@ def experiment_path(storage_path: str | None, name: str) -> str:
 def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, name=None, address=None,
                resume=False, prepared=None, verbose: int = 1, num_samples=None, seed=None, scheduler=None,
                sampler=None, max_concurrent=None, task=None, model_type=None, overrides=None,
-               allow_out_of_range=False) -> Path:
+               allow_out_of_range=False, resume_command: str | None = None) -> Path:
     """Run (or resume) a search; returns the experiment directory with the results tables.
 
     `space`: a loaded `SearchSpace`, or a space file loaded here with the load options
     (`num_samples` ... `allow_out_of_range`, as `load`). `prepared`: the `launch.check_inputs`
-    result for the space's default config when the caller already has it.
+    result for the space's default config when the caller already has it. `resume_command`:
+    the command line printed to continue the search if it is interrupted (default: one built
+    from these arguments).
+
+    The experiment is locked for the whole search (`simpo_ray.lock`): a second search of the
+    same storage path and name is refused with one line naming the holder. A `--resume` whose
+    space resolves differently from the one recorded in search.json is refused too.
     """
+    load_options = dict(task=task, model_type=model_type, allow_out_of_range=allow_out_of_range,
+                        num_samples=num_samples, seed=seed, scheduler=scheduler, sampler=sampler,
+                        max_concurrent=max_concurrent, overrides=overrides)
+    space = _loaded(space, load_options)
+    name = name or space.name
+    cluster.check_writable(storage_root(storage_path))
+    if resume_command is None:
+        resume_command = _resume_command(space.source, storage_path, name, address, load_options)
+    if resume:  # checked again under the lock; here so that a mistyped name creates nothing
+        _check_resumable(experiment_path(storage_path, name))
+    with ExperimentLock(experiment_path(storage_path, name)):
+        return _search(space, storage_path=storage_path, name=name, address=address, resume=resume,
+                       prepared=prepared, verbose=verbose, resume_command=resume_command)
+
+
+def _resume_command(space_file: str, storage_path: str | None, name: str, address: str | None,
+                    load_options: dict[str, Any]) -> str:
+    """`python -m simpo_ray.tune ... --resume` with the options that make the same space."""
+    args = ["python", "-m", "simpo_ray.tune", "--space", space_file, "--storage-path",
+            storage_root(storage_path), "--name", name]
+    if address:
+        args += ["--address", address]
+    for key, value in load_options.items():
+        if key == "overrides" or value in (None, False):
+            continue
+        args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    text = shlex.join(args + ["--resume"])
+    return text + ("  (with the same overrides)" if load_options.get("overrides") else "")
+
+
+def _search(space: SearchSpace, *, storage_path, name: str, address, resume: bool, prepared, verbose: int,
+            resume_command: str) -> Path:
+    """`run_search` once the experiment is locked."""
     from ray import tune
 
     from simpo_ray.launch import prepare_run
 
-    space_file = space.source if isinstance(space, SearchSpace) else str(space)
-    space = _loaded(space, dict(task=task, model_type=model_type, allow_out_of_range=allow_out_of_range,
-                                num_samples=num_samples, seed=seed, scheduler=scheduler, sampler=sampler,
-                                max_concurrent=max_concurrent, overrides=overrides))
-    name = name or space.name
+    space_file = space.source
     root = storage_root(storage_path)
     exp_path = experiment_path(storage_path, name)
-    _check_storage(root, exp_path, resume=resume)
+    record = _check_storage(exp_path, resume=resume, record=SearchRecord.from_space(space, space_file, name),
+                            verbose=verbose)
+    memory_plan(space)  # a trial that cannot fit its GPUs is refused before Ray starts
     # Tune's legacy reporter prints one compact table of the key metrics; the new output engine
     # prints every reported metric of every trial (dozens of lines per report).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -134,12 +180,11 @@ def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, nam
     _say(verbose, f"[simpo-ray] {run.num_train} training pairs, {run.num_eval} held-out pairs "
                   f"ready in {time.perf_counter() - t0:.1f}s")
     trainable = trial_trainable(space, run.data, exp_path)
-    record = SearchRecord.from_space(space, space_file, name)
+    record.write(exp_path)  # state: running (a finished or interrupted search says so at the end)
     if resume:
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=False,
                                    restart_errored=False, resume_unfinished=True)
     else:
-        record.write(exp_path)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
@@ -153,8 +198,18 @@ def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, nam
                 failure_config=tune.FailureConfig(max_failures=0),
             ),
         )
+    ray_workarounds.quiet_tune_end_hints()  # our summary words the end (and how to resume)
     grid = tuner.fit()
-    return finish(grid, space, exp_path, record, verbose=verbose)
+    return finish(grid, space, exp_path, record, verbose=verbose, resume_command=resume_command)
+
+
+def memory_plan(space: SearchSpace):
+    """The memory plan of one trial of `space` (`memory.plan_for`): None on CPU-only spaces;
+    `UserError` (one line, before any Ray process) when no strategy fits `gpu_memory_gb`."""
+    from simpo_ray.memory import plan_for
+
+    return plan_for(space.default_config(), space.resources,
+                    space.estimate.params_billion if space.estimate else None)
 
 
 def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
@@ -176,6 +231,8 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
     # Retention: the `checkpoint_keep` best checkpoints by the search objective, plus the latest
     # (Ray Train never deletes the latest: a restarted worker resumes from it).
     score, order = space.search.objective, space.search.mode
+    plan = memory_plan(space)  # the strategy every trial uses (refused before Ray starts if none fits)
+    strategy = plan.strategy if plan else None
 
     def simpo_trial(params: dict, data=None) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -185,10 +242,13 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
         for key, value in cluster.TRAIN_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         trainer = make_trainer(
-            space.trial_config(params, save_total_limit=keep), data, space.resources,
+            space.trial_config(params, save_total_limit=keep, output_dir=None), data, space.resources,
             storage_path=train_storage, name=f"train-{tune.get_context().get_trial_id()}",
-            max_failures=max_failures, callbacks=[TuneReportCallback()],
+            max_failures=max_failures,
+            callbacks=[TuneReportCallback(), trial_history_callback(
+                f"{exp_path}/" + TRIAL_HISTORY.format(trial_id=tune.get_context().get_trial_id()))],
             checkpoint_score_attribute=score, checkpoint_score_order=order, train_loop=train_loop,
+            strategy=strategy,
         )
         trainer.fit()
 
@@ -202,17 +262,73 @@ def _say(verbose: int, text: str) -> None:
         print(text, flush=True)
 
 
-def _check_storage(root: str, exp_path: str, *, resume: bool) -> None:
-    """Refuse an unwritable storage path, a resume without a search, or a silent overwrite."""
+def _check_storage(exp_path: str, *, resume: bool, record: SearchRecord, verbose: int = 1) -> SearchRecord:
+    """Refuse a resume without a search, a silent overwrite, or a resume with another space;
+    return the record to keep: `record` for a new search, the stored one for a resume."""
     from ray import tune
 
-    cluster.check_writable(root)
-    exists = tune.Tuner.can_restore(exp_path)
-    if resume and not exists:
-        raise UserError(f"--resume: {exp_path} holds no search to resume (check --storage-path and --name)")
-    if not resume and exists:
+    if resume:
+        _check_resumable(exp_path)
+    elif tune.Tuner.can_restore(exp_path):
         raise UserError(f"a search already exists at {exp_path}; pass --resume to continue it, "
                         "or --name to start a new one")
+    if not resume:
+        return record
+    stored = SearchRecord.load(exp_path)
+    if not stored.space:
+        _say(verbose, "[simpo-ray] note: cannot check that the space is the one this search started with "
+                      "(its search.json is of schema version 1, which did not record it)")
+    else:
+        diffs = space_differences(stored.space, record.space)
+        budget = [d for d in diffs if d.split(":")[0] in BUDGET_KEYS]
+        other = [d for d in diffs if d not in budget]
+        if other:
+            more = f" (and {len(other) - 3} more)" if len(other) > 3 else ""
+            raise UserError(f"--resume: the space differs from the one search '{stored.name}' started with "
+                            f"({stored.space_file}): {'; '.join(other[:3])}{more}; resume with that space "
+                            "and the same options, or pass --name to start a new search")
+        for d in budget:
+            _say(verbose, f"[simpo-ray] note: {d} is not applied: a resumed search keeps the budget it "
+                          "started with (Ray Tune restores its searcher and settings as saved)")
+    return dataclasses.replace(stored, state="running")
+
+
+def _check_resumable(exp_path: str) -> None:
+    from ray import tune
+
+    if not tune.Tuner.can_restore(exp_path):
+        raise UserError(f"--resume: {exp_path} holds no search to resume (check --storage-path and --name)")
+
+
+def trial_history_callback(path: str):
+    """A Ray Train callback appending each report (rank 0's metrics, with `checkpoint_path` when
+    the report saved one) to the trial's history.jsonl: local paths and NFS by appending a line,
+    pyarrow URIs (`s3://`) by rewriting the object. It runs in the trial's Train controller and
+    sees every attempt of the run, which Tune's own result file does not keep across a resume
+    (`results._one_row_per_step`)."""
+    from ray.train import UserCallback
+
+    class TrialHistory(UserCallback):
+        def __init__(self, target: str) -> None:
+            self.target = target
+
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            import json
+
+            row = dict(metrics[0])
+            if checkpoint is not None:
+                row["checkpoint_path"] = checkpoint.path
+            line = json.dumps(row, default=float) + "\n"
+            if "://" in self.target:
+                from simpo_ray.records import read_remote, write_remote
+
+                write_remote(self.target, (read_remote(self.target) or "") + line)
+            else:
+                Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+                with open(self.target, "a") as f:
+                    f.write(line)
+
+    return TrialHistory(path)
 
 
 def _searcher(space):

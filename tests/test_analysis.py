@@ -465,3 +465,100 @@ def test_cli_rejects_a_bad_search_json_in_one_line(tmp_path, content, needle):
     (d / "search.json").write_text(content)
     out = tmp_path / "out"
     assert_clean_failure(run_cli(d, "--out", out), out, needle)
+
+
+# ---------------------------------------------------------------- damaged or partial tables (issue 15, item 5)
+
+def intact_search(d: Path, **changes) -> Path:
+    """A finished search of the six `tied_trials` with learning curves, as the search writes it."""
+    from simpo_ray.records import rank_column
+
+    trials = tied_trials()
+    write_search(d, trials.assign(rank=rank_column(trials, "max")),
+                 **{"num_samples": len(trials), "state": "finished", **changes})
+    rows = [{"trial_id": r.trial_id, "step": s, "eval/success_rate": r.best_objective}
+            for r in trials.itertuples() for s in range(0, int(r.steps) + 1, 2) if r.steps > 0]
+    pd.DataFrame(rows).to_csv(d / "curves.csv", index=False)
+    return d
+
+
+def _edit_trials(d: Path, edit) -> None:
+    t = pd.read_csv(d / "trials.csv", dtype={"trial_id": str}, keep_default_na=False)
+    edit(t).to_csv(d / "trials.csv", index=False)
+
+
+def _set(trial_id: str, column: str, value):
+    def edit(t):
+        t[column] = t[column].astype(object)
+        t.loc[t["trial_id"] == trial_id, column] = value
+        return t
+    return edit
+
+
+DAMAGE = [
+    ("duplicated-row", lambda t: pd.concat([t, t[t["trial_id"] == "a"]]), r"rows 2 and 8: trial a appears 2 times"),
+    ("objective-abc", _set("b", "best_objective", "abc"), r"row 3 \(trial b\): best_objective is 'abc', not a number"),
+    ("lr-negative", _set("c", "learning_rate", -1),
+     r"row 4 \(trial c\): learning_rate -1 is outside the searched range \[0.0001, 0.01\] \(search.json\)"),
+    ("status-misspelt", _set("d", "status", "complted"),
+     r"row 5 \(trial d\): status 'complted' is not one of completed, stopped_early, diverged, errored, interrupted"),
+    ("steps-text", _set("a", "steps", "twelve"), r"row 2 \(trial a\): steps is 'twelve', not a number"),
+    ("row-missing", lambda t: t[t["trial_id"] != "d"],
+     r"5 trials, but search.json says the finished search ran 6; rows are missing"),
+    ("too-many-rows", lambda t: pd.concat([t, t.assign(trial_id=t["trial_id"] + "x")]),
+     r"12 trials, but search.json says the search ran 6"),
+]
+
+
+@pytest.mark.parametrize("case, edit, needle", DAMAGE, ids=[c[0] for c in DAMAGE])
+def test_damaged_trials_table_is_refused_naming_file_and_row(tmp_path, case, edit, needle):
+    from analysis.load import load_results
+    from simpo_ray.errors import UserError
+
+    d = intact_search(tmp_path / "s")
+    load_results([d])  # intact: accepted
+    _edit_trials(d, edit)
+    with pytest.raises(UserError, match=needle) as info:
+        load_results([d])
+    assert str(info.value).startswith(f"{d / 'trials.csv'}: ") and "\n" not in str(info.value)
+
+
+def test_curves_that_do_not_match_the_trials_are_refused(tmp_path):
+    from analysis.load import load_results
+    from simpo_ray.errors import UserError
+
+    d = intact_search(tmp_path / "s")
+    curves = pd.read_csv(d / "curves.csv", dtype={"trial_id": str})
+    pd.concat([curves, curves.head(1).assign(trial_id="zzz")]).to_csv(d / "curves.csv", index=False)
+    with pytest.raises(UserError, match=r"curves.csv: row \d+: trial zzz is not in trials.csv"):
+        load_results([d])
+    curves[curves["trial_id"] != "a"].to_csv(d / "curves.csv", index=False)
+    with pytest.raises(UserError, match=r"curves.csv: no learning curve for trial a"):
+        load_results([d])
+    pd.concat([curves, curves.tail(1)]).to_csv(d / "curves.csv", index=False)
+    with pytest.raises(UserError, match=r"curves.csv: row \d+: trial f?\w+ step \d+ appears twice"):
+        load_results([d])
+
+
+def test_a_trials_table_cut_short_is_one_error_line(tmp_path):
+    """trials.csv cut to 60% of its bytes (a copy that stopped half-way): today's analysis ran
+    on the rows that were left and named a wrong best trial; now exit 2, naming file and row."""
+    d = intact_search(tmp_path / "s")
+    data = (d / "trials.csv").read_bytes()
+    (d / "trials.csv").write_bytes(data[: int(len(data) * 0.6)])
+    out = tmp_path / "out"
+    assert_clean_failure(run_cli(d, "--out", out), out, f"{d / 'trials.csv'}: row ")
+    assert "is cut short" in run_cli(d, "--out", out).stderr
+
+
+def test_a_report_from_an_interrupted_search_says_it_is_partial(tmp_path):
+    from analysis.run import analyse
+
+    d = intact_search(tmp_path / "s", state="interrupted", num_samples=8)
+    _edit_trials(d, _set("e", "status", "interrupted"))
+    out = analyse([d], tmp_path / "out")
+    text = (out / "recommendations.md").read_text()
+    assert f"**Partial results** from `{d}`: the search was interrupted: 6 of 8 trials, 1 cut" in text
+    # A finished search's report says nothing of the kind.
+    out2 = analyse([intact_search(tmp_path / "t")], tmp_path / "out2")
+    assert "Partial results" not in (out2 / "recommendations.md").read_text()

@@ -301,14 +301,25 @@ def test_prompts_longer_than_max_length_are_truncated_with_a_warning(tmp_path, c
 
     started = {}
     _no_ray(monkeypatch)
-    monkeypatch.setattr(tune_mod, "run_search", lambda *a, **kw: started.setdefault("search", (a, kw)))
-    with caplog.at_level(logging.WARNING, logger="simpo_ray.data"):
+    def fake_search(*args, **kwargs):  # a finished search's directory, as run_search returns it
+        import dataclasses
+
+        from simpo_ray.records import SearchRecord
+
+        started["search"] = (args, kwargs)
+        exp = tmp_path / "results" / "long"
+        dataclasses.replace(SearchRecord.from_space(args[0], space_path, "long"), state="finished").write(exp)
+        return exp
+
+    monkeypatch.setattr(tune_mod, "run_search", fake_search)
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
         rc = tune_main(["--space", str(space_path), "--storage-path", str(tmp_path / "results")])
     assert rc == 0 and "search" in started  # the checks passed and the search was launched
-    warnings = [r.getMessage() for r in caplog.records if "do not fit max_length=64" in r.getMessage()]
+    warnings = [r.getMessage() for r in caplog.records
+                if "pairs longer than max_length=64 truncated" in r.getMessage()]
     assert warnings, [r.getMessage() for r in caplog.records]
-    assert re.search(r"\d+ of \d+ pairs do not fit max_length=64; their prompts were truncated to the last "
-                     r"32 tokens", warnings[0])
+    assert re.search(r"train data \d+ prompts \(to their last 32 tokens\) and \d+ responses \(to 32 tokens\) "
+                     r"of \d+ pairs", warnings[0])
     assert "error" not in capsys.readouterr().err
 
     # The tokenised prompts really are cut to max_prompt_length.

@@ -172,3 +172,83 @@ def test_six_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     assert leftovers == []
     live_pgs = [p for p in ray.util.placement_group_table().values() if p["state"] != "REMOVED"]
     assert live_pgs == []
+
+
+# ---------------------------------------------------------------- failing to start Ray (issue 12, item 14)
+
+
+@pytest.fixture
+def fake_ray_start(monkeypatch):
+    """`ray.init` replaced by `fails` (a list of exceptions raised by successive calls, then
+    success); nothing else of Ray runs. Returns the list of calls' kwargs."""
+    import ray
+
+    import simpo_ray.cluster as cluster_mod
+    from simpo_ray import ray_workarounds
+
+    calls: list[dict] = []
+    plan: list[BaseException] = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        if plan:
+            raise plan.pop(0)
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.setattr(cluster_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ray_workarounds, "start_orphan_reaper", lambda: None)
+    monkeypatch.setattr(ray_workarounds, "end_dead_session_processes", lambda root: [])
+    monkeypatch.setattr(ClusterInfo, "from_ray", classmethod(lambda cls: cluster({"CPU": 2})))
+    return calls, plan
+
+
+def test_a_timeout_starting_the_local_cluster_is_retried(fake_ray_start, capsys):
+    import tempfile
+
+    import ray
+
+    from simpo_ray.cluster import init_ray
+
+    calls, plan = fake_ray_start
+    plan += [ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready."),
+             TimeoutError("Timed out while waiting for node to startup.")]
+    assert init_ray(num_cpus=2).cpus == 2
+    assert len(calls) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all("retrying in" in line for line in err), err
+    # The private cluster: loopback only, in simpo-ray's own temp dir.
+    assert calls[0]["_node_ip_address"] == "127.0.0.1"
+    assert calls[0]["_temp_dir"].startswith(tempfile.gettempdir())
+
+
+def test_every_failure_to_start_the_local_cluster_is_one_error_line(fake_ray_start, tmp_path, capsys, monkeypatch):
+    """Through the CLI: a timeout that persists (3 attempts) and a non-transient failure (1
+    attempt) are each one `error:` line, exit 2, no traceback."""
+    import ray
+
+    from simpo_ray.cli import tune_main
+
+    calls, plan = fake_ray_start
+    for failure, attempts, needle in [
+            (ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready."), 3, "after 3 attempts"),
+            (RuntimeError("Ray traceback ...\nFailed to start the raylet: address in use"), 1, "raylet: address in use")]:
+        calls.clear()
+        plan[:] = [failure] * attempts
+        rc = tune_main(["--space", str(TINY_SPACE), "--storage-path", str(tmp_path / f"r{attempts}")])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(calls) == attempts
+        assert len(err) == 1 and "cannot start the local Ray cluster" in err[0] and needle in err[0], err
+
+
+def test_failing_to_join_a_cluster_is_one_error_line(fake_ray_start):
+    from simpo_ray.cluster import init_ray
+
+    calls, plan = fake_ray_start
+    plan.append(ConnectionError("Could not find any running Ray instance."))
+    with pytest.raises(UserError) as info:
+        init_ray("10.0.0.1:6379")
+    message = str(info.value)
+    assert len(calls) == 1 and "\n" not in message
+    assert message.startswith("cannot connect to the Ray cluster at '10.0.0.1:6379': ConnectionError: Could not "
+                              "find any running Ray instance.; check the address")

@@ -1,15 +1,18 @@
-"""simpo_ray.data (loading, normalising) and simpo_ray.tokens (reference tokenisation, caching,
-collation).
+"""simpo_ray.data (loading, normalising, the Hub checks) and simpo_ray.tokens (reference
+tokenisation, caching, collation).
 
 Expected token ids are spelled out token by token from the tokenizer's vocabulary, not by
-calling the code under test.
+calling the code under test. The whole-conversation rule on real-format tokenizers (byte-level
+BPE, SentencePiece-style) is tests/test_real_format.py.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
+import time
 
 import datasets
 import pyarrow as pa
@@ -24,7 +27,9 @@ from simpo_ray.config import TrainConfig
 from simpo_ray.data import load_raw
 from simpo_ray.errors import UserError
 from simpo_ray.loss import IGNORE_INDEX
-from simpo_ray.tokens import PairCollator, prepare_datasets, tokenize_row
+from simpo_ray.tokens import PairCollator, TokenizeOptions, prepare_datasets, tokenize_row
+
+OLD_MODE = TokenizeOptions(auto_insert_empty_system_msg=False, mask_generation_prompt=True)
 
 
 def chat_row(prompt, chosen, rejected):
@@ -64,20 +69,41 @@ def bos_tokenizer():
 # --------------------------------------------------------------------------- tokenisation
 
 
-def test_chat_row_masks_exactly_the_prompt_and_ends_answers_with_eos(chat_tokenizer):
+def test_chat_row_is_masked_as_the_reference_masks_it(chat_tokenizer):
+    """The reference (run_simpo.py "simpo" task): the template mentions "system", so an empty
+    system turn goes in front of the prompt; the prompt is rendered without the generation prompt,
+    so the assistant header is labelled with the answer; EOS ends the answer (not doubled)."""
     tok = chat_tokenizer
     ids = tok.convert_tokens_to_ids
     out = tokenize_row(chat_row("sort: 321", "123", "1223"), tok, max_length=64, max_prompt_length=32)
-    # Template: <s><|user|>{prompt}<|assistant|>{answer}</s>; the tokenizer adds no BOS of its own.
-    prompt = ids(["<s>", "<|user|>", *"sort: 321", "<|assistant|>"])
+    # Template: <s>[<|system|>{system}]<|user|>{prompt}<|assistant|>{answer}</s>; no BOS of its own.
+    prompt = ids(["<s>", "<|system|>", "<|user|>", *"sort: 321"])
     assert out["prompt_input_ids"] == prompt
-    assert out["chosen_input_ids"] == prompt + ids([*"123", "</s>"])
-    assert out["rejected_input_ids"] == prompt + ids([*"1223", "</s>"])
-    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + ids([*"123", "</s>"])
-    assert out["rejected_labels"] == [IGNORE_INDEX] * 12 + ids([*"1223", "</s>"])
+    assert out["chosen_input_ids"] == prompt + ids(["<|assistant|>", *"123", "</s>"])
+    assert out["rejected_input_ids"] == prompt + ids(["<|assistant|>", *"1223", "</s>"])
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + ids(["<|assistant|>", *"123", "</s>"])
+    assert out["rejected_labels"] == [IGNORE_INDEX] * 12 + ids(["<|assistant|>", *"1223", "</s>"])
     response = [t for t in out["chosen_labels"] if t != IGNORE_INDEX]
-    assert tok.decode(response) == "123</s>"
+    assert tok.decode(response) == "<|assistant|>123</s>"
     assert out["prompt"] == "sort: 321"
+
+
+def test_old_masking_mode_is_a_named_option(chat_tokenizer):
+    """mask_generation_prompt: the header masked with the prompt; auto_insert_empty_system_msg
+    false: no system turn. Both together are simpo-ray's earlier tokenisation."""
+    ids = chat_tokenizer.convert_tokens_to_ids
+    row = chat_row("sort: 321", "123", "1223")
+    out = tokenize_row(row, chat_tokenizer, 64, 32, OLD_MODE)
+    prompt = ids(["<s>", "<|user|>", *"sort: 321", "<|assistant|>"])
+    assert out["chosen_input_ids"] == prompt + ids([*"123", "</s>"])
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + ids([*"123", "</s>"])
+    header_masked = tokenize_row(row, chat_tokenizer, 64, 32, TokenizeOptions(mask_generation_prompt=True))
+    assert header_masked["chosen_input_ids"] == ids(["<s>", "<|system|>"]) + prompt[1:] + ids([*"123", "</s>"])
+    no_system = tokenize_row(row, chat_tokenizer, 64, 32, TokenizeOptions(auto_insert_empty_system_msg=False))
+    assert no_system["chosen_labels"] == [IGNORE_INDEX] * 11 + ids(["<|assistant|>", *"123", "</s>"])
+    # The config keys of the same names choose them.
+    cfg = TrainConfig(auto_insert_empty_system_msg=False, mask_generation_prompt=True)
+    assert TokenizeOptions.from_config(cfg) == OLD_MODE
 
 
 def test_string_row_is_used_as_is_and_eos_not_doubled(chat_tokenizer):
@@ -85,24 +111,39 @@ def test_string_row_is_used_as_is_and_eos_not_doubled(chat_tokenizer):
     ids = tok.convert_tokens_to_ids
     row = {"prompt": "why?", "chosen": "no", "rejected": "yes</s>"}
     out = tokenize_row(row, tok, max_length=64, max_prompt_length=32)
-    # No chat template for strings, and this tokenizer adds no BOS: the prompt is its characters.
-    assert out["prompt_input_ids"] == ids(list("why?"))
-    assert out["chosen_input_ids"] == ids([*"why?", *"no", "</s>"])
-    assert out["rejected_input_ids"] == ids([*"why?", *"yes", "</s>"])  # already ended in EOS
-    assert out["chosen_labels"] == [IGNORE_INDEX] * 4 + ids([*"no", "</s>"])
+    # No chat template for strings; BOS in front as the reference's tokenize_row puts it.
+    assert out["prompt_input_ids"] == ids(["<s>", *"why?"])
+    assert out["chosen_input_ids"] == ids(["<s>", *"why?", *"no", "</s>"])
+    assert out["rejected_input_ids"] == ids(["<s>", *"why?", *"yes", "</s>"])  # already ended in EOS
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 5 + ids([*"no", "</s>"])
 
 
 def test_bos_from_tokenizer_and_template_is_not_doubled(bos_tokenizer):
     tok = bos_tokenizer
     ids = tok.convert_tokens_to_ids
+    # This template does not mention "system": no system turn is inserted.
     chat = tokenize_row(chat_row("hello world", "fine thanks", "bad"), tok, 64, 32)
-    assert chat["prompt_input_ids"] == ids(["<s>", "[U]", "hello", "world", "[A]"])
+    assert chat["prompt_input_ids"] == ids(["<s>", "[U]", "hello", "world"])
     assert chat["chosen_input_ids"] == ids(["<s>", "[U]", "hello", "world", "[A]", "fine", "thanks", "</s>"])
-    assert chat["rejected_labels"] == [IGNORE_INDEX] * 5 + ids(["bad", "</s>"])
-    # Plain strings: the tokenizer adds BOS to encoded text, so the prompt gets it (once).
-    plain = tokenize_row({"prompt": "hello world", "chosen": "fine", "rejected": "bad"}, tok, 64, 32)
+    assert chat["rejected_labels"] == [IGNORE_INDEX] * 4 + ids(["[A]", "bad", "</s>"])
+    # Plain strings, concatenated as they are: BOS in front (once).
+    plain = tokenize_row({"prompt": "hello world", "chosen": " fine", "rejected": " bad"}, tok, 64, 32)
     assert plain["prompt_input_ids"] == ids(["<s>", "hello", "world"])
     assert plain["chosen_input_ids"] == ids(["<s>", "hello", "world", "fine", "</s>"])
+
+
+def test_prompt_token_merged_with_the_answer_moves_into_the_response():
+    """build_tokenized_answer: prompt + answer encoded once; where the prompt's last token merges
+    with the answer's first ("a" + "b" -> "ab"), the response starts one token earlier."""
+    vocab = {"<s>": 0, "</s>": 1, "q": 2, "a": 3, "b": 4, "ab": 5}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    out = tokenize_row({"prompt": "qa", "chosen": "b", "rejected": "a"}, tok, 64, 32)
+    assert out["chosen_input_ids"] == [0, 2, 5, 1]  # <s> q ab </s>: the merged token is trained on
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 2 + [5, 1]
+    assert out["rejected_input_ids"] == [0, 2, 3, 3, 1]  # <s> q a a </s>
+    assert out["rejected_labels"] == [IGNORE_INDEX] * 3 + [3, 1]
+    assert out["prompt_input_ids"] == [0, 2]  # the shorter of the two prompt parts (reference)
 
 
 def test_answer_falls_back_to_raw_content_when_template_does_not_extend_prompt(bos_tokenizer):
@@ -113,9 +154,12 @@ def test_answer_falls_back_to_raw_content_when_template_does_not_extend_prompt(b
     tok2 = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
     tok2.chat_template = odd
-    out = tokenize_row(chat_row("hello", "fine thanks", "bad"), tok2, 64, 32)
+    out = tokenize_row(chat_row("hello", "fine thanks", "bad"), tok2, 64, 32, OLD_MODE)
     prompt = ids(["<s>", "[U]", "hello", "a"])
     assert out["chosen_input_ids"] == prompt + ids(["fine", "thanks", "</s>"])
+    # The reference mode renders no generation prompt, so the conversation extends the prompt.
+    out = tokenize_row(chat_row("hello", "fine thanks", "bad"), tok2, 64, 32)
+    assert out["chosen_input_ids"] == ids(["<s>", "[U]", "hello", "[A]", "fine", "thanks", "</s>"])
 
 
 def test_long_prompt_keeps_its_end_and_bos(chat_tokenizer):
@@ -123,25 +167,26 @@ def test_long_prompt_keeps_its_end_and_bos(chat_tokenizer):
     ids = tok.convert_tokens_to_ids
     digits = "0123456789" * 3
     out = tokenize_row(chat_row("sort: " + digits, "12", "21"), tok, max_length=20, max_prompt_length=12)
-    full_prompt = ids(["<s>", "<|user|>", *("sort: " + digits), "<|assistant|>"])  # 38 tokens
+    full_prompt = ids(["<s>", "<|system|>", "<|user|>", *("sort: " + digits)])  # 39 tokens
     assert out["prompt_input_ids"] == ids(["<s>"]) + full_prompt[-11:]
-    assert tok.convert_ids_to_tokens(out["prompt_input_ids"][-3:]) == ["8", "9", "<|assistant|>"]
-    assert out["chosen_input_ids"] == out["prompt_input_ids"] + ids(["1", "2", "</s>"])  # response intact
-    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + ids(["1", "2", "</s>"])
-    assert len(out["rejected_input_ids"]) == 15 <= 20
+    assert tok.convert_ids_to_tokens(out["prompt_input_ids"][-3:]) == ["7", "8", "9"]
+    answer = ids(["<|assistant|>", "1", "2", "</s>"])
+    assert out["chosen_input_ids"] == out["prompt_input_ids"] + answer  # response intact
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 12 + answer
+    assert len(out["rejected_input_ids"]) == 16 <= 20
 
 
 def test_long_response_is_cut_to_max_length_minus_max_prompt_length(chat_tokenizer):
     tok = chat_tokenizer
     ids = tok.convert_tokens_to_ids
-    long_answer = "abcdefghijklmnopqrst"  # 20 chars + EOS
+    long_answer = "abcdefghijklmnopqrst"  # header + 20 chars + EOS
     out = tokenize_row(chat_row("hi", long_answer, "no"), tok, max_length=16, max_prompt_length=6)
-    prompt = ids(["<s>", "<|user|>", "h", "i", "<|assistant|>"])  # 5 <= 6: not truncated
+    prompt = ids(["<s>", "<|system|>", "<|user|>", "h", "i"])  # 5 <= 6: not truncated
     assert out["prompt_input_ids"] == prompt
-    # 5 + 21 > 16, so both responses are cut to 16 - 6 = 10 tokens (the short one is shorter anyway).
-    assert out["chosen_input_ids"] == prompt + ids(list("abcdefghij"))
-    assert out["rejected_input_ids"] == prompt + ids(["n", "o", "</s>"])
-    assert out["chosen_labels"] == [IGNORE_INDEX] * 5 + ids(list("abcdefghij"))
+    # 5 + 22 > 16, so both responses are cut to 16 - 6 = 10 tokens (the short one is shorter anyway).
+    assert out["chosen_input_ids"] == prompt + ids(["<|assistant|>", *"abcdefghi"])
+    assert out["rejected_input_ids"] == prompt + ids(["<|assistant|>", "n", "o", "</s>"])
+    assert out["chosen_labels"] == [IGNORE_INDEX] * 5 + ids(["<|assistant|>", *"abcdefghi"])
 
 
 def test_long_prompt_and_long_response_fit_max_length(chat_tokenizer):
@@ -150,19 +195,87 @@ def test_long_prompt_and_long_response_fit_max_length(chat_tokenizer):
     assert len(out["prompt_input_ids"]) == 10
     assert len(out["chosen_input_ids"]) == 24
     assert out["chosen_labels"][:10] == [IGNORE_INDEX] * 10
-    assert tok.decode(out["chosen_labels"][10:]) == "y" * 14
+    assert tok.decode(out["chosen_labels"][10:]) == "<|assistant|>" + "y" * 13
 
 
-def test_truncated_prompts_counted_in_one_warning(chat_tokenizer, caplog):
-    rows = [chat_row("sort: " + "1" * 30, "1", "2"), chat_row("sort: 1", "1", "2"),
-            chat_row("sort: " + "2" * 30, "2", "3")]
-    ds = data.normalise(datasets.Dataset.from_list(rows), "t")
-    with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
-        out = tokens.tokenize_pairs(ds, chat_tokenizer, max_length=20, max_prompt_length=12)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "2 of 3 pairs do not fit max_length=20" in warnings[0].getMessage()
+TRUNCATION_ROWS = [
+    chat_row("sort: " + "1" * 30, "1", "2"),    # prompt cut
+    chat_row("sort: 1", "1", "2"),              # fits
+    chat_row("sort: " + "2" * 30, "2", "3"),    # prompt cut
+    chat_row("sort: 3", "3" * 30, "4"),         # response cut (prompt 10 <= 12)
+    chat_row("sort: " + "5" * 30, "5" * 30, "6"),  # both cut
+]
+
+
+def test_prompt_and_response_truncation_counted_separately(chat_tokenizer, caplog):
+    ds = data.normalise(datasets.Dataset.from_list(TRUNCATION_ROWS), "t")
+    out, stats = tokens.tokenize_split(ds, chat_tokenizer, max_length=20, max_prompt_length=12)
+    assert stats == tokens.TokenStats(pairs=5, kept=5, prompt_truncated=3, response_truncated=2)
     assert out.column_names == tokens.TOKENISED_COLUMNS
-    assert [len(x) for x in out["prompt_input_ids"]] == [12, 10, 12]
+    assert [len(x) for x in out["prompt_input_ids"]] == [12, 10, 12, 10, 12]
+    assert [len(x) for x in out["chosen_input_ids"]] == [15, 13, 15, 18, 20]
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
+        tokens.tokenize_pairs(ds, chat_tokenizer, max_length=20, max_prompt_length=12, name="t")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["pairs longer than max_length=20 truncated: t 3 prompts (to their last 12 tokens) "
+                        "and 2 responses (to 8 tokens) of 5 pairs"]
+
+
+def _no_bos_tokenizer(chat_tokenizer):
+    """The bundled vocabulary without a BOS token (as Qwen's tokenizers have none)."""
+    return PreTrainedTokenizerFast(tokenizer_object=chat_tokenizer.backend_tokenizer, eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def test_pairs_without_a_labelled_response_token_are_dropped(chat_tokenizer):
+    # No BOS and an empty prompt: the answer starts at position 0, whose label is never predicted
+    # (labels are shifted); a one-token answer then has nothing to average (avg log-prob 0 before).
+    tok = _no_bos_tokenizer(chat_tokenizer)
+    ids = tok.convert_tokens_to_ids
+    assert tokenize_row({"prompt": "", "chosen": "", "rejected": "no"}, tok, 64, 32) is None
+    kept = tokenize_row({"prompt": "", "chosen": "ok", "rejected": "no"}, tok, 64, 32)
+    assert kept["chosen_labels"] == ids(["o", "k", "</s>"])  # position 0 unpredicted, 2 tokens left
+    ds = data.normalise(datasets.Dataset.from_list(
+        [{"prompt": "", "chosen": "", "rejected": "no"}, {"prompt": "q", "chosen": "a", "rejected": "b"},
+         {"prompt": "", "chosen": "yes", "rejected": ""}]), "t")
+    out, stats = tokens.tokenize_split(ds, tok, 64, 32)
+    assert (len(out), stats.pairs, stats.kept, stats.dropped) == (1, 3, 1, 2)
+    assert out[0]["chosen_input_ids"] == ids(["q", "a", "</s>"])
+    line = tokens.summary_line({"train data": stats}, 64, 32)
+    assert line == "dropped (a response with no labelled token): train data 2 of 3 pairs"
+
+
+def test_all_pairs_dropped_is_a_user_error(tmp_path, chat_tokenizer):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "", "chosen": "", "rejected": "x" * (i + 1)}
+                                              for i in range(20)])
+    with pytest.raises(UserError, match=r"train data: all 19 pairs were dropped: no response has a labelled "
+                                        r"token within max_length=32"):
+        prepare_datasets(cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16),
+                         _no_bos_tokenizer(chat_tokenizer), cache_dir=tmp_path / "cache")
+
+
+def test_truncation_counts_are_stored_with_the_cache_and_logged_every_run(tmp_path, chat_tokenizer, caplog):
+    src = write_jsonl(tmp_path / "d.jsonl", TRUNCATION_ROWS * 8)  # 40 rows: 38 train, 2 eval
+    cfg = cfg_for({str(src): 1.0}, max_length=20, max_prompt_length=12)
+    lines = []
+    for _ in range(2):  # built, then reused from the cache
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
+            prepared = prepare_datasets(cfg, chat_tokenizer, cache_dir=tmp_path / "cache")
+        lines.append([r.getMessage() for r in caplog.records if r.levelno == logging.WARNING])
+    assert lines[0] == lines[1] and len(lines[0]) == 1  # one line, on the cached run too
+    line = lines[0][0]
+    assert line == prepared.summary
+    train = tokens.load_prepared(prepared.train_path)
+    n_prompt = sum(len(p) == 12 for p in train["prompt_input_ids"])  # only cut prompts are that long
+    n_resp = sum(len(c) - len(p) == 8 for p, c in zip(train["prompt_input_ids"], train["chosen_input_ids"]))
+    assert (n_prompt, n_resp) != (0, 0)
+    assert f"train data {n_prompt} prompts (to their last 12 tokens) and {n_resp} responses (to 8 tokens) " \
+           f"of {prepared.num_train} pairs" in line
+    meta = json.loads((tmp_path / "cache" / "data" / prepared.fingerprint / "meta.json").read_text())
+    assert meta["stats"]["train"] == {"pairs": 38, "kept": 38, "prompt_truncated": n_prompt,
+                                      "response_truncated": n_resp}
+    assert line.startswith("2 of the 40 rows of d.jsonl held out for evaluation (eval_holdout_fraction 0.05")
 
 
 def test_chat_template_error_is_a_user_error(chat_tokenizer):
@@ -176,7 +289,7 @@ def test_chat_data_needs_a_chat_template(bos_tokenizer):
     tok = PreTrainedTokenizerFast(tokenizer_object=bos_tokenizer.backend_tokenizer, bos_token="<s>",
                                   eos_token="</s>")
     ds = data.normalise(datasets.Dataset.from_list([chat_row("hello", "fine", "bad")]), "t")
-    with pytest.raises(UserError, match="chat format.*no chat template"):
+    with pytest.raises(UserError, match="chat format.*no chat template.*set chat_template"):
         tokens.tokenize_pairs(ds, tok, 64, 32)
 
 
@@ -203,6 +316,47 @@ def test_local_jsonl_json_parquet_and_holdout(tmp_path):
     # Deterministic: the same eval rows every time, whatever the training seed.
     assert sorted(load_raw(cfg_for({str(jl): 1.0}, seed=7))[1]["prompt"]) == sorted(
         load_raw(cfg_for({str(jl): 1.0}, seed=8))[1]["prompt"])
+
+
+def test_single_file_holdout_fraction_is_a_key_and_is_reported(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", string_rows(40))
+    notes = []
+    train, eval_ = load_raw(cfg_for({str(path): 1.0}, eval_holdout_fraction=0.25), notes)
+    assert (len(train), len(eval_)) == (30, 10)
+    assert notes == ["10 of the 40 rows of d.jsonl held out for evaluation (eval_holdout_fraction 0.25; "
+                     "a single file has no 'test_prefs' split)"]
+    # Two rows: one is held out whatever the fraction, one is left to train on.
+    two = write_jsonl(tmp_path / "two.jsonl", string_rows(2))
+    assert [len(x) for x in load_raw(cfg_for({str(two): 1.0}, eval_holdout_fraction=0.5))] == [1, 1]
+
+
+@pytest.mark.parametrize("layout", ["single", "shards", "split_prefix"])
+def test_downloaded_hub_snapshot_is_a_local_dataset(tmp_path, layout):
+    """The file layouts `datasets` resolves for a dataset repository, as `huggingface-cli
+    download --repo-type dataset` leaves them: data/<split>-00000-of-00001.parquet, shards,
+    <split>-xxxx files at the top."""
+    rows = string_rows(30, "t")
+    test_rows = string_rows(4, "e")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
+    (tmp_path / ".gitattributes").write_text("*.parquet filter=lfs\n")
+    if layout == "single":
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "train_prefs-00000-of-00001.parquet")
+        pq.write_table(pa.Table.from_pylist(test_rows), tmp_path / "data" / "test_prefs-00000-of-00001.parquet")
+    elif layout == "shards":
+        pq.write_table(pa.Table.from_pylist(rows[:20]), tmp_path / "data" / "train_prefs-00000-of-00002.parquet")
+        pq.write_table(pa.Table.from_pylist(rows[20:]), tmp_path / "data" / "train_prefs-00001-of-00002.parquet")
+        pq.write_table(pa.Table.from_pylist(test_rows), tmp_path / "data" / "test_prefs-00000-of-00001.parquet")
+    else:
+        write_jsonl(tmp_path / "train_prefs-00000-of-00001.jsonl", rows)
+        write_jsonl(tmp_path / "test_prefs-00000-of-00001.jsonl", test_rows)
+    # Other splits of the repository are not read.
+    pq.write_table(pa.Table.from_pylist(string_rows(3, "g")), tmp_path / "data" / "train_gen-00000-of-00001.parquet")
+    train, eval_ = load_raw(cfg_for({str(tmp_path): 1.0}))
+    assert sorted(train["prompt"]) == sorted(r["prompt"] for r in rows)
+    assert sorted(eval_["prompt"]) == sorted(r["prompt"] for r in test_rows)
+    with pytest.raises(UserError, match=r"unknown split 'test_sft' .*available: test_prefs, train_gen, train_prefs"):
+        load_raw(cfg_for({str(tmp_path): 1.0}, dataset_splits=["train_prefs", "test_sft"]))
 
 
 def test_mixer_fractions_and_sample_caps(tmp_path):
@@ -237,9 +391,10 @@ def test_chat_without_prompt_column_takes_prompt_from_chosen(tmp_path, chat_toke
     assert ds[1]["prompt"] == "sort: 12"
     out = tokenize_row(ds[0], chat_tokenizer, 128, 64)
     ids = chat_tokenizer.convert_tokens_to_ids
+    # It has a system turn: none is inserted.
     assert out["prompt_input_ids"] == ids(["<s>", "<|system|>", *"be brief", "<|user|>", *"hi", "<|assistant|>",
-                                           *"hello", "</s>", "<|user|>", *"sort: 21", "<|assistant|>"])
-    assert out["chosen_input_ids"][len(out["prompt_input_ids"]):] == ids(["1", "2", "</s>"])
+                                           *"hello", "</s>", "<|user|>", *"sort: 21"])
+    assert out["chosen_input_ids"][len(out["prompt_input_ids"]):] == ids(["<|assistant|>", "1", "2", "</s>"])
 
 
 def test_ultrafeedback_binarized_schema(tmp_path):
@@ -336,14 +491,106 @@ def test_unreachable_hub_says_so_plainly(monkeypatch):
     assert msg.endswith("for offline use pass a local .jsonl/.parquet file or bundled:sort")
 
 
+def go_online(monkeypatch, endpoint: str, timeout: float = data.HUB_TIMEOUT_S) -> None:
+    """Offline mode off (conftest turns it on) and the Hub at ``endpoint``: nothing here reaches
+    the real Hub, whatever network the machine has."""
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(data, "HUB_TIMEOUT_S", timeout)
+    monkeypatch.setattr(data, "_REACHABLE", {})
+
+
+@pytest.fixture
+def silent_server():
+    """A local port that accepts connections and never answers (a firewall that drops replies)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+
+
+def test_hub_that_does_not_answer_fails_fast_with_the_way_out(monkeypatch, silent_server):
+    go_online(monkeypatch, silent_server, timeout=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        load_raw(cfg_for({"HuggingFaceH4/ultrafeedback_binarized": 1.0}))
+    assert time.monotonic() - t0 < 5  # datasets alone retries for about a minute
+    assert str(e.value) == (
+        f"cannot load dataset 'HuggingFaceH4/ultrafeedback_binarized' from the Hugging Face Hub: {silent_server} "
+        "did not answer within 0.5 s; use a local path, or set HF_HUB_OFFLINE=1 to load it from the local "
+        "Hugging Face cache")
+
+
+def test_check_sources_says_where_each_source_comes_from(monkeypatch, tmp_path):
+    local = write_jsonl(tmp_path / "d.jsonl", string_rows(3))
+    snapshot = tmp_path / "snapshot"
+    (snapshot / "data").mkdir(parents=True)
+    for split in ("train_prefs", "test_prefs"):
+        pq.write_table(pa.Table.from_pylist(string_rows(3)), snapshot / "data" / f"{split}-00000-of-00001.parquet")
+    cfg = cfg_for({str(local): 0.5, "bundled:sort": 0.5, "org/prefs": 1.0, "./missing.jsonl": 1.0,
+                   str(snapshot): 1.0},
+                  model_name_or_path="org/model", tokenizer_name_or_path=str(tmp_path))
+    assert data.check_sources(cfg) == [
+        "model org/model: Hub not checked (HF_HUB_OFFLINE: the local Hugging Face cache only)",
+        f"tokenizer {tmp_path}: local directory exists",
+        f"dataset {local}: local file exists",
+        "dataset bundled:sort: bundled",
+        "dataset org/prefs: Hub not checked (HF_HUB_OFFLINE: the local Hugging Face cache only)",
+        "dataset ./missing.jsonl: local path does not exist",
+        f"dataset {snapshot}: local directory exists (splits train_prefs, test_prefs found)",
+    ]
+    other = cfg_for({str(snapshot): 1.0}, model_name_or_path=str(snapshot), dataset_splits=["train", "test"])
+    assert data.check_sources(other) == [
+        f"model {snapshot}: local directory exists, but has no config.json",
+        f"dataset {snapshot}: local directory exists, but split(s) train, test not found in it; "
+        "available: test_prefs, train_prefs",
+    ]
+    # Online, with nothing listening at the endpoint (connection refused): asked once, quickly.
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    go_online(monkeypatch, f"http://127.0.0.1:{port}")
+    lines = data.check_sources(cfg.replace(tokenizer_name_or_path=None))
+    assert lines[0] == (f"model org/model: Hub not reachable (http://127.0.0.1:{port} did not answer within 5 s): "
+                        "use a local path or HF_HUB_OFFLINE=1")
+    assert lines[3].startswith("dataset org/prefs: Hub not reachable")
+    assert list(data._REACHABLE) == [f"http://127.0.0.1:{port}"]
+    # A server that answers (any HTTP status) is reachable.
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.handle_request, daemon=True).start()
+    go_online(monkeypatch, f"http://127.0.0.1:{server.server_port}")
+    assert data.check_sources(cfg_for({"org/prefs": 1.0}, model_name_or_path="bundled:tiny")) == [
+        "model bundled:tiny: bundled (built on first use)",
+        f"dataset org/prefs: Hub reachable (http://127.0.0.1:{server.server_port})",
+    ]
+    server.server_close()
+
+
 # --------------------------------------------------------------------------- cache
 
 
 def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", [chat_row(f"sort: {i}", "1", "2") for i in range(40)])
     calls = []
-    real = tokens.tokenize_pairs
-    monkeypatch.setattr(tokens, "tokenize_pairs", lambda *a, **k: calls.append(k["name"]) or real(*a, **k))
+    real = tokens.tokenize_split
+    monkeypatch.setattr(tokens, "tokenize_split", lambda *a, **k: calls.append(k["name"]) or real(*a, **k))
     cfg = cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16)
     first = prepare_datasets(cfg, chat_tokenizer, cache_dir=tmp_path / "cache")
     assert calls == ["train data", "eval data"]
@@ -361,6 +608,9 @@ def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatc
     fp = tokens.data_fingerprint
     assert fp(cfg.replace(max_length=64), chat_tokenizer) != first.fingerprint
     assert fp(cfg.replace(seed=1), chat_tokenizer) != first.fingerprint
+    assert fp(cfg.replace(eval_holdout_fraction=0.1), chat_tokenizer) != first.fingerprint
+    assert fp(cfg.replace(mask_generation_prompt=True), chat_tokenizer) != first.fingerprint
+    assert fp(cfg.replace(auto_insert_empty_system_msg=False), chat_tokenizer) != first.fingerprint
     src.write_text(src.read_text() + json.dumps(chat_row("sort: 99", "9", "8")) + "\n")  # edited file
     assert fp(cfg, chat_tokenizer) != first.fingerprint
 
@@ -368,8 +618,8 @@ def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatc
 def test_prepare_is_built_once_under_concurrency(tmp_path, chat_tokenizer, monkeypatch):
     src = write_jsonl(tmp_path / "d.jsonl", string_rows(30))
     calls = []
-    real = tokens.tokenize_pairs
-    monkeypatch.setattr(tokens, "tokenize_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tokens.tokenize_split
+    monkeypatch.setattr(tokens, "tokenize_split", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = cfg_for({str(src): 1.0}, max_length=32, max_prompt_length=16)
     results = []
     threads = [threading.Thread(target=lambda: results.append(

@@ -61,16 +61,96 @@ def test_bf16_refused_where_unsupported(tiny_dir, monkeypatch):
         M.load_model(TrainConfig(model_name_or_path=str(tiny_dir), bf16=True), device="cuda")
 
 
+def fits(path, **kw) -> TrainConfig:
+    """A config of the model at ``path`` whose max_length fits its 64 positions."""
+    return TrainConfig(model_name_or_path=str(path), max_length=64, max_prompt_length=32, **kw)
+
+
 def test_tokenizer_pad_defaults_to_eos(tiny_dir, tmp_path, chat_tokenizer):
-    tok = M.load_tokenizer(TrainConfig(model_name_or_path=str(tiny_dir)))
+    tok = M.load_tokenizer(fits(tiny_dir))
     assert tok.pad_token == "<pad>" and tok.chat_template == chat_tokenizer.chat_template
     nopad = tmp_path / "nopad"
     chat_tokenizer.save_pretrained(nopad)
     cfg_file = nopad / "tokenizer_config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"pad_token": "<pad>"', '"pad_token": null'))
-    tok = M.load_tokenizer(TrainConfig(model_name_or_path="/nonexistent", tokenizer_name_or_path=str(nopad)))
+    tok = M.load_tokenizer(fits(tiny_dir, tokenizer_name_or_path=str(nopad)))
     assert tok.pad_token == tok.eos_token == "</s>"
     assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_chat_template_key_replaces_the_tokenizers(tiny_dir, chat_tokenizer):
+    # The reference's gemma-2-9b-it-simpo.yaml sets one (its get_tokenizer applies it).
+    template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+    tok = M.load_tokenizer(fits(tiny_dir, chat_template=template))
+    assert tok.chat_template == template != chat_tokenizer.chat_template
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+    assert tok.apply_chat_template(msgs, tokenize=False) == "user: hi</s>assistant: ok</s>"
+    assert M.load_tokenizer(fits(tiny_dir)).chat_template == chat_tokenizer.chat_template
+
+
+def test_max_length_above_the_position_limit_is_refused_before_ray(tmp_path, chat_tokenizer):
+    """GPT-2 style (n_positions) and Llama style (max_position_embeddings) limits; the check is
+    reached from launch.check_inputs, which the CLIs run before ray.init."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from simpo_ray.launch import check_inputs
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(chat_tokenizer), n_positions=48, n_embd=16, n_layer=1, n_head=2,
+                               bos_token_id=chat_tokenizer.bos_token_id, eos_token_id=chat_tokenizer.eos_token_id)
+                    ).save_pretrained(gpt2)
+    chat_tokenizer.save_pretrained(gpt2)
+    cfg = TrainConfig(model_name_or_path=str(gpt2), max_length=64, max_prompt_length=32)
+    message = (f"max_length: 64 is above the position limit of model '{gpt2}' (n_positions: 48); "
+               "set max_length to at most 48")
+    with pytest.raises(UserError) as e:
+        M.load_tokenizer(cfg)
+    assert str(e.value) == message
+    with pytest.raises(UserError) as e:
+        check_inputs(cfg)
+    assert str(e.value) == message
+    M.load_tokenizer(cfg.replace(max_length=48))  # at the limit: fine
+    with pytest.raises(UserError, match=r"max_length: 1024 is above .*\(max_position_embeddings: 64\)"):
+        M.load_tokenizer(TrainConfig(model_name_or_path=str(_llama(tmp_path, chat_tokenizer))))
+
+
+def _llama(tmp_path, chat_tokenizer):
+    path = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(chat_tokenizer), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(path)
+    chat_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_hub_model_without_network_fails_fast(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE and a Hub that does not answer: one line within seconds (transformers
+    alone retries for about a minute), naming the way out."""
+    import socket
+    import time
+
+    from test_data import go_online
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    go_online(monkeypatch, endpoint)
+    t0 = time.monotonic()
+    for load in (M.load_tokenizer, M.load_model):
+        with pytest.raises(UserError) as e:
+            load(TrainConfig(model_name_or_path="openai-community/gpt2"))
+        assert str(e.value) == (
+            f"cannot load model 'openai-community/gpt2' from the Hugging Face Hub: {endpoint} did not answer "
+            "within 5 s; use a local path, or set HF_HUB_OFFLINE=1 to load it from the local Hugging Face cache")
+    assert time.monotonic() - t0 < 10
+    # Offline mode: nothing is asked; transformers' own (quick) cache miss is the error.
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="cannot load tokenizer 'openai-community/gpt2'"):
+        M.load_tokenizer(TrainConfig(model_name_or_path="openai-community/gpt2"))
 
 
 @pytest.mark.parametrize("name, match", [

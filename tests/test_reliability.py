@@ -36,6 +36,56 @@ def _history(run_dir: Path) -> list[dict]:
     return read_history(path) if path.exists() else []
 
 
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(addr, "ipv4_mapped", None)  # [::ffff:127.0.0.1]
+    return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+def _listening_sockets() -> set[tuple[str, int, str]]:
+    """(ip, port, process) of every listening TCP socket of this process and its descendants:
+    the driver, and the session cluster's GCS, raylet, agents and Ray workers."""
+    import psutil
+
+    found = set()
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            name = (" ".join(proc.cmdline()) or proc.name()).split()[0][-40:]
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.add((conn.laddr.ip, conn.laddr.port, name))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+            pass
+    return found
+
+
+class _ListeningWatch:
+    """Polls `_listening_sockets` in a thread while a search runs (`with _ListeningWatch() as w:`)."""
+
+    def __init__(self, every_s: float = 0.5) -> None:
+        import threading
+
+        self.seen: set[tuple[str, int, str]] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            self.seen |= _listening_sockets()
+            self._stop.wait(every_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.seen |= _listening_sockets()
+
+
 def _checkpoint_dirs(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
 
@@ -297,11 +347,11 @@ def test_worker_failure_beyond_max_failures_is_an_error(ray_cluster, tmp_path):
 
 
 def _checkpoint_steps(run_dir: Path) -> dict[str, int]:
-    import torch
+    import json
 
     out = {}
     for name in _checkpoint_dirs(run_dir):
-        state = torch.load(run_dir / name / "trainer_state.pt", map_location="cpu", weights_only=False)
+        state = json.loads((run_dir / name / "trainer_state.json").read_text())
         out[name] = state["counters"]["step"]
     return out
 
@@ -350,8 +400,13 @@ def test_search_keeps_the_best_checkpoints_by_objective_and_reports_the_best_one
                  "base.max_eval_samples": 64, "base.generation_eval_samples": 8,
                  "base.per_device_train_batch_size": 8, "search.scheduler": "fifo",
                  "search.objective": metric, "search.checkpoint_keep": 1}
-    exp = run_search(TINY_SPACE, storage_path=str(tmp_path), name="keep-best", num_samples=2, seed=3,
-                     overrides=overrides, verbose=0)
+    with _ListeningWatch() as watch:  # issue 15, item 10: the private cluster is on loopback only
+        exp = run_search(TINY_SPACE, storage_path=str(tmp_path), name="keep-best", num_samples=2, seed=3,
+                         overrides=overrides, verbose=0)
+    exposed = sorted(s for s in watch.seen if not _is_loopback(s[0]))
+    assert exposed == [], f"listening beyond loopback during a search: {exposed}"
+    names = {name for *_, name in watch.seen}
+    assert any("ray::" in n for n in names) and any("raylet" in n for n in names), names
     trials = pd.read_csv(exp / "trials.csv", keep_default_na=False)
     curves = pd.read_csv(exp / "curves.csv")
     assert set(trials["status"]) == {"completed"}
@@ -366,8 +421,7 @@ def test_search_keeps_the_best_checkpoints_by_objective_and_reports_the_best_one
         assert kept == {latest_best, 12}, (score, kept)
         assert t["best_objective"] == pytest.approx(top)
         assert int(float(t["best_step"])) == latest_best
-        state = torch.load(Path(t["best_checkpoint"]) / "trainer_state.pt", map_location="cpu",
-                           weights_only=False)
+        state = json.loads((Path(t["best_checkpoint"]) / "trainer_state.json").read_text())
         assert state["counters"]["step"] == latest_best
     _assert_cluster_clean()
 
@@ -483,3 +537,243 @@ def test_ray_starts_without_a_dashboard(ray_cluster):
     print("\n[ports] listening:", sorted(listening))
     assert not any(port == 8265 for _, port, _ in listening)
     assert not any("dashboard" in name for *_, name in listening)
+    # The private cluster is reachable from this machine only (issue 15, item 10).
+    assert listening and all(_is_loopback(ip) for ip, *_ in listening), sorted(listening)
+
+
+# ------------------------------------------------------------------------------ one search per experiment
+
+
+HOLD_LOCK = """
+import sys, time
+from simpo_ray.lock import ExperimentLock
+lock = ExperimentLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def _hold_lock_in_a_subprocess(exp_path: str):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, exp_path], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def _refuse_ray(monkeypatch) -> None:
+    import ray
+
+    import simpo_ray.cluster as cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(cluster, "init_ray", refuse)
+
+
+def test_a_second_search_on_a_locked_experiment_is_refused_naming_the_holder(tmp_path, monkeypatch):
+    """Another process holds the experiment (as a running search does): a search of the same
+    storage path and name stops before Ray starts, with one line naming host, PID and since when.
+    Once the holder is gone (SIGKILL: the kernel drops its lock), the experiment is free again."""
+    import socket
+
+    from simpo_ray.errors import UserError
+    from simpo_ray.tune import run_search
+
+    storage = tmp_path / "results"
+    holder = _hold_lock_in_a_subprocess(str(storage / "busy"))
+    try:
+        _refuse_ray(monkeypatch)
+        with pytest.raises(UserError) as info:
+            run_search(TINY_SPACE, storage_path=str(storage), name="busy", verbose=0)
+        message = str(info.value)
+        assert "\n" not in message
+        assert f"{storage / 'busy'} is in use by another search" in message
+        assert f"host {socket.gethostname()}, PID {holder.pid}, since 20" in message
+        assert "--name" in message
+        # A --resume is refused the same way (it must not restore a search that is running).
+        (storage / "busy" / "tuner.pkl").write_bytes(b"")  # what Tune's can_restore looks for
+        with pytest.raises(UserError, match="in use by another search"):
+            run_search(TINY_SPACE, storage_path=str(storage), name="busy", resume=True, verbose=0)
+        (storage / "busy" / "tuner.pkl").unlink()
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(AssertionError, match="Ray was started"):  # past the lock: free again
+        run_search(TINY_SPACE, storage_path=str(storage), name="busy", verbose=0)
+
+
+def test_object_store_lease_refuses_a_live_holder_and_takes_over_a_stale_one(tmp_path):
+    """On URIs the lock is a lease object with owner, host, PID and heartbeat (here on a file://
+    URI, which goes through the same pyarrow code as s3:// and gs://)."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from simpo_ray.errors import UserError
+    from simpo_ray.lock import LEASE_FILE, ExperimentLock
+
+    uri = f"file://{tmp_path}/exp"
+    lease = tmp_path / "exp" / LEASE_FILE
+    first = ExperimentLock(uri, settle_s=0.05, heartbeat_s=0.2)
+    first.acquire()
+    try:
+        held = json.loads(lease.read_text())
+        assert held["pid"] == os.getpid() and held["host"] == socket.gethostname() and held["token"]
+        beat = held["heartbeat"]
+        time.sleep(0.6)
+        assert json.loads(lease.read_text())["heartbeat"] > beat  # the heartbeat runs
+        with pytest.raises(UserError, match=rf"in use by another search \(host {socket.gethostname()}, "
+                                            rf"PID {os.getpid()}, since .*last heartbeat \d+s ago"):
+            ExperimentLock(uri, settle_s=0.05).acquire()
+    finally:
+        first.release()
+    assert not lease.exists()  # released: removed
+
+    # A lease whose heartbeat stopped long ago (its search died elsewhere) is taken over.
+    lease.write_text(json.dumps({"host": "elsewhere", "pid": 1, "since": "2026-01-01 00:00:00", "token": "t",
+                                 "heartbeat": time.time() - 3600}))
+    taker = ExperimentLock(uri, settle_s=0.05)
+    taker.acquire()
+    assert json.loads(lease.read_text())["token"] == taker.holder.token
+    taker.release()
+    # A fresh lease of a process on this host that no longer exists is taken over at once.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lease.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "since": "now",
+                                 "token": "t", "heartbeat": time.time()}))
+    taker = ExperimentLock(uri, settle_s=0.05)
+    taker.acquire()
+    taker.release()
+    # A fresh lease of another host is live: refused, naming it.
+    lease.write_text(json.dumps({"host": "gpu-node-7", "pid": 4242, "since": "2026-11-29 10:00:00",
+                                 "token": "t", "heartbeat": time.time()}))
+    with pytest.raises(UserError, match=r"host gpu-node-7, PID 4242, since 2026-11-29 10:00:00"):
+        ExperimentLock(uri, settle_s=0.05).acquire()
+
+
+# ------------------------------------------------------------------------------ interrupted searches
+
+
+class _TuneResult:
+    """The parts of a Ray Tune `Result` that results.build_tables reads, for a trial in `dir`."""
+
+    def __init__(self, exp: Path, trial_id: str, steps: list[int], *, status: str = "running",
+                 lr: float = 1e-3, values: list[float] | None = None):
+        values = values or [0.1 + 0.1 * i for i in range(len(steps))]
+        self.path = str(exp / f"simpo_trial_{trial_id}_1_x")
+        self.error = None
+        self.config = {"learning_rate": lr, "beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.5}
+        self.metrics_dataframe = pd.DataFrame(
+            [{"step": s, "eval/success_rate": v, "trial_id": trial_id} for s, v in zip(steps, values)]) \
+            if steps else None
+        self.metrics = ({"trial_id": trial_id, "step": steps[-1], "status": status, "total_steps": 40,
+                         "eval/success_rate": values[len(steps) - 1]} if steps else {})
+
+
+def _tune_state(exp: Path, statuses: dict[str, str]) -> None:
+    """Tune's saved experiment state (what it writes one last time when SIGINT stops it)."""
+    trial_data = [[json.dumps({"trial_id": t, "status": s, "relative_logdir": f"simpo_trial_{t}_1_x"}),
+                   json.dumps({})] for t, s in statuses.items()]
+    (exp / "experiment_state-2026-11-29_10-00-00.json").write_text(json.dumps({"trial_data": trial_data}))
+
+
+def test_an_interrupted_search_labels_its_cut_trials_and_says_its_tables_are_partial(tmp_path, capsys):
+    """Ctrl-C: Tune saved RUNNING/PENDING for the trials it then stopped (and marked TERMINATED in
+    memory, like an ASHA stop). Those are `interrupted`, never ranked; the search is `interrupted`
+    in search.json; no best_config.yaml; the summary gives the resume command."""
+    import dataclasses
+
+    from simpo_ray.records import SearchRecord
+    from simpo_ray.results import finish
+    from simpo_ray.space import load_space
+
+    space = load_space(TINY_SPACE)
+    exp = tmp_path / "cut"
+    exp.mkdir()
+    record = SearchRecord.from_space(space, TINY_SPACE, "cut")
+    results = [
+        _TuneResult(exp, "aaaa0001", [0, 100, 200], status="completed", lr=1e-3),   # ended (ASHA stop)
+        _TuneResult(exp, "aaaa0002", [0, 100], lr=2e-3, values=[0.1, 0.95]),         # cut at step 100
+        _TuneResult(exp, "aaaa0003", [], lr=3e-3),                                    # never started
+    ]
+    results[0].metrics["status"] = "running"  # ASHA stopped it at step 200: stopped_early
+    _tune_state(exp, {"aaaa0001": "TERMINATED", "aaaa0002": "RUNNING", "aaaa0003": "PENDING"})
+    local = finish(results, space, str(exp), record, verbose=1,
+                   resume_command="python -m simpo_ray.tune --space cpu-tiny.yaml --resume")
+    out = capsys.readouterr().out
+    trials = pd.read_csv(local / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert trials["status"].to_dict() == {"aaaa0001": "stopped_early", "aaaa0002": "interrupted",
+                                          "aaaa0003": "interrupted"}
+    # The cut trial's 0.95 is higher than the stopped one's best, yet it is not ranked.
+    assert trials.loc["aaaa0001", "rank"] == 1 and pd.isna(trials.loc["aaaa0002", "rank"])
+    assert json.loads((local / "search.json").read_text())["state"] == "interrupted"
+    assert not (local / "best_config.yaml").exists()
+    assert "INTERRUPTED" in out and "finished" not in out.split("INTERRUPTED")[0]
+    assert "1 stopped_early, 0 diverged, 0 errored, 2 interrupted; 9 not started" in out
+    assert "The tables are partial" in out
+    assert out.rstrip().endswith("resume it with: python -m simpo_ray.tune --space cpu-tiny.yaml --resume")
+
+    # The same trials once the search ended: finished, best_config.yaml written.
+    _tune_state(exp, {"aaaa0001": "TERMINATED", "aaaa0002": "TERMINATED", "aaaa0003": "ERROR"})
+    finish(results, space, str(exp), dataclasses.replace(record, num_samples=3), verbose=0)
+    assert json.loads((local / "search.json").read_text())["state"] == "finished"
+    assert (local / "best_config.yaml").exists()
+
+
+def test_a_trial_resumed_from_its_checkpoint_keeps_its_whole_learning_curve(tmp_path):
+    """After --resume a trial continues from its Train checkpoint (step 400), and Tune starts its
+    result file again: its reports begin at 500. The trial's Train history (every report of every
+    attempt) gives back steps 0-400, each step once; a rerun from step 0 takes nothing from it."""
+    from simpo_ray.results import TRIAL_HISTORY, build_tables
+
+    exp = tmp_path / "exp"
+    history = exp / TRIAL_HISTORY.format(trial_id="bbbb0001")
+    history.parent.mkdir(parents=True)
+    before = [{"step": s, "eval/success_rate": s / 1000, "checkpoint_path": f"/ckpt/{s}"} for s in range(0, 500, 100)]
+    after = [{"step": s, "eval/success_rate": s / 1000} for s in (500, 600)]
+    history.write_text("".join(json.dumps(r) + "\n" for r in before + after) + '{"step": 7')  # a cut last line
+    resumed = _TuneResult(exp, "bbbb0001", [500, 600], status="completed", values=[0.5, 0.6])
+    trials, curves = build_tables([resumed], objective="eval/success_rate", mode="max", default_point=None,
+                                  info={}, exp_path=str(exp))
+    assert curves["step"].tolist() == [0, 100, 200, 300, 400, 500, 600]
+    assert curves["eval/success_rate"].tolist() == [0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    assert trials.loc[0, "best_objective"] == 0.6 and trials.loc[0, "steps"] == 600
+
+    # A trial rerun from step 0 (it had no checkpoint): Tune's reports cover it; the killed
+    # attempt's higher value at step 100 must not come back.
+    history2 = exp / TRIAL_HISTORY.format(trial_id="bbbb0002")
+    history2.parent.mkdir(parents=True)
+    history2.write_text(json.dumps({"step": 0, "eval/success_rate": 0.1}) + "\n"
+                        + json.dumps({"step": 100, "eval/success_rate": 0.9}) + "\n")
+    rerun = _TuneResult(exp, "bbbb0002", [0, 100, 200], status="completed", values=[0.1, 0.2, 0.3])
+    trials, curves = build_tables([rerun], objective="eval/success_rate", mode="max", default_point=None,
+                                  info={}, exp_path=str(exp))
+    assert curves["eval/success_rate"].tolist() == [0.1, 0.2, 0.3]
+    assert trials.loc[0, "best_objective"] == 0.3
+
+
+def test_a_trial_whose_run_had_ended_when_resumed_is_completed_from_its_history(tmp_path):
+    """Ctrl-C can land after a trial's run ended but before Tune saw it end: a --resume reruns
+    it, its Train run has nothing left to do and reports nothing, and Tune's last result is the
+    one before the end (step 30, still running). Its Train history holds the final report."""
+    from simpo_ray.results import TRIAL_HISTORY, build_tables
+
+    exp = tmp_path / "exp"
+    history = exp / TRIAL_HISTORY.format(trial_id="cccc0001")
+    history.parent.mkdir(parents=True)
+    history.write_text("".join(json.dumps({"step": s, "status": "completed" if s == 40 else "running",
+                                           "eval/success_rate": s / 100}) + "\n" for s in (0, 10, 20, 30, 40)))
+    ended = _TuneResult(exp, "cccc0001", [], lr=1e-3)
+    ended.metrics = {"trial_id": "cccc0001", "step": 30, "status": "running", "eval/success_rate": 0.3}
+    trials, curves = build_tables([ended], objective="eval/success_rate", mode="max", default_point=None,
+                                  info={}, exp_path=str(exp), tune_states={"cccc0001": {"status": "TERMINATED",
+                                                                                        "dir": ""}})
+    assert curves["step"].tolist() == [0, 10, 20, 30, 40]
+    assert trials.loc[0, "status"] == "completed" and trials.loc[0, "steps"] == 40
+    assert trials.loc[0, "objective_value"] == 0.4

@@ -2,6 +2,8 @@
 
 import math
 
+import torch
+
 
 from simpo_ray.config import TrainConfig
 from simpo_ray.launch import final_metrics, run_training
@@ -23,7 +25,7 @@ def _curve(result, metric):
 
 
 def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path):
-    cfg = TrainConfig(**BASE, max_steps=300, eval_steps=150)
+    cfg = TrainConfig(**BASE, max_steps=300, eval_steps=150, output_dir=str(tmp_path / "final"))
     result = run_training(cfg, num_workers=2, storage_path=str(tmp_path), name="ddp")
     assert result.error is None
     final = final_metrics(result)
@@ -36,12 +38,27 @@ def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path
     assert set(pref) == {0, 150, 300}
     assert pref[300] > pref[0] + 0.03, pref
     assert success[300] > success[0] + 0.05, success
-    # Checkpoints are real Hugging Face checkpoints plus the optimizer/scheduler state.
+    # Checkpoints hold the model and optimizer shards (torch.distributed.checkpoint) and the
+    # scheduler, counters and config as JSON/YAML; any of them exports to a plain HF model.
     assert result.checkpoint is not None
     with result.checkpoint.as_directory() as d:
         import os
 
-        assert {"model", "trainer_state.pt"} <= set(os.listdir(d))
+        from transformers import AutoModelForCausalLM
+
+        from simpo_ray.parallel import export_pretrained
+
+        files = set(os.listdir(d))
+        assert {".metadata", "trainer_state.json", "train_config.yaml"} <= files, files
+        assert any(f.endswith(".distcp") for f in files) and not any(f.endswith(".pt") and "rng" not in f
+                                                                      for f in files)
+        exported = export_pretrained(d, tmp_path / "exported")
+    assert AutoModelForCausalLM.from_pretrained(exported).num_parameters() > 0
+    # output_dir (the reference trainer's key) holds the final model as a plain HF directory.
+    final_model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    exported_model = AutoModelForCausalLM.from_pretrained(exported)
+    for (k, a), (_, b) in zip(final_model.state_dict().items(), exported_model.state_dict().items()):
+        assert torch.equal(a, b), k
 
 
 def test_planted_divergence_is_reported_not_trained_on(ray_cluster, tmp_path):
@@ -64,3 +81,35 @@ def test_loss_threshold_counts_as_divergence(ray_cluster, tmp_path):
     final = final_metrics(result)
     assert final["status"] == "diverged" and final["step"] == 1
     assert not math.isnan(final["startup_s"])
+
+
+# --- the loop's small rules, without Ray ---------------------------------------------------------
+
+def test_max_grad_norm_zero_means_no_clipping():
+    # In the reference trainer's (HF) key names 0 turns clipping off; clip_grad_norm_(..., 0)
+    # would zero every gradient instead.
+    from simpo_ray.parallel import clip_grad_norm
+
+    model = torch.nn.Linear(4, 3)
+    model(torch.randn(5, 4)).pow(2).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    norm = clip_grad_norm(model, 0.0)
+    assert norm > 0
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    clip_grad_norm(model, float(norm) / 2)
+    assert torch.allclose(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()])),
+                          norm / 2, rtol=1e-4)
+
+
+def test_progress_lines_say_nothing_where_there_is_no_value_yet():
+    from simpo_ray.train import _log_line, _progress_line, _setup_line
+
+    step0 = _progress_line({"step": 0, "total_steps": 10, "eval/loss": 0.69, "eval/preference_accuracy": 0.5,
+                            "eval/rewards/margins": 0.1})
+    assert "loss —" in step0 and "nan" not in step0
+    assert _log_line(20, 100, {"loss": 0.5, "rewards/margins": 1.0, "tokens": 300.0}, 1e-3, 1.0) == (
+        "[simpo-ray] step 20/100  loss 0.5000  reward margin 1.000  lr 0.001  300 tok/s")
+    cfg = TrainConfig(bf16=True, gradient_checkpointing=True, parallel="fsdp", fsdp_cpu_offload=True)
+    assert _setup_line(cfg, "fsdp", 4, torch.device("cpu")) == (
+        "[simpo-ray] fsdp over 4 worker(s), CPU offload on cpu; precision bf16 compute over fp32 master "
+        "weights; gradient checkpointing on; dropout off")

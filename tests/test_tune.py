@@ -672,3 +672,130 @@ def test_results_keep_one_report_per_step_after_a_resumed_trial_reran():
     assert curves["eval/success_rate"].tolist() == [0.25, 0.1, 0.3]
     # The killed run's 0.9 was never reached by the trial's final run: it must not be its best.
     assert trials.loc[0, "best_objective"] == 0.3 and bool(trials.loc[0, "is_default"])
+
+
+# ------------------------------------------------------------------------------------------
+# --resume with another space; Ctrl-C; the learning curve of a resumed trial
+# ------------------------------------------------------------------------------------------
+
+
+def _stored_search(tmp_path: Path, space: Path, name: str = "kept") -> Path:
+    """An experiment directory as a started search leaves it: search.json and Tune's tuner.pkl
+    (whose presence is what `Tuner.can_restore` checks; it is not read here)."""
+    from simpo_ray.records import SearchRecord
+    from simpo_ray.space import load_space
+
+    exp = tmp_path / "results" / name
+    exp.mkdir(parents=True)
+    SearchRecord.from_space(load_space(space), space, name).write(exp)
+    (exp / "tuner.pkl").write_bytes(b"")
+    return exp
+
+
+def test_resume_with_another_space_is_refused_naming_what_differs(tmp_path, capsys, monkeypatch):
+    """The search started on cpu-tiny; `--resume --space cpu-small.yaml` would train trials of
+    bundled:small under a search.json of bundled:tiny: refused in one line, before Ray starts.
+    A change in num_samples only (the budget) is accepted with a note."""
+    import ray
+
+    import simpo_ray.cluster as cluster_mod
+    from simpo_ray.cli import tune_main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(cluster_mod, "init_ray", refuse)
+    _stored_search(tmp_path, TINY)
+    storage = ["--storage-path", str(tmp_path / "results"), "--name", "kept", "--resume"]
+    rc = tune_main(["--space", str(SPACES / "cpu-small.yaml"), *storage])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: --resume: the space differs from the one search 'kept' started with")
+    assert "base.model_name_or_path: 'bundled:tiny' -> 'bundled:small'" in err
+    assert str(TINY) in err  # the space file it started with
+
+    # A preset changes the resolved ranges: refused too.
+    rc = tune_main(["--space", str(TINY), "--task", "math", *storage])
+    err = capsys.readouterr().err
+    assert rc == 2 and "task: null -> 'math'" in err, err
+
+    # The same space with another num_samples: past the check (to Ray), with a note.
+    with pytest.raises(AssertionError, match="Ray was started"):
+        tune_main(["--space", str(TINY), "--num-samples", "20", *storage])
+    out = capsys.readouterr().out
+    assert "note: search.num_samples: 12 -> 20 is not applied" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_reports_an_interrupted_search_and_resume_keeps_every_curve(tmp_path):
+    """SIGINT mid-search: exit 130, the summary says INTERRUPTED and gives the exact --resume
+    command, cut trials are `interrupted` (FIFO: no trial is stopped early), search.json says
+    the tables are partial, no best_config.yaml. Then `--resume` (with only the budget changed)
+    finishes every trial, and a trial that continued from its checkpoint keeps its whole curve,
+    each step once. The resumed run, a run without faults, prints no Ray noise."""
+    import psutil
+
+    num_samples, max_steps, every = 4, 300, 50
+    space = _write_space(tmp_path / "space.yaml",
+                         base={"max_steps": max_steps, "eval_steps": every, "generation_eval_samples": 8,
+                               "max_eval_samples": 32},
+                         search={"num_samples": num_samples, "max_concurrent": 2, "scheduler": "fifo",
+                                 "points_to_evaluate": "default_only"})
+    storage = tmp_path / "results"
+    exp = storage / "cut"
+    args = ["--space", str(space), "--storage-path", str(storage), "--name", "cut"]
+    env = {**_subprocess_env(), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    log_path = tmp_path / "first.log"
+    log = open(log_path, "w")
+    first = subprocess.Popen([sys.executable, "-m", "simpo_ray.tune", *args], cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ours = []
+    try:
+        deadline = time.monotonic() + 400
+        while True:  # interrupt once a trial reported a checkpointed step and is not done
+            assert first.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no trial got half-way in time"
+            midway = {t: max(r["step"] for r in reps) for t, reps in _reports(exp).items()
+                      if reps and every <= max(r["step"] for r in reps) < max_steps}
+            if midway:
+                break
+            time.sleep(0.25)
+        ours = psutil.Process(first.pid).children(recursive=True)
+        first.send_signal(signal.SIGINT)  # Ctrl-C (to the driver: Ray's own processes block SIGINT)
+        first.wait(timeout=180)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        log.close()
+    _end_processes(ours)
+    out = log_path.read_text()
+    print(out[-2500:])
+    assert first.returncode == 130, out[-3000:]
+    assert "INTERRUPTED" in out and " finished: " not in out
+    resume_line = "resume it with: " + " ".join(["python", "-m", "simpo_ray.tune", *args, "--resume"])
+    assert resume_line in out
+    trials = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert "stopped_early" not in set(trials["status"])
+    assert set(midway) <= set(trials.index[trials["status"] == "interrupted"]), (midway, trials["status"])
+    assert trials.loc[trials["status"] == "interrupted", "rank"].isna().all()
+    assert json.loads((exp / "search.json").read_text())["state"] == "interrupted"
+    assert not (exp / "best_config.yaml").exists()
+
+    second = _cli(*args, "--num-samples", str(num_samples + 1), "--resume", timeout=480)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-3000:]
+    assert f"note: search.num_samples: {num_samples} -> {num_samples + 1} is not applied" in second.stdout
+    trials = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert len(trials) == num_samples and (trials["status"] == "completed").all(), trials["status"]
+    assert json.loads((exp / "search.json").read_text())["state"] == "finished"
+    curves = pd.read_csv(exp / "curves.csv", dtype={"trial_id": str})
+    steps = curves.groupby("trial_id")["step"].apply(list).to_dict()
+    assert steps == {t: list(range(0, max_steps + 1, every)) for t in trials.index}, steps
+    # Tune's own result file of a trial that continued from its checkpoint starts after it:
+    # the steps before come from the trial's Train history.
+    restarted = {t: (json.loads(lines[0])["step"] if (lines := _result_lines(exp, t)) else None) for t in midway}
+    print("first step in Tune's result file after the resume:", restarted)
+    assert any(first_step is None or first_step > 0 for first_step in restarted.values()), restarted
+    assert "(raylet)" not in text and "Traceback" not in text, text[-3000:]

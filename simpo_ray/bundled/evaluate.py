@@ -9,10 +9,14 @@ from . import task
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: int | None = None,
-                     batch_size: int = 64) -> list[str]:
+                     batch_size: int = 64, synced: bool = False, system_turn: bool = False) -> list[str]:
     """Greedy assistant answers for user ``prompts`` (chat template + generation prompt).
 
-    ``model`` is a plain causal LM (unwrap DDP first); text after EOS is cut, padding dropped.
+    ``model`` is a plain causal LM (unwrap DDP first) or an FSDP-sharded module with a
+    ``generate`` method; ``synced`` (FSDP) keeps every worker stepping until all are done, as
+    the sharded forwards are collective. ``system_turn``: an empty system turn goes first, as
+    the training data's prompts have it (`tokens.inserts_system_turn`, the reference's rule).
+    Text after EOS is cut, padding dropped.
     """
     max_new_tokens = max_new_tokens or task.MAX_ANSWER_TOKENS
     was_training = model.training
@@ -21,7 +25,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     out = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}],
+            system = [{"role": "system", "content": ""}] if system_turn else []
+            texts = [tokenizer.apply_chat_template(system + [{"role": "user", "content": p}],
                                                    tokenize=False, add_generation_prompt=True)
                      for p in prompts[i:i + batch_size]]
             # Left padding: generation appends on the right. The template already wrote BOS.
@@ -29,7 +34,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
                             add_special_tokens=False).to(device)
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
                 if tokenizer.eos_token_id in row:
                     row = row[: row.index(tokenizer.eos_token_id)]

@@ -1,0 +1,158 @@
+"""FSDP2 on real Ray Train workers (CPU, gloo): the same training as DDP, half the state per
+worker, sharded checkpoints that resume exactly on another worker count, worker restarts, and
+a search whose trials shard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simpo_ray.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+# One global batch of 8 pairs per step: 1 worker x 8 (DDP) or 2 workers x 4 (FSDP). sft_weight 0:
+# the SFT term is a token-mean per worker, so with it 2 workers would average two means, not one.
+COMMON = dict(model_name_or_path="bundled:tiny", max_length=64, max_prompt_length=32,
+              max_eval_samples=64, per_device_eval_batch_size=16, generation_eval_samples=0,
+              learning_rate=1e-3, beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.0, warmup_ratio=0.1,
+              max_steps=12, eval_steps=6, save_total_limit=5, seed=7)
+# Parameters agree to this after 12 steps (measured: 1.2e-7, i.e. fp32 rounding): the gradients
+# are summed in another order (reduce-scatter of two half-batch gradients vs one batch), which
+# changes the last bits, and AdamW's division by sqrt(v) can amplify such bits for weights whose
+# gradient is ~0; 1e-5 leaves room for that and is still 100x below one lr-sized step (1e-3).
+PARAM_ATOL = 1e-5
+LOSS_RTOL = 1e-5
+
+
+def _history(run_dir: Path) -> list[dict]:
+    from simpo_ray.launch import read_history
+
+    return read_history(run_dir / "history.jsonl") if (run_dir / "history.jsonl").exists() else []
+
+
+def _params(checkpoint: str | Path, tmp: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    from simpo_ray.parallel import export_pretrained
+
+    out = export_pretrained(checkpoint, tmp / Path(checkpoint).name)
+    return {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(out).state_dict().items()}
+
+
+def _checkpoint_at(run_dir: Path, step: int) -> Path:
+    for d in sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()):
+        if json.loads((d / "trainer_state.json").read_text())["counters"]["step"] == step:
+            return d
+    raise AssertionError(f"no checkpoint of step {step} in {run_dir}")
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, tmp_path_factory):
+    """A: 1-worker DDP; B: 2-worker FSDP (checkpoint at step 6); C: 1-worker FSDP resumed from
+    B's step-6 checkpoint. The same global batches in all three."""
+    from simpo_ray.launch import run_training
+
+    root = tmp_path_factory.mktemp("fsdp")
+    out = {}
+    out["A"] = run_training(TrainConfig(**COMMON, per_device_train_batch_size=8, parallel="ddp"),
+                            num_workers=1, storage_path=str(root), name="A")
+    out["B"] = run_training(TrainConfig(**COMMON, per_device_train_batch_size=4, parallel="fsdp"),
+                            num_workers=2, storage_path=str(root), name="B")
+    resume = _checkpoint_at(root / "B", 6)
+    out["C"] = run_training(TrainConfig(**COMMON, per_device_train_batch_size=8, parallel="fsdp"),
+                            num_workers=1, storage_path=str(root), name="C", resume_from=str(resume))
+    for r in out.values():
+        assert r.error is None, r.error
+    return root, out
+
+
+def test_two_worker_fsdp_trains_like_one_worker_ddp(runs, tmp_path):
+    root, r = runs
+    a, b = _history(root / "A"), _history(root / "B")
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [0, 6, 12]
+    for x, y in zip(a, b):
+        assert y["eval/loss"] == pytest.approx(x["eval/loss"], rel=LOSS_RTOL)
+    for x, y in zip(a[1:], b[1:]):
+        assert y["loss"] == pytest.approx(x["loss"], rel=LOSS_RTOL)
+    pa, pb = _params(r["A"].checkpoint.path, tmp_path), _params(r["B"].checkpoint.path, tmp_path)
+    start = _params(_checkpoint_at(root / "A", 6), tmp_path)
+    assert pa.keys() == pb.keys()
+    moved = max((pa[k] - start[k]).abs().max().item() for k in pa)
+    diff = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert diff < PARAM_ATOL and diff < 1e-3 * moved, (diff, moved)
+
+
+def test_fsdp_halves_the_state_each_worker_holds(runs):
+    root, _ = runs
+    a, b = _history(root / "A")[-1], _history(root / "B")[-1]
+    for key in ("memory/param_bytes", "memory/optimizer_bytes"):
+        assert 0.45 < b[key] / a[key] < 0.55, (key, a[key], b[key])  # rank 0's shard: half, + padding
+
+
+def test_sharded_checkpoint_resumes_exactly_on_one_worker(runs, tmp_path):
+    root, r = runs
+    files = os.listdir(_checkpoint_at(root / "B", 6))
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)  # both workers' shards, one checkpoint
+    c = _history(root / "C")
+    assert [x["step"] for x in c] == [12]  # no step-0 baseline: it continued from step 6
+    assert c[0]["samples"] == 12 * 8
+    pb, pc = _params(r["B"].checkpoint.path, tmp_path), _params(r["C"].checkpoint.path, tmp_path)
+    assert max((pb[k] - pc[k]).abs().max().item() for k in pb) < PARAM_ATOL
+
+
+def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_cluster, tmp_path):
+    import psutil
+
+    from simpo_ray.launch import final_metrics, run_training
+
+    cfg = TrainConfig(**{**COMMON, "max_steps": 40, "eval_steps": 4, "save_total_limit": 2},
+                      per_device_train_batch_size=4, parallel="fsdp")
+    killed: dict = {}
+
+    def kill_one_worker_after_a_checkpoint():
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if any(r["step"] >= 4 for r in _history(tmp_path / "killed")):
+                workers = [p for p in psutil.Process().children(recursive=True)
+                           if "RayTrainWorker" in " ".join(p.cmdline())]
+                if workers:
+                    killed["after"] = _history(tmp_path / "killed")[-1]["step"]
+                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_one_worker_after_a_checkpoint, daemon=True)
+    watcher.start()
+    result = run_training(cfg, num_workers=2, storage_path=str(tmp_path), name="killed", max_failures=1)
+    watcher.join(timeout=5)
+    assert "after" in killed and killed["after"] < 40
+    assert result.error is None, result.error
+    final = final_metrics(result)
+    assert final["status"] == "completed" and final["step"] == 40 and final["restarts"] == 1
+    resumed = [r for r in _history(tmp_path / "killed") if r.get("restarts") == 1]
+    assert resumed and resumed[0]["step"] > 4  # from a sharded checkpoint, not from step 0
+
+
+def test_search_with_fsdp_trials_completes_with_asha(ray_cluster, tmp_path):
+    import pandas as pd
+
+    from simpo_ray.tune import run_search
+
+    exp = run_search("search_spaces/cpu-small.yaml", storage_path=str(tmp_path), name="fsdp", verbose=0,
+                     num_samples=4, scheduler="asha", overrides={
+                         "base.parallel": "fsdp", "resources.num_workers": 2, "base.max_steps": 20,
+                         "base.eval_steps": 5, "base.generation_eval_samples": 16,
+                         "base.max_eval_samples": 64, "search.grace_period": 5, "search.max_t": 20})
+    trials = pd.read_csv(exp / "trials.csv")
+    assert len(trials) == 4 and set(trials["status"]) <= {"completed", "stopped_early"}
+    assert (trials["status"] == "completed").any()
+    ckpt = Path(trials.dropna(subset=["best_checkpoint"])["best_checkpoint"].iloc[0])
+    assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt))
