@@ -313,6 +313,7 @@ def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1
         lines.append(f"best config: {local / 'best_config.yaml'}")
         if ckpt:
             lines.append(f"best checkpoint: {ckpt} (step {best['best_step']:.0f})")
+            lines.append(f"best model: {export_best(ckpt, local / 'best_model')}")
     elif not interrupted:
         lines.append("no trial finished; see the error column of trials.csv")
     lines.append(f"results: {local / 'trials.csv'} (one row per trial), {local / 'curves.csv'} (learning curves)")
@@ -328,3 +329,27 @@ def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1
     if verbose:
         print("\n".join(lines), flush=True)
     return local
+
+
+def export_best(checkpoint: str, out: Path) -> str:
+    """The best checkpoint as a plain Hugging Face directory (`parallel.export_pretrained`, the
+    full state dict gathered once, in this process), written beside and renamed into place; a
+    failure is reported in the summary, never fails the finished search."""
+    import shutil
+    import tempfile
+
+    from simpo_ray.errors import UserError, one_line
+    from simpo_ray.parallel import export_pretrained
+
+    if "://" in checkpoint:
+        return f"not exported (remote checkpoint); run python -m simpo_ray.export {checkpoint} DIR"
+    tmp = Path(tempfile.mkdtemp(prefix=".best_model.", dir=out.parent))
+    try:
+        export_pretrained(checkpoint, tmp / "model")
+        shutil.rmtree(out, ignore_errors=True)
+        (tmp / "model").rename(out)
+        return str(out)
+    except (UserError, OSError, RuntimeError, ValueError) as e:
+        return f"not exported ({one_line(e, with_type=True)}); run python -m simpo_ray.export {checkpoint} DIR"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -156,3 +156,7 @@ def test_search_with_fsdp_trials_completes_with_asha(ray_cluster, tmp_path):
     assert (trials["status"] == "completed").any()
     ckpt = Path(trials.dropna(subset=["best_checkpoint"])["best_checkpoint"].iloc[0])
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt))
+    # The search exports its best trial's best checkpoint as a plain Hugging Face model.
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(exp / "best_model").num_parameters() > 0

@@ -135,7 +135,7 @@ def test_reaper_reaps_this_jobs_leak_and_leaves_another_jobs_alone(ray_cluster):
     assert ray_workarounds._reaper_stop is not None, "init_ray (conftest) should have started the reaper"
     ours = ray.get_runtime_context().get_job_id()
     address = ray.get_runtime_context().gcs_address
-    from simpo_ray.ray_workarounds import LOOPBACK_ENV
+    from simpo_ray.loopback import LOOPBACK_ENV
 
     proc = subprocess.Popen([sys.executable, "-c", FOREIGN_JOB, address], cwd=ROOT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
