@@ -195,6 +195,9 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from simpo_ray.errors import UserError
     from simpo_ray.model import load_tokenizer, resolve_model_path
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in a summary
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not (checkpoint / CONFIG_FILE).is_file() or not (checkpoint / ".metadata").is_file():
         raise UserError(f"{checkpoint}: not a simpo-ray checkpoint (no {CONFIG_FILE} or .metadata)")
