@@ -18,11 +18,19 @@ Written to --out (replaced as a whole, only once everything is written):
                           sft_weight (best trial), robust range (min-max over the top quarter
                           of finished trials, at least 3), the guide's default and range, a
                           flag where they disagree, best vs documented-default trial, trials
-                          by status, fANOVA importance, diagnostics; a cross-size table
+                          by status, fANOVA importance, diagnostics; a cross-size table;
+                          with a reward model, the final win rate, LC win rate and generated
+                          length beside the score, and a length-exploitation check
   recommendations.csv, cross_size.csv, best_vs_default.csv, status_counts.csv,
   importance.csv, diagnostics.csv, diagnostics_trials.csv, all_trials.csv
+  extrapolated.csv,       with searches of two sizes or more: settings predicted for the
+  leave_one_size_out.csv  standard sizes not searched (bundled ladder, one model per guide
+                          bucket), EXTRAPOLATED from each parameter's trend against log
+                          parameter count, with an interval; with three sizes or more, each
+                          searched size predicted from the others against its best trial
   plots/<size>_*.png      objective vs parameters, learning curves by outcome, parallel
-                          coordinates of the top trials, preference accuracy vs chosen NLL
+                          coordinates of the top trials, preference accuracy vs chosen NLL,
+                          final objective and win rates vs generated length (reward model)
   configs/<size>.yaml     the best configuration, for python -m simpo_ray.train --config
 """
 

@@ -10,7 +10,15 @@ Per trial (`trial_flags`):
   report is not above the first.
 - forgetting: chosen NLL (`eval/sft_loss`) rose by more than FORGET_TOL of its first value while
   sft_weight < LOW_SFT_WEIGHT.
-`diagnose` groups them per size with the guide's suggested adjustment.
+- length exploitation (trials run with a reward model; not one of the guide's checks): from the
+  first report (step 0, the starting model) to the last, the raw reward win rate
+  (`eval/reward_win_rate`) rose by WIN_RISE (0.05) or more, the length-controlled win rate
+  (`eval/reward_win_rate_lc`) rose by LC_FLAT (0.02) at most (it may have fallen: a fall while the
+  raw rate rises is exploitation too), and the mean generated length (`eval/gen_length`) grew by
+  LENGTH_RISE (10%) or more of its first value. The reward model prefers the longer answers, not
+  better ones: the gain disappears once length is controlled for.
+`diagnose` groups them per size with the guide's suggested adjustment (for length exploitation,
+this project's own).
 """
 
 from __future__ import annotations
@@ -18,12 +26,18 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.load import Results
-from analysis.report import fmt, top_trials
+from analysis.quality import GEN_LENGTH, WIN, WIN_LC
+from analysis.report import best_trial, fmt, top_trials
 from simpo_ray.records import RANKED_STATUSES
 
 PLATEAU_TOL = 0.02
 FORGET_TOL = 0.05
 LOW_SFT_WEIGHT = 0.1  # below the guide's instruct-model setting (0.05-0.1 at most)
+WIN_RISE = 0.05  # length exploitation: the raw win rate rose at least this much from step 0,
+LC_FLAT = 0.02  # the LC win rate rose at most this much (or fell),
+LENGTH_RISE = 0.10  # and the mean generated length grew at least this share
+LENGTH_RULE = (f"raw win rate up ≥ {WIN_RISE:g} from step 0 while the length-controlled win rate moved "
+               f"≤ +{LC_FLAT:g} and the mean generated length grew ≥ {LENGTH_RISE:.0%}")
 
 ADVICE = {
     "diverged": "guide: if loss diverges, reduce learning_rate and beta (its 7B example: 5e-7 → 3e-7, 2.0 → 1.0)",
@@ -31,6 +45,10 @@ ADVICE = {
     "flat margin": ("guide: the reward margin should increase (Step 2); as for an early plateau, "
                     "increase learning_rate and beta"),
     "forgetting": "guide: if the model forgets, increase sft_weight (its example: 0.0 → 0.2)",
+    "length exploitation": ("not from the guide (it does not cover answer length): the reward model is rewarding "
+                            f"longer answers; rank by {WIN_LC} rather than {WIN} or eval/reward_mean, and "
+                            "prefer a larger sft_weight (on the bundled task the SFT term kept answers from "
+                            "rambling, README)"),
 }
 
 
@@ -52,8 +70,9 @@ def trial_flags(results: Results) -> pd.DataFrame:
                 "diverged" in c.columns and (pd.to_numeric(c["diverged"], errors="coerce") == 1).any())
             row = {"size": size, "experiment": t["experiment"], "trial_id": t["trial_id"],
                    "status": t["status"], "diverged": bool(diverged), "plateau": False,
-                   "flat_margin": False, "forgetting": False, "loss_change_2nd_half": float("nan"),
-                   "margin_change": float("nan"), "nll_change": float("nan")}
+                   "flat_margin": False, "forgetting": False, "length_exploitation": False,
+                   "loss_change_2nd_half": float("nan"), "margin_change": float("nan"), "nll_change": float("nan"),
+                   "win_change": float("nan"), "lc_change": float("nan"), "length_change": float("nan")}
             if not diverged and t["status"] != "errored":
                 loss = _series(c, ("eval/loss", "loss"))
                 if len(loss) >= 3 and t["status"] == "completed":
@@ -70,13 +89,27 @@ def trial_flags(results: Results) -> pd.DataFrame:
                     row["nll_change"] = (nll.iloc[-1] - nll.iloc[0]) / max(abs(nll.iloc[0]), 1e-12)
                     row["forgetting"] = bool(row["nll_change"] > FORGET_TOL
                                              and t.get("sft_weight", 0.0) < LOW_SFT_WEIGHT)
+                row.update(_length_exploitation(c))
             rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _region(t: pd.DataFrame) -> str:
+def _length_exploitation(curve: pd.DataFrame) -> dict:
+    """The length-exploitation check of one trial's curve (module docstring); {} without the metrics."""
+    win, lc, length = (_series(curve, (m,)) for m in (WIN, WIN_LC, GEN_LENGTH))
+    if not (len(win) and len(lc) and len(length)):
+        return {}
+    out = {"win_change": win.iloc[-1] - win.iloc[0], "lc_change": lc.iloc[-1] - lc.iloc[0],
+           "length_change": (length.iloc[-1] - length.iloc[0]) / max(abs(length.iloc[0]), 1e-12)}
+    eps = 1e-9  # 0.62 - 0.57 is 0.04999... in floating point
+    out["length_exploitation"] = bool(out["win_change"] >= WIN_RISE - eps and out["lc_change"] <= LC_FLAT + eps
+                                      and out["length_change"] >= LENGTH_RISE - eps)
+    return out
+
+
+def _region(t: pd.DataFrame, params: tuple[str, ...] = ("learning_rate", "beta")) -> str:
     parts = []
-    for p in ("learning_rate", "beta"):
+    for p in params:
         if p in t.columns and t[p].notna().any():
             lo, hi = t[p].min(), t[p].max()
             parts.append(f"{p} {fmt(lo, p)}" + ("" if lo == hi else f"–{fmt(hi, p)}"))
@@ -91,7 +124,8 @@ def diagnose(results: Results, flags: pd.DataFrame | None = None) -> pd.DataFram
         f = flags[flags["size"] == size]
         trials = results.of_size(size)
         joined = trials.merge(f[["experiment", "trial_id", "diverged", "plateau", "flat_margin", "forgetting",
-                                 "nll_change"]], on=["experiment", "trial_id"])
+                                 "nll_change", "length_exploitation", "win_change", "lc_change", "length_change"]],
+                              on=["experiment", "trial_id"])
         n = len(trials)
         ok = joined[~joined["diverged"] & joined["status"].isin(RANKED_STATUSES)]
 
@@ -128,6 +162,19 @@ def diagnose(results: Results, flags: pd.DataFrame | None = None) -> pd.DataFram
                 finding += (f"; with sft_weight ≥ {LOW_SFT_WEIGHT} it rose "
                             f"{hi['nll_change'].median():+.0%} (median of {len(hi)})")
             rows.append(_row(size, "forgetting", fo, finding, ADVICE["forgetting"]))
+
+        lx = joined[joined["length_exploitation"]]
+        if len(lx):
+            named = "; ".join(f"{r.trial_id} (win {r.win_change:+.3f}, LC {r.lc_change:+.3f}, length "
+                              f"{r.length_change:+.0%})" for r in lx.itertuples())
+            best = best_trial(results, size)
+            finding = (f"{len(lx)} trial(s) gained win rate through length ({LENGTH_RULE}): {named}"
+                       + (f"; the best trial {best['trial_id']} is one of them"
+                          if (best["experiment"], best["trial_id"]) in set(zip(lx["experiment"], lx["trial_id"]))
+                          else ""))
+            advice = (ADVICE["length exploitation"]
+                      + f"; these trials used {_region(lx, ('learning_rate', 'beta', 'sft_weight'))}")
+            rows.append(_row(size, "length exploitation", lx, finding, advice))
     return pd.DataFrame(rows, columns=["size", "check", "n_trials", "trials", "finding", "advice"])
 
 

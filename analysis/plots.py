@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from analysis.diagnose import trial_flags
 from analysis.load import Results, slug
+from analysis.quality import BASELINE_LENGTH, GEN_LENGTH, WIN, WIN_LC
 from analysis.report import best_trial, guide, top_trials
 from simpo_ray.guide import PARAMS
 from simpo_ray.records import STATUSES
@@ -167,6 +169,48 @@ def tradeoff(results: Results, size: str) -> Figure | None:
     return fig
 
 
+def objective_vs_length(results: Results, size: str) -> Figure | None:
+    """Each finished trial's final objective, and its final LC and raw reward win rates where
+    reported, against its final mean generated length (`eval/gen_length`); dashed: the baseline
+    answers' length, dotted: a win rate of 0.5 (parity with the baseline); ringed in red: the
+    trials `diagnose` flags for length exploitation (raw win rate up, LC win rate flat, longer
+    answers). None when the trials report no generated length (no reward model)."""
+
+    x = f"final_{GEN_LENGTH}"
+    fin = results.ranked(size)
+    if x not in fin.columns:
+        return None
+    fin = fin[pd.to_numeric(fin[x], errors="coerce").notna()]
+    if fin.empty:
+        return None
+    panels = [("final_score", f"{results.objective} (final)")] + [
+        (f"final_{m}", f"{m} (final)") for m in (WIN_LC, WIN)
+        if m != results.objective and f"final_{m}" in fin.columns and fin[f"final_{m}"].notna().any()]
+    base = fin.get(f"final_{BASELINE_LENGTH}", pd.Series(dtype=float)).dropna()
+    best = best_trial(results, size)
+    flags = trial_flags(results)
+    flagged = fin.merge(flags[flags["length_exploitation"]][["experiment", "trial_id"]])
+    fig = Figure(figsize=(4.4 * len(panels), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(panels), sharex=True, squeeze=False)[0]
+    for ax, (col, label) in zip(axes, panels):
+        for status, s in fin.groupby("status"):
+            ax.scatter(s[x], s[col], color=_color(status), label=status, s=28, alpha=0.85)
+        ax.scatter([best[x]], [best[col]], marker="*", s=200, color="gold", edgecolors="black", zorder=5, label="best")
+        if len(flagged):
+            ax.scatter(flagged[x], flagged[col], facecolors="none", edgecolors="tab:red", s=130, linewidths=1.5,
+                       label="length exploitation")
+        if len(base):
+            ax.axvline(base.median(), color="black", ls="--", lw=1, label=f"baseline length ({base.median():.3g})")
+        if col != "final_score" or results.objective in (WIN, WIN_LC):
+            ax.axhline(0.5, color="gray", ls=":", lw=1, label="win rate 0.5 (parity)")
+        ax.set_xlabel(f"mean generated tokens ({GEN_LENGTH}, final)")
+        ax.set_ylabel(label)
+    legend = {lab: h for ax in axes for h, lab in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), loc="outside right upper", fontsize=8)
+    fig.suptitle(f"{size}: final scores against answer length ({len(fin)} finished trials)")
+    return fig
+
+
 def cross_size(results: Results) -> Figure:
     """Per parameter: the recommended value (dot) and robust range (bar) of each size, smallest
     first, over the guide's range (grey band) and default (x): how the optimum moves with size."""
@@ -200,6 +244,7 @@ FIGURES = {
     "learning_curves": learning_curves,
     "parallel_top_trials": parallel_coordinates,
     "accuracy_vs_nll": tradeoff,
+    "objective_vs_length": objective_vs_length,  # with a reward model only
 }
 
 

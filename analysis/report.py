@@ -16,6 +16,9 @@ Definitions (also printed at the top of recommendations.md):
   (`above guide` / `below guide`) or even outside the documented envelope (`above documented
   range` / `below documented range`); ` (all top trials)` is added when the whole robust range
   lies on that side too.
+- *Generation quality* (trials run with a reward model): the final (last report's) reward win
+  rate, length-controlled win rate and mean generated length (`QUALITY`), shown beside the
+  score wherever some trial reported them (`quality_columns`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import pandas as pd
 import yaml
 
 from analysis.load import Results, guide_for, slug
+from analysis.quality import BASELINE_LENGTH, QUALITY, quality_columns
 from simpo_ray import records
 from simpo_ray.guide import PARAMS
 from simpo_ray.records import RANKED_STATUSES, STATUSES
@@ -118,7 +122,7 @@ def flag(value: float, lo: float, hi: float, g: dict[str, float]) -> str:
 def best_vs_default(results: Results) -> pd.DataFrame:
     """The best trial's score against the documented-default trial's (`is_default`); the final
     values beside them."""
-    rows = []
+    rows, quality = [], quality_columns(results.trials)
     for size in results.sizes:
         best = best_trial(results, size)
         defaults = results.of_size(size)
@@ -126,11 +130,14 @@ def best_vs_default(results: Results) -> pd.DataFrame:
         row = {"size": size, "best_trial": best["trial_id"], "best_score": float(best["score"]),
                "best_final_score": float(best["final_score"]), "best_status": best["status"],
                "default_trial": None, "default_status": None, "default_score": float("nan"),
-               "default_final_score": float("nan"), "improvement": float("nan")}
+               "default_final_score": float("nan"), "improvement": float("nan"),
+               **{f"{who}_final_{n}": float("nan") for n in quality.values() for who in ("best", "default")}}
+        row.update({f"best_final_{n}": float(best[c]) for c, n in quality.items()})
         if len(defaults):
             d = defaults.iloc[0]
             row.update(default_trial=d["trial_id"], default_status=d["status"],
-                       default_score=float(d["score"]), default_final_score=float(d["final_score"]))
+                       default_score=float(d["score"]), default_final_score=float(d["final_score"]),
+                       **{f"default_final_{n}": float(d[c]) for c, n in quality.items()})
             sign = 1.0 if results.mode == "max" else -1.0
             row["improvement"] = sign * (row["best_score"] - row["default_score"]) + 0.0  # no -0
         rows.append(row)
@@ -152,6 +159,7 @@ def cross_size(results: Results) -> pd.DataFrame:
             row[f"{p} guide range"] = _fmt_range(r.at[p, "guide_low"], r.at[p, "guide_high"], p)
         best = best_trial(results, size)
         row["score"], row["final_score"] = float(best["score"]), float(best["final_score"])
+        row.update({f"final_{n}": float(best[c]) for c, n in quality_columns(results.trials).items()})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -286,6 +294,16 @@ def md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def quality_text(t: pd.Series, columns: dict[str, str]) -> str:
+    """'; final LC win rate 0.61, win rate 0.66, 46 generated tokens (baseline 42)' or ''."""
+    words = {"lc_win_rate": "LC win rate {}", "win_rate": "win rate {}", "gen_length": "{} generated tokens"}
+    base = t.get(f"final_{BASELINE_LENGTH}")
+    parts = [words[n].format(fmt(float(t[c]))) + (f" (baseline {fmt(float(base))})" if n == "gen_length"
+                                                  and pd.notna(base) else "")
+             for c, n in columns.items() if pd.notna(t.get(c))]
+    return "; final " + ", ".join(parts) if parts else ""
+
+
 def recommendation_display(rec: pd.DataFrame, size: str) -> pd.DataFrame:
     r = rec[rec["size"] == size]
     return pd.DataFrame({
@@ -309,7 +327,21 @@ def cross_size_display(cs: pd.DataFrame) -> pd.DataFrame:
             out[f"{p} (guide)"] = [f"{fmt(d, p)} [{r}]" for d, r in zip(cs[f"{p} guide"], cs[f"{p} guide range"])]
     out["score"] = [fmt(v) for v in cs["score"]]
     out["final score"] = [fmt(v) for v in cs["final_score"]]
+    for n in QUALITY.values():
+        if f"final_{n}" in cs:
+            out[f"final {n.replace('_', ' ')}"] = [fmt(v) for v in cs[f"final_{n}"]]
     return out
+
+
+def trials_table(results: Results) -> pd.DataFrame:
+    """Every trial: per size the ranked ones first (best first), then the rest; configuration,
+    status, score, final score and the final generation-quality metrics that were reported."""
+    quality = quality_columns(results.trials)
+    params = [p for s in results.sizes for p in results.searched_params(s)]
+    cols = ["size", "trial_id", "status", "is_default", *params, "steps", "score", "final_score", *quality]
+    order = dict.fromkeys(i for s in results.sizes for i in [*results.ranked(s).index, *results.of_size(s).index])
+    t = results.trials.loc[list(order), list(dict.fromkeys(c for c in cols if c in results.trials))]
+    return t.rename(columns={c: f"final_{n}" for c, n in quality.items()})
 
 
 def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame,
@@ -318,6 +350,7 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
     rec, bvd, counts = tables["recommendations"], tables["best_vs_default"], tables["status_counts"]
     imp, imp_notes = tables["importance"], tables["importance_notes"]
     sign = "higher" if results.mode == "max" else "lower"
+    quality = quality_columns(results.trials)
     out = [
         "# SimPO hyperparameter recommendations", "",
         f"Objective: `{results.objective}` ({sign} is better), from "
@@ -333,11 +366,18 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         "- *Guide*: the guide's documented default and recommended range for the size bucket, task "
         "and model type; *documented range*: the widest range it still calls usable (simpo_ray.guide).",
         "- *Flag*: the recommendation lies outside the guide's range (or even the documented range); "
-        "\"(all top trials)\": so does the whole robust range.", "",
+        "\"(all top trials)\": so does the whole robust range.",
+        *(["- *Win rate*: share of held-out prompts whose generated answer the reward model scores above the "
+           "baseline answer (ties count half); *LC win rate*: the same, length-controlled (AlpacaEval 2 style, "
+           "read at zero length difference); *gen length*: mean generated tokens. Final values: the trial's "
+           "last report."] if quality else []), "",
         "## Across sizes", "",
         md_table(cross_size_display(tables["cross_size"])), "",
         "![cross_size](plots/cross_size.png)", "",
     ]
+    from analysis import extrapolate  # it formats with this module's helpers
+
+    out += extrapolate.markdown(tables)
     for size in results.sizes:
         info = size_info(results, size)
         b = bvd[bvd["size"] == size].iloc[0]
@@ -345,16 +385,23 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
                 f"Model `{info['model']}`, size bucket `{info['size_bucket']}`, task {info['task']}, "
                 f"model type {info['model_type']}; search(es): {info['searches']}.", "",
                 md_table(recommendation_display(rec, size)), ""]
+        t = results.of_size(size)
+        default = t[t["is_default"]].iloc[0] if b["default_trial"] is not None else None
         line = (f"Best trial `{b['best_trial']}` ({b['best_status']}): {results.objective} = {fmt(b['best_score'])}"
-                f" (final {fmt(b['best_final_score'])})")
+                f" (final {fmt(b['best_final_score'])}{quality_text(best_trial(results, size), quality)})")
         if b["default_trial"] is not None:
             line += (f"; documented-default trial `{b['default_trial']}` ({b['default_status']}): "
-                     f"{fmt(b['default_score'])} (final {fmt(b['default_final_score'])})")
+                     f"{fmt(b['default_score'])} (final {fmt(b['default_final_score'])}"
+                     f"{quality_text(default, quality)})")
             if pd.notna(b["improvement"]):
                 line += f"; improvement {b['improvement']:+.4g}"
         else:
             line += "; no documented-default trial (`is_default`) in this search"
         out += [line + ".", ""]
+        if quality:
+            top = trials_table(results).loc[top_trials(results, size).index].drop(columns="size")
+            out += ["Top trials, with the generation quality of their final model:", "",
+                    md_table(top.apply(lambda col: [fmt(v, col.name) for v in col])), ""]
         c = counts[counts["size"] == size].drop(columns="size")
         out += ["Trials by status:", "", md_table(c), ""]
         out += ["Parameter importance (fANOVA):", ""]
@@ -369,6 +416,11 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         out += ["Diagnostics (the guide's Step 3 applied to the measured curves):", ""]
         if len(d):
             out += [f"- **{r.check}** ({r.n_trials} trial(s)): {r.finding} → {r.advice}" for r in d.itertuples()]
+        elif quality:
+            from analysis.diagnose import LENGTH_RULE
+
+            out += [f"- no divergence, plateau, flat margin, forgetting or length exploitation ({LENGTH_RULE}) "
+                    "detected."]
         else:
             out += ["- no divergence, plateau, flat margin or forgetting detected."]
         out += [""]
@@ -394,6 +446,9 @@ def write_tables(results: Results, out: Path) -> dict[str, Any]:
         "importance": imp,
         "importance_notes": notes,
     }
+    from analysis import extrapolate
+
+    tables.update(extrapolate.tables(results))  # predicted for unseen sizes: with two sizes or more
     for name, df in tables.items():
         if isinstance(df, pd.DataFrame):
             df.to_csv(out / f"{name}.csv", index=False)

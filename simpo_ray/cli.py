@@ -143,6 +143,16 @@ def _tune_parser() -> argparse.ArgumentParser:
             "  python -m simpo_ray.tune --space search_spaces/7b.yaml --dry-run  # plan only\n"
             "  python -m simpo_ray.tune --space search_spaces/7b.yaml --address auto --storage-path s3://bucket/simpo\n"
             "  python -m simpo_ray.tune --space search_spaces/cpu-tiny.yaml --resume   # continue an interrupted search\n"
+            "  python -m simpo_ray.tune --space search_spaces/cpu-base.yaml --warm-start results/cpu-tiny "
+            "results/cpu-small --dry-run\n"
+            "\n"
+            "warm start (--warm-start, or search.warm_start: [dirs] in the space; paths relative to the\n"
+            "working directory): finished searches of the same size bucket and model hand their ranked\n"
+            "trials to Optuna as completed trials (not rerun); searches of other sizes give a trend per\n"
+            "parameter against model size, and the point it predicts runs right after the documented\n"
+            "default. --warm-start-narrow (search.warm_start_narrow: true) also narrows each searched\n"
+            "range to the predicted interval (never outside the documented range unless\n"
+            "--allow-out-of-range). --dry-run prints the trials handed over, the trends and the point.\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -166,6 +176,12 @@ def _tune_parser() -> argparse.ArgumentParser:
                    help="model-type preset (sft_weight range)")
     p.add_argument("--allow-out-of-range", action="store_true",
                    help="search ranges outside the guide's documented ranges")
+    p.add_argument("--warm-start", nargs="+", action="extend", default=None, metavar="DIR",
+                   help="finished searches (their directories, or folders of them) to start from; added "
+                        "after the space's search.warm_start (see below)")
+    p.add_argument("--warm-start-narrow", action="store_true", default=None,
+                   help="narrow the searched ranges to the interval the warm start predicts "
+                        "(search.warm_start_narrow: true)")
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted search at --storage-path/--name (finished trials are kept)")
     p.add_argument("--dry-run", action="store_true",
@@ -192,7 +208,8 @@ def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
     space = tune.load(args.space, task=args.task, model_type=args.model_type,
                       allow_out_of_range=args.allow_out_of_range, num_samples=args.num_samples,
                       seed=args.seed, scheduler=args.scheduler, sampler=args.sampler,
-                      max_concurrent=args.max_concurrent)
+                      max_concurrent=args.max_concurrent, warm_start=args.warm_start,
+                      warm_start_narrow=args.warm_start_narrow)
     if args.dry_run:
         print(tune.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name))
         return 0

@@ -76,7 +76,25 @@ class TrainConfig:
     # Evaluation, logging, checkpoints
     eval_steps: int = field(default=100, metadata=_range(1))
     logging_steps: int = field(default=10, metadata=_range(1))
+    # Generation quality, at step 0 and every eval_steps: the policy answers the first
+    # generation_eval_samples held-out prompts (0: never), split across the workers; the bundled
+    # task checks them (eval/success_rate) and a reward model (an AutoModelForSequenceClassification
+    # with one output, or bundled:reward) scores them against a baseline answer per prompt: the
+    # dataset's chosen answer, or the step-0 model's (initial). max_new_tokens: None is the
+    # bundled task's answer budget, else 512. Greedy unless generation_do_sample (seeded by seed).
     generation_eval_samples: int = field(default=64, metadata=_range(0))
+    # How often generation runs (a multiple of eval_steps; None: every eval). Reports between
+    # carry the last measured values, with eval/generation_step saying when they were measured.
+    generation_eval_steps: int | None = field(default=None, metadata=_range(1))
+    # Prompts per generate() call (None: a worker's whole share at once; decoding is memory-bound,
+    # so one batch costs about what one prompt does).
+    generation_batch_size: int | None = field(default=None, metadata=_range(1))
+    reward_model_name_or_path: str | None = None
+    reward_baseline: Literal["chosen", "initial"] = "chosen"
+    max_new_tokens: int | None = field(default=None, metadata=_range(1))
+    generation_do_sample: bool = False
+    generation_temperature: float = field(default=1.0, metadata=_range(0, None, low_open=True))
+    generation_top_p: float = field(default=1.0, metadata=_range(0, 1, low_open=True))
     save_steps: int | None = field(default=None, metadata=_range(1))
     save_total_limit: int = field(default=2, metadata=_range(1))
     output_dir: str | None = None
@@ -164,5 +182,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"dataset_splits: expected [train_split, eval_split], got {cfg.dataset_splits!r}"
         )
+    if cfg.generation_eval_steps is not None and cfg.generation_eval_steps % cfg.eval_steps:
+        raise ConfigError(f"generation_eval_steps: {cfg.generation_eval_steps} must be a multiple of "
+                          f"eval_steps ({cfg.eval_steps})")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ConfigError(f"max_steps: {cfg.max_steps} is out of range; allowed -1 (use epochs) or >= 1")

@@ -60,7 +60,7 @@ def prepare_run(cfg: TrainConfig, prepared=None) -> PreparedRun:
 
     if prepared is None:
         prepared = check_inputs(cfg)
-    return PreparedRun(data=share_prepared(prepared), num_train=prepared.num_train, num_eval=prepared.num_eval)
+    return PreparedRun(data=share_prepared(prepared, cfg.generation_eval_samples), num_train=prepared.num_train, num_eval=prepared.num_eval)
 
 
 def run_resources(cfg: TrainConfig, num_workers: int | None = None, cpus_per_worker: float = 1,

@@ -113,7 +113,8 @@ class MemoryPlan:
         return (f"parallel={self.strategy}{shard}{off}: ~{self.total / GB:.1f} GB per GPU "
                 f"(weights+grads+AdamW {self.state / GB:.1f} GB, all-gather buffers "
                 f"{p['gather_buffers'] / GB:.1f} GB, activations {p['activations'] / GB:.1f} GB, "
-                f"log-prob chunk {p['logps_chunk'] / GB:.2f} GB, CUDA overhead {p['overhead'] / GB:.1f} GB)")
+                f"log-prob chunk {p['logps_chunk'] / GB:.2f} GB, CUDA overhead {p['overhead'] / GB:.1f} GB"
+                + (f", reward model {p['reward_model'] / GB:.1f} GB" if p.get("reward_model") else "") + ")")
 
 
 def activation_bytes(shape: ModelShape, batch: Batch, *, sharded_bf16: bool) -> tuple[float, float]:
@@ -139,8 +140,10 @@ def activation_bytes(shape: ModelShape, batch: Batch, *, sharded_bf16: bool) -> 
 
 
 def plan(shape: ModelShape, batch: Batch, *, strategy: str, world: int,
-         cpu_offload: bool = False, gpu: bool = True) -> MemoryPlan:
-    """Per-worker bytes of one training step under `strategy` ('ddp' or 'fsdp') with `world` workers."""
+         cpu_offload: bool = False, gpu: bool = True, reward_params: float = 0.0) -> MemoryPlan:
+    """Per-worker bytes of one training step under `strategy` ('ddp' or 'fsdp') with `world` workers;
+    `reward_params`: the reward model every worker keeps for generation-quality evaluation
+    (unsharded, bf16 under `bf16`)."""
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"strategy must be ddp or fsdp, got {strategy!r}")
     n = shape.total_params
@@ -168,11 +171,12 @@ def plan(shape: ModelShape, batch: Batch, *, strategy: str, world: int,
 
     parts["logps_chunk"] = 3 * 4 * logps_chunk_tokens(shape.vocab) * shape.vocab
     parts["overhead"] = GPU_OVERHEAD_BYTES if gpu else 0.0
+    parts["reward_model"] = compute * reward_params
     return MemoryPlan(strategy, shards, cpu_offload and strategy == "fsdp", parts, shape)
 
 
 def choose(shape: ModelShape, batch: Batch, *, parallel: str, world: int, gpu_memory_gb: float | None,
-           cpu_offload: bool = False, model_name: str = "the model") -> MemoryPlan:
+           cpu_offload: bool = False, model_name: str = "the model", reward_params: float = 0.0) -> MemoryPlan:
     """The plan for `parallel` (auto|ddp|fsdp); `UserError` when it cannot fit `gpu_memory_gb`.
 
     `auto` is DDP when DDP fits one GPU, FSDP otherwise. Without `gpu_memory_gb` (a CPU run, or
@@ -180,8 +184,8 @@ def choose(shape: ModelShape, batch: Batch, *, parallel: str, world: int, gpu_me
     """
     from simpo_ray.errors import UserError
 
-    ddp = plan(shape, batch, strategy="ddp", world=world)
-    fsdp = plan(shape, batch, strategy="fsdp", world=world, cpu_offload=cpu_offload)
+    ddp = plan(shape, batch, strategy="ddp", world=world, reward_params=reward_params)
+    fsdp = plan(shape, batch, strategy="fsdp", world=world, cpu_offload=cpu_offload, reward_params=reward_params)
     if gpu_memory_gb is None:
         return fsdp if parallel == "fsdp" else ddp
     if parallel == "auto":
@@ -233,4 +237,31 @@ def plan_for(cfg: Any, resources: Any, params_billion: float | None = None) -> M
     batch = Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16, cfg.gradient_checkpointing)
     return choose(shape, batch, parallel=cfg.parallel, world=resources.num_workers,
                   gpu_memory_gb=resources.gpu_memory_gb, cpu_offload=cfg.fsdp_cpu_offload,
-                  model_name=cfg.model_name_or_path.rsplit("/", 1)[-1])
+                  model_name=cfg.model_name_or_path.rsplit("/", 1)[-1], reward_params=reward_params(cfg))
+
+
+# Parameter counts of the reward models the spaces name, for planning without their config.
+KNOWN_REWARD_PARAMS = {
+    "Skywork/Skywork-Reward-V2-Llama-3.1-8B": 7.5e9,
+    "Skywork/Skywork-Reward-V2-Qwen3-1.7B": 1.7e9,
+    "Skywork/Skywork-Reward-V2-Qwen3-0.6B": 0.6e9,
+}
+UNKNOWN_REWARD_PARAMS = 8e9  # planned for when neither the config nor the table knows the model
+
+
+def reward_params(cfg: Any) -> float:
+    """Parameters of `cfg.reward_model_name_or_path` (0 without one): from its config when it is
+    local or in the Hub cache, else `KNOWN_REWARD_PARAMS`, else an 8B model."""
+    name = cfg.reward_model_name_or_path
+    if not name:
+        return 0.0
+    try:
+        from transformers import AutoConfig
+
+        from simpo_ray.reward import BUNDLED_REWARD, resolve_reward_path
+
+        local = name == BUNDLED_REWARD or Path(name).expanduser().is_dir()
+        config = AutoConfig.from_pretrained(resolve_reward_path(name) if local else name, local_files_only=True)
+        return ModelShape.from_config(config, name).total_params
+    except (OSError, ValueError, KeyError, AttributeError):
+        return KNOWN_REWARD_PARAMS.get(name, UNKNOWN_REWARD_PARAMS)

@@ -1,5 +1,6 @@
-"""A search's start points: the guide's documented default first, then the SimPO reference's
-published settings for the model family, the guide's reasoning example, and the user's extras."""
+"""A search's start points: the guide's documented default first, then the point a warm start
+transferred from other model sizes (`simpo_ray.warm_start`), the SimPO reference's published
+settings for the model family, the guide's reasoning example, and the user's extras."""
 
 from __future__ import annotations
 
@@ -15,14 +16,18 @@ if TYPE_CHECKING:
 POINTS_KEYS = ("references", "extra")
 
 
-def add_points(space: SearchSpace, spec: PointsSpec, model_name: str) -> None:
-    """Fill points_to_evaluate: guide default first, then references, reasoning example, extra."""
+def add_points(space: SearchSpace, spec: PointsSpec, model_name: str,
+               transferred: tuple[str, dict[str, float]] | None = None) -> None:
+    """Fill points_to_evaluate: guide default first, then the warm start's `transferred` (label,
+    point of all four parameters: `simpo_ray.warm_start`), references, reasoning example, extra."""
     searched = space.params
     fixed = space.fixed_params()
     default = space.documented_default()
     candidates: list[tuple[str, dict[str, float]]] = [
         (f"guide default ({space.size_bucket}, task {space.task or '-'}, "
          f"model type {space.model_type or '-'})", default)]
+    if transferred is not None:
+        candidates.append(transferred)
     if spec.references:
         for ref in guide.reference_settings(model_name):
             candidates.append((f"SimPO reference {ref.name} ({ref.source.rsplit('/', 1)[-1]})", ref.params()))

@@ -96,7 +96,10 @@ class SearchRecord:
     seed: int
     sampler: str
     num_samples: int
-    search: dict[str, Any]  # the space's search settings: scheduler and its ASHA settings, ...
+    # The space's search settings: scheduler and its ASHA settings, ..., warm_start (absolute
+    # directories) and, for a warm-started search, warm_started_from: [{name, path, size,
+    # n_params, same_size, in_trend}] (simpo_ray.warm_start; absent in older records).
+    search: dict[str, Any]
     params: dict[str, dict[str, Any]]  # name -> {distribution, low, high[, values]}
     points_to_evaluate: list[dict[str, float]]  # the documented default first
     point_labels: list[str]
@@ -116,12 +119,15 @@ class SearchRecord:
         except PackageNotFoundError:
             ours = "unknown"
         s = space.search
+        search = json.loads(json.dumps(dataclasses.asdict(s)))  # tuples as lists, as read back
+        if getattr(space, "warm", None) is not None:  # which finished searches warm-started this one
+            search["warm_started_from"] = json.loads(json.dumps(space.warm.sources))
         return cls(
             schema_version=SCHEMA_VERSION, name=name, space_file=str(space_path),
             size_bucket=space.size_bucket, task=space.task, model_type=space.model_type,
             model_name_or_path=str(space.trial_config().model_name_or_path),
             objective=s.objective, mode=s.mode, seed=s.seed, sampler=s.sampler, num_samples=s.num_samples,
-            search=json.loads(json.dumps(dataclasses.asdict(s))),  # tuples as lists, as read back
+            search=search,
             params={n: p.to_dict() for n, p in space.params.items()},
             points_to_evaluate=list(space.points_to_evaluate), point_labels=list(space.point_labels),
             guide=space.guide_summary(), simpo_ray_version=ours,
@@ -251,10 +257,14 @@ def resolved_space(space) -> dict[str, Any]:
     base = space.trial_config().to_dict()
     for p in space.params:
         base.pop(p, None)
+    search = dataclasses.asdict(space.search)
+    for key, unset in (("warm_start", ()), ("warm_start_narrow", False)):
+        if search.get(key) == unset:  # as a record from before warm starts has it: absent
+            search.pop(key)
     return json.loads(json.dumps({
         "size_bucket": space.size_bucket, "task": space.task, "model_type": space.model_type,
         "base": base, "params": {n: p.to_dict() for n, p in space.params.items()},
-        "resources": dataclasses.asdict(space.resources), "search": dataclasses.asdict(space.search),
+        "resources": dataclasses.asdict(space.resources), "search": search,
         "points_to_evaluate": list(space.points_to_evaluate),
     }, default=str))
 

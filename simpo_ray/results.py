@@ -37,6 +37,9 @@ FINAL_METRICS = (
     "eval/rewards/margins", "eval/rewards/accuracies", "eval/rewards/chosen", "eval/rewards/rejected",
     "eval/logps/chosen", "eval/logps/rejected", "tokens_per_s", "samples", "tokens",
     "train_time_s", "startup_s",
+    # generation quality (with a reward model); eval/generation_step: when they were measured
+    "eval/reward_win_rate", "eval/reward_win_rate_lc", "eval/reward_mean", "eval/baseline_reward_mean",
+    "eval/gen_length", "eval/baseline_gen_length", "eval/generation_step",
 )
 CURVE_COLUMNS_FIRST = ("trial_id", "step", "samples", "tokens")
 # Tune trial statuses of a trial that ended (by itself, a scheduler, a stopper, or an error).

@@ -13,15 +13,23 @@ import datasets
 import ray
 
 
-def share_prepared(prepared: Any) -> dict[str, Any]:
-    """Put the prepared train/eval Arrow tables into the object store; return their refs."""
+def share_prepared(prepared: Any, prompt_samples: int = 0) -> dict[str, Any]:
+    """Put the prepared train/eval Arrow tables, and the first `prompt_samples` held-out prompt
+    rows (the generation sample), into the object store; return their refs."""
     from simpo_ray.tokens import load_prepared
 
     refs = {}
     for split, path in (("train", prepared.train_path), ("eval", prepared.eval_path)):
         ds = load_prepared(path)
         refs[split] = {"table": ray.put(ds.data.table), "fingerprint": f"{prepared.fingerprint}-{split}"}
+    refs["prompts"] = ray.put(prepared.prompt_rows(prompt_samples))
     return refs
+
+
+def load_prompts(data: dict[str, Any]) -> list[dict]:
+    """The generation sample shared by `share_prepared` (none when the data predate it)."""
+    ref = data.get("prompts")
+    return ray.get(ref) if ref is not None else []
 
 
 def load_shared(ref_or_path: Any) -> datasets.Dataset:

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +31,17 @@ Mode = Literal["max", "min"]
 OBJECTIVES = {
     "eval/preference_accuracy": "max",
     "eval/success_rate": "max",        # bundled task only
+    "eval/reward_win_rate_lc": "max",  # these three need base.reward_model_name_or_path
+    "eval/reward_win_rate": "max",
+    "eval/reward_mean": "max",
     "eval/rewards/accuracies": "max",
     "eval/rewards/margins": "max",
     "eval/loss": "min",
     "eval/sft_loss": "min",
 }
 Objective = Literal[
-    "eval/preference_accuracy", "eval/success_rate", "eval/rewards/accuracies",
+    "eval/preference_accuracy", "eval/success_rate", "eval/reward_win_rate_lc", "eval/reward_win_rate",
+    "eval/reward_mean", "eval/rewards/accuracies",
     "eval/rewards/margins", "eval/loss", "eval/sft_loss",
 ]
 assert set(typing.get_args(Objective)) == set(OBJECTIVES)
@@ -143,9 +148,15 @@ class SearchSettings:
     max_failures: int = field(default=1, metadata=rng(0))
     checkpoint_keep: int = field(default=2, metadata=rng(1))
     points_to_evaluate: PointsSpec = field(default_factory=PointsSpec)
+    # Finished searches to start from (simpo_ray.warm_start); absolute once loaded.
+    warm_start: tuple[str, ...] = ()
+    warm_start_narrow: bool = False
 
     def __post_init__(self) -> None:
         schema.validate(self)
+        if self.warm_start_narrow and not self.warm_start:
+            raise ConfigError("warm_start_narrow: true needs finished searches to narrow from "
+                              "(search.warm_start or --warm-start)")
         better = OBJECTIVES[self.objective]
         if self.mode != better:
             raise ConfigError(f"mode: {self.mode!r} is wrong for {self.objective}, which is better when "
@@ -186,6 +197,7 @@ class SearchSpace:
     description: str | None = None
     allow_out_of_range: bool = False
     notes: list[str] = field(default_factory=list)   # clips, drops, batch-size remarks
+    warm: Any = None  # simpo_ray.warm_start.WarmStart when search.warm_start names searches
 
     def fixed_params(self) -> dict[str, float]:
         """The SimPO parameters not searched: from `base`, else the documented default."""
@@ -238,12 +250,14 @@ class SearchSpace:
 
 
 def load_space(path: str | Path | dict, *, task: str | None = None, model_type: str | None = None,
-               allow_out_of_range: bool = False, overrides: dict[str, Any] | None = None) -> SearchSpace:
+               allow_out_of_range: bool = False, overrides: dict[str, Any] | None = None,
+               warm_start: tuple[str, ...] | list[str] = ()) -> SearchSpace:
     """Load and validate a search space (a YAML file or an already-parsed mapping).
 
     `task`/`model_type` replace the file's presets ("none" removes one). `overrides` is applied
     to the raw mapping before validation: dotted keys (`{"search.num_samples": 4}`) or nested
-    mappings (`{"search": {"seed": 1}}`).
+    mappings (`{"search": {"seed": 1}}`). `warm_start`: finished-search directories added after
+    the file's `search.warm_start` (`--warm-start`).
     """
     if isinstance(path, dict):
         source, data, stem = "<dict>", copy.deepcopy(path), None
@@ -259,10 +273,12 @@ def load_space(path: str | Path | dict, *, task: str | None = None, model_type: 
             data["task"] = None if task == "none" else task
         if model_type is not None:
             data["model_type"] = None if model_type == "none" else model_type
-        return _build(data, source=source, stem=stem, allow_out_of_range=allow_out_of_range)
+        return _build(data, source=source, stem=stem, allow_out_of_range=allow_out_of_range,
+                      warm_start=tuple(warm_start))
 
 
-def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: bool) -> SearchSpace:
+def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: bool,
+           warm_start: tuple[str, ...] = ()) -> SearchSpace:
     schema.check_keys(data, TOP_KEYS)
     for required in ("size_bucket", "params"):
         if required not in data:
@@ -280,7 +296,7 @@ def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: boo
     resources = schema.build(Resources, data.get("resources"), prefix="resources.")
     base = _base(data.get("base", {}), resources, ctx)
     params = _params(data["params"], base, ctx)
-    search = _search(data.get("search"))
+    search = _search(data.get("search"), warm_start)
     estimate = (schema.build(Estimate, data["estimate"], prefix="estimate.")
                 if data.get("estimate") is not None else None)
 
@@ -291,8 +307,13 @@ def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: boo
     from simpo_ray.points import add_points
 
     cfg = space.trial_config()  # base + fixed params + resources together form a valid config
-    _check_objective(search, cfg)
-    add_points(space, search.points_to_evaluate, cfg.model_name_or_path)
+    space.search = _check_objective(search, cfg, space.notes)
+    if search.warm_start:  # narrows ranges, adds the transferred point, keeps trials for the searcher
+        from simpo_ray.warm_start import apply_warm_start
+
+        apply_warm_start(space, search.points_to_evaluate, cfg.model_name_or_path)
+    else:
+        add_points(space, search.points_to_evaluate, cfg.model_name_or_path)
     rec = guide.effective_batch_range(bucket_name)
     eb = space.effective_batch
     if rec and not rec[0] <= eb <= rec[1]:
@@ -421,18 +442,45 @@ def _number(raw: Any, fld: str) -> float:
     return value
 
 
-def _search(raw: Any) -> SearchSettings:
+def _search(raw: Any, warm_start: tuple[str, ...] = ()) -> SearchSettings:
+    """The search settings; `warm_start` (--warm-start) after the file's, every path made
+    absolute from the working directory."""
     from simpo_ray.points import parse_points_spec
 
     d = dict(schema.mapping(raw, "search"))
     points = parse_points_spec(d.pop("points_to_evaluate", "default"))
+    if warm_start:
+        d["warm_start"] = [*schema.coerce("search.warm_start", d.get("warm_start", []), tuple[str, ...]),
+                           *warm_start]
     settings = schema.build(SearchSettings, d, prefix="search.")
-    return dataclasses.replace(settings, points_to_evaluate=points)
+    dirs = tuple(dict.fromkeys(os.path.abspath(os.path.expanduser(p)) for p in settings.warm_start))
+    return dataclasses.replace(settings, points_to_evaluate=points, warm_start=dirs)
 
 
-def _check_objective(search: SearchSettings, cfg: TrainConfig) -> None:
+REWARD_OBJECTIVES = ("eval/reward_win_rate_lc", "eval/reward_win_rate", "eval/reward_mean")
+FALLBACK_OBJECTIVE = "eval/preference_accuracy"
+
+
+def _check_objective(search: SearchSettings, cfg: TrainConfig, notes: list[str]) -> SearchSettings:
+    """The objective the search can use with `cfg`: a reward objective without a reward model
+    falls back to preference accuracy (with a note); preference accuracy on real data gets a note
+    that it cannot see generation quality; the objectives that need generation are refused
+    without it."""
+    bundled = all(k.startswith("bundled:") for k in cfg.dataset_mixer)
+    if search.objective in REWARD_OBJECTIVES:
+        if not cfg.reward_model_name_or_path:
+            notes.append(f"search.objective {search.objective} needs base.reward_model_name_or_path, which is "
+                         f"not set: trials are ranked by {FALLBACK_OBJECTIVE} instead")
+            search = dataclasses.replace(search, objective=FALLBACK_OBJECTIVE, mode=OBJECTIVES[FALLBACK_OBJECTIVE])
+        elif cfg.generation_eval_samples == 0:
+            raise ConfigError(f"search.objective: {search.objective} needs base.generation_eval_samples > 0 "
+                              "(0 turns generation off)")
+    if search.objective == FALLBACK_OBJECTIVE and not bundled:
+        notes.append(f"{FALLBACK_OBJECTIVE} cannot see generation quality (a model can rank chosen over "
+                     "rejected while its answers ramble or collapse); set base.reward_model_name_or_path "
+                     "and search.objective: eval/reward_win_rate_lc")
     if search.objective != "eval/success_rate":
-        return
+        return search
     other = [k for k in cfg.dataset_mixer if not k.startswith("bundled:")]
     if other:
         raise ConfigError(f"search.objective: eval/success_rate is reported only for the bundled "
@@ -441,3 +489,4 @@ def _check_objective(search: SearchSettings, cfg: TrainConfig) -> None:
     if cfg.generation_eval_samples == 0:
         raise ConfigError("search.objective: eval/success_rate needs base.generation_eval_samples > 0 "
                           "(0 turns the success-rate evaluation off)")
+    return search

@@ -22,7 +22,7 @@ import datasets
 import torch
 from datasets import Dataset
 
-from simpo_ray import cache, data
+from simpo_ray import cache, data, generation
 from simpo_ray.config import TrainConfig
 from simpo_ray.data import BUNDLED_PREFIX, innermost_reason, is_chat, load_raw
 from simpo_ray.errors import UserError
@@ -290,6 +290,21 @@ class PreparedData:
     # One line: pairs truncated or dropped per split, eval rows held out of a single file; "" if
     # none. `prepare_datasets` logs it (a warning, which the CLIs show) on every run, cached or not.
     summary: str = ""
+    # The held-out rows as `generation.prompt_rows` (JSON lines), in eval order: what the policy
+    # answers and the reward model judges. "" for data prepared before it existed.
+    prompts_path: str = ""
+
+    def prompt_rows(self, n: int) -> list[dict]:
+        """The first `n` held-out prompt rows (the fixed generation sample)."""
+        if n <= 0 or not self.prompts_path:
+            return []
+        rows = []
+        with open(self.prompts_path) as f:
+            for line in f:
+                if len(rows) == n:
+                    break
+                rows.append(json.loads(line))
+        return rows
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -321,7 +336,8 @@ def data_fingerprint(cfg: TrainConfig, tokenizer) -> str:
     rate, beta, ...: every trial of a search shares one tokenised copy)."""
     recipe = {
         # An edit to the loading or the tokenising code re-tokenises.
-        "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (data.__file__, __file__)],
+        "code": [hashlib.sha256(Path(f).read_bytes()).hexdigest()
+                 for f in (data.__file__, __file__, generation.__file__)],
         "config": {k: getattr(cfg, k) for k in DATA_KEYS},
         "sources": {name: _source_identity(name) for name in cfg.dataset_mixer},
         "tokenizer": tokenizer_identity(tokenizer),
@@ -347,7 +363,7 @@ def prepare_datasets(cfg: TrainConfig, tokenizer, *, cache_dir: str | os.PathLik
     if summary:
         log.warning("%s", summary)
     return PreparedData(str(final / "train"), str(final / "eval"), meta["num_train"], meta["num_eval"], fp,
-                        summary)
+                        summary, str(final / "prompts.jsonl"))
 
 
 def _build(cfg: TrainConfig, tokenizer, fp: str, out: Path) -> None:
@@ -366,6 +382,9 @@ def _build(cfg: TrainConfig, tokenizer, fp: str, out: Path) -> None:
         tok.save_to_disk(str(out / split))
         sizes[f"num_{split}"] = len(tok)
         stats[split] = dataclasses.asdict(st)
+    with open(out / "prompts.jsonl", "w") as f:
+        for row in generation.prompt_rows(eval_):
+            f.write(json.dumps(row) + "\n")
     meta = {**sizes, "fingerprint": fp, "config": {k: getattr(cfg, k) for k in DATA_KEYS}, "stats": stats,
             "notes": notes}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))

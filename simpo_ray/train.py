@@ -28,7 +28,8 @@ from simpo_ray.errors import UserError
 
 # Metrics whose worst value is known a priori (they are shares in [0, 1], higher is better).
 # A diverged run reports them as 0.0 so that a searcher ranks it last.
-BOUNDED_EVAL_METRICS = ("eval/preference_accuracy", "eval/rewards/accuracies", "eval/success_rate")
+BOUNDED_EVAL_METRICS = ("eval/preference_accuracy", "eval/rewards/accuracies", "eval/success_rate",
+                        "eval/reward_win_rate", "eval/reward_win_rate_lc")
 
 
 def is_bundled_task(cfg: TrainConfig) -> bool:
@@ -93,7 +94,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
-    ev = Evaluator(policy, bare, tokenizer, eval_ds, collator, cfg, objective, device, rank, world, strategy)
+    from simpo_ray.shared_data import load_prompts
+
+    ev = Evaluator(policy, bare, tokenizer, eval_ds, collator, cfg, objective, device, rank, world, strategy,
+                   load_prompts(config["data"]), state)
     save_every = cfg.save_steps or cfg.eval_steps
     window, log = MetricWindow(), MetricWindow()
     startup_s = time.perf_counter() - t_start
@@ -149,7 +153,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 state["tokens"] += int(tokens_in_window)
                 sizes = parallel.local_bytes(policy, optimizer)
                 report = {
-                    **train_metrics, **ev(),
+                    **train_metrics, **ev(state["step"], done),
                     "step": state["step"], "epoch": state["epoch"] + state["batch_in_epoch"] / len(loader),
                     "samples": state["samples"], "tokens": state["tokens"],
                     "learning_rate": scheduler.get_last_lr()[0],
@@ -330,24 +334,34 @@ class MetricWindow:
 
 
 class Evaluator:
-    """Held-out metrics, sharded across workers and all-reduced.
+    """Held-out metrics, sharded across workers and all-reduced, and generation quality.
 
     `eval/preference_accuracy` (share of pairs whose average log-prob of chosen exceeds
-    rejected) does not depend on beta or gamma, so it ranks trials fairly; the SimPO loss and
-    reward margins do not. On the bundled task, `eval/success_rate` checks greedy answers.
-    Under FSDP every forward is collective, so every worker runs the same number of batches
-    (a worker with fewer rows repeats one and discards it) and generation runs with synced_gpus.
+    rejected) does not depend on beta or gamma, so it ranks trials fairly, but it cannot see
+    what the model generates; `quality.GenerationEval` adds `eval/success_rate` (bundled task)
+    and the reward model's win rates. Under FSDP every forward is collective, so every worker
+    runs the same number of batches (a worker with fewer rows repeats one and discards it) and
+    generation runs with synced_gpus.
     """
 
     def __init__(self, policy, bare, tokenizer, eval_ds, collator, cfg: TrainConfig, objective, device,
-                 rank: int, world: int, strategy: str) -> None:
+                 rank: int, world: int, strategy: str, prompts: list[dict], state: dict) -> None:
+        from simpo_ray.quality import GenerationEval
+        from simpo_ray.tokens import inserts_system_turn
+
         self.policy, self.bare, self.tokenizer, self.ds, self.collator = policy, bare, tokenizer, eval_ds, collator
         self.cfg, self.objective, self.device, self.rank, self.world = cfg, objective, device, rank, world
         self.lockstep = strategy == "fsdp" and world > 1
+        system = cfg.auto_insert_empty_system_msg and inserts_system_turn(tokenizer)
+        self.generation = GenerationEval(prompts[:cfg.generation_eval_samples], tokenizer, cfg, device, rank, world,
+                                         bundled=is_bundled_task(cfg), system_turn=system,
+                                         lockstep=self.lockstep, state=state)
+        self.last_generation: dict[str, float] = {}
 
     @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, step: int = 0, final: bool = False) -> dict[str, float]:
         cfg, ds = self.cfg, self.ds
+        t0 = time.perf_counter()
         self.policy.eval()
         rows = list(range(self.rank, len(ds), self.world))
         size = cfg.per_device_eval_batch_size
@@ -365,31 +379,17 @@ class Evaluator:
                 window.add(metrics, tokens=_tokens(batch))
         result = {f"eval/{k}": v for k, v in window.reduce(self.world).items() if k != "tokens"}
         result["eval/sft_loss"] = result.get("eval/sft_loss", float("nan"))
-        if is_bundled_task(cfg) and cfg.generation_eval_samples > 0:
-            result["eval/success_rate"] = self._success_rate()
+        if self.generation.active:
+            every = cfg.generation_eval_steps or cfg.eval_steps
+            if step % every == 0 or final or not self.last_generation:
+                fresh = self.generation(self.bare if self.lockstep else self.bare.model)
+                result.update(fresh)  # with its time/ entries, which are not carried forward
+                self.last_generation = {k: v for k, v in fresh.items() if k.startswith("eval/")}
+                self.last_generation["eval/generation_step"] = step
+            result.update(self.last_generation)
+        result["time/eval_s"] = time.perf_counter() - t0
         self.policy.train()
         return result
-
-    def _success_rate(self) -> float:
-        from simpo_ray.bundled import task
-        from simpo_ray.bundled.evaluate import generate_answers
-
-        n = min(self.cfg.generation_eval_samples, len(self.ds))
-        prompts = [self.ds[i]["prompt"] for i in range(self.rank, n, self.world)]
-        real = len(prompts)
-        if self.lockstep:  # the same number of generate() calls on every worker
-            prompts += [self.ds[0]["prompt"]] * (math.ceil(n / self.world) - real)
-        model = self.bare if self.lockstep else self.bare.model
-        from simpo_ray.tokens import inserts_system_turn
-
-        system = self.cfg.auto_insert_empty_system_msg and inserts_system_turn(self.tokenizer)
-        answers = (generate_answers(model, self.tokenizer, prompts, synced=self.lockstep, system_turn=system)
-                   if prompts else [])
-        correct = sum(task.check(p, a) for p, a in zip(prompts[:real], answers[:real]))
-        counts = torch.tensor([float(correct), float(real)], dtype=torch.float64)
-        if self.world > 1 and dist.is_initialized():
-            dist.all_reduce(counts)
-        return counts[0].item() / max(counts[1].item(), 1.0)
 
 
 def _report(report, model, optimizer, scheduler, state, cfg: TrainConfig, rank: int, *, with_checkpoint: bool) -> None:
@@ -428,6 +428,9 @@ def _progress_line(r: dict[str, Any]) -> str:
              f"margin {_num(r, 'eval/rewards/margins', '.3f')}"]
     if "eval/success_rate" in r:
         parts.append(f"success {r['eval/success_rate']:.3f}")
+    if "eval/reward_win_rate" in r:
+        parts.append(f"win {r['eval/reward_win_rate']:.3f} (LC {r['eval/reward_win_rate_lc']:.3f}, "
+                     f"{r['eval/gen_length']:.0f} tok)")
     if "tokens_per_s" in r:
         parts.append(f"{r['tokens_per_s']:.0f} tok/s")
     return "[simpo-ray] " + "  ".join(parts)

@@ -27,15 +27,18 @@ from simpo_ray.space import SearchSpace, load_space
 
 
 def load(space_path: str | os.PathLike, *, task=None, model_type=None, allow_out_of_range=False,
-         num_samples=None, seed=None, scheduler=None, sampler=None, max_concurrent=None, overrides=None):
-    """The validated space with command-line values applied on top of the YAML's."""
+         num_samples=None, seed=None, scheduler=None, sampler=None, max_concurrent=None, overrides=None,
+         warm_start=None, warm_start_narrow=None):
+    """The validated space with command-line values applied on top of the YAML's (`warm_start`:
+    finished-search directories added after the space's `search.warm_start`)."""
     flat = dict(overrides or {})
     for key, value in (("num_samples", num_samples), ("seed", seed), ("scheduler", scheduler),
-                       ("sampler", sampler), ("max_concurrent", max_concurrent)):
+                       ("sampler", sampler), ("max_concurrent", max_concurrent),
+                       ("warm_start_narrow", warm_start_narrow)):
         if value is not None:
             flat[f"search.{key}"] = value
-    return load_space(space_path, task=task, model_type=model_type,
-                      allow_out_of_range=allow_out_of_range, overrides=flat or None)
+    return load_space(space_path, task=task, model_type=model_type, allow_out_of_range=allow_out_of_range,
+                      overrides=flat or None, warm_start=tuple(warm_start or ()))
 
 
 def _loaded(space: SearchSpace | str | os.PathLike, load_options: dict[str, Any]) -> SearchSpace:
@@ -67,6 +70,8 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
     lines = [describe_space(space), ""]
     for note in space.notes:
         lines.append(f"note: {note}")
+    if space.warm is not None:  # transfer.describe: trials handed over, trends, the predicted point
+        lines += space.warm.lines
     lines.append(f"cluster ({where}): {target.cpus:g} CPU, {target.gpus:g} GPU on {len(target.nodes)} node(s)")
     try:
         slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
@@ -110,11 +115,13 @@ def experiment_path(storage_path: str | None, name: str) -> str:
 def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, name=None, address=None,
                resume=False, prepared=None, verbose: int = 1, num_samples=None, seed=None, scheduler=None,
                sampler=None, max_concurrent=None, task=None, model_type=None, overrides=None,
-               allow_out_of_range=False, resume_command: str | None = None) -> Path:
+               allow_out_of_range=False, warm_start=None, warm_start_narrow=None,
+               resume_command: str | None = None) -> Path:
     """Run (or resume) a search; returns the experiment directory with the results tables.
 
     `space`: a loaded `SearchSpace`, or a space file loaded here with the load options
-    (`num_samples` ... `allow_out_of_range`, as `load`). `prepared`: the `launch.check_inputs`
+    (`num_samples` ... `warm_start_narrow`, as `load`). A warm-started space (`space.warm`)
+    hands its same-size trials to the searcher as completed trials (`_searcher`). `prepared`: the `launch.check_inputs`
     result for the space's default config when the caller already has it. `resume_command`:
     the command line printed to continue the search if it is interrupted (default: one built
     from these arguments).
@@ -125,7 +132,8 @@ def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, nam
     """
     load_options = dict(task=task, model_type=model_type, allow_out_of_range=allow_out_of_range,
                         num_samples=num_samples, seed=seed, scheduler=scheduler, sampler=sampler,
-                        max_concurrent=max_concurrent, overrides=overrides)
+                        max_concurrent=max_concurrent, overrides=overrides, warm_start=warm_start,
+                        warm_start_narrow=warm_start_narrow)
     space = _loaded(space, load_options)
     name = name or space.name
     cluster.check_writable(storage_root(storage_path))
@@ -146,9 +154,11 @@ def _resume_command(space_file: str, storage_path: str | None, name: str, addres
     if address:
         args += ["--address", address]
     for key, value in load_options.items():
-        if key == "overrides" or value in (None, False):
+        if key == "overrides" or value in (None, False) or (isinstance(value, (list, tuple)) and not value):
             continue
-        args += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+        flag = f"--{key.replace('_', '-')}"
+        args += [flag] + ([] if value is True else [*map(str, value)] if isinstance(value, (list, tuple))
+                          else [str(value)])
     text = shlex.join(args + ["--resume"])
     return text + ("  (with the same overrides)" if load_options.get("overrides") else "")
 
@@ -174,6 +184,8 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
     slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
     _say(verbose, f"[simpo-ray] search '{name}': {space.search.num_samples} trials, {slots} at a time, "
                   f"objective {space.search.objective} ({space.search.mode}), scheduler {space.search.scheduler}")
+    if space.warm is not None and not resume:  # a resumed searcher keeps the trials it was given
+        _say(verbose, f"[simpo-ray] {space.warm.summary()}")
     _say(verbose, "[simpo-ray] preparing data and model once for all trials ...")
     t0 = time.perf_counter()
     run = prepare_run(space.default_config(), prepared)
@@ -334,7 +346,13 @@ def trial_history_callback(path: str):
 def _searcher(space):
     """Optuna over the searched parameters, seeded: TPE (constant_liar keeps parallel trials apart)
     or, with `search.sampler: random`, Optuna's RandomSampler (the baseline TPE is measured against).
-    Both evaluate the same `points_to_evaluate` first."""
+    Both evaluate the same `points_to_evaluate` first.
+
+    A warm start's same-size trials (`space.warm.trials`) go into the study as COMPLETE trials
+    with their values (`OptunaSearch.add_evaluated_point`: `study.add_trial`), after the points
+    are enqueued, so they run nothing and the points keep their order (`ask` takes the WAITING
+    trials first). Not `evaluated_rewards`: with it OptunaSearch tells EVERY point of
+    `points_to_evaluate` as evaluated and enqueues none, the documented default included."""
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
@@ -349,10 +367,13 @@ def _searcher(space):
     else:
         sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=True,
                                              n_startup_trials=max(len(space.points_to_evaluate) + 2, 4))
-    return OptunaSearch(space=dists, metric=space.search.objective, mode=space.search.mode,
-                        points_to_evaluate=[{k: v for k, v in pt.items() if k in dists}
-                                            for pt in space.points_to_evaluate] or None,
-                        sampler=sampler)
+    searcher = OptunaSearch(space=dists, metric=space.search.objective, mode=space.search.mode,
+                            points_to_evaluate=[{k: v for k, v in pt.items() if k in dists}
+                                                for pt in space.points_to_evaluate] or None,
+                            sampler=sampler)
+    for params, value in space.warm.trials if space.warm is not None else ():
+        searcher.add_evaluated_point({k: v for k, v in params.items() if k in dists}, value)
+    return searcher
 
 
 def _scheduler(space):

@@ -242,8 +242,8 @@ def test_diagnostics_count_diverged_trials(analysed, searches):
         row = diag[(diag["size"] == size) & (diag["check"] == "diverged")]
         if n_div:
             assert row["n_trials"].iloc[0] >= n_div and "reduce learning_rate" in row["advice"].iloc[0]
-    for _, r in diag.iterrows():
-        assert r["advice"].startswith("guide:")
+    for _, r in diag.iterrows():  # length exploitation is this project's check, not the guide's
+        assert r["advice"].startswith("guide:" if r["check"] != "length exploitation" else "not from the guide")
 
 
 @pytest.mark.slow
@@ -372,8 +372,9 @@ def test_top_k_is_top_quartile_with_at_least_three():
 
 # ---------------------------------------------------------------- one ranking, one search.json
 
-def write_search(d: Path, trials: pd.DataFrame, **changes) -> Path:
-    """An experiment directory as the search writes it, with a hand-made trials table."""
+def write_search(d: Path, trials: pd.DataFrame, curves: pd.DataFrame | None = None, **changes) -> Path:
+    """An experiment directory as the search writes it, with a hand-made trials table (and
+    learning curves)."""
     import dataclasses
 
     from simpo_ray.records import SearchRecord
@@ -382,6 +383,8 @@ def write_search(d: Path, trials: pd.DataFrame, **changes) -> Path:
     record = SearchRecord.from_space(load_space(TINY_SPACE), TINY_SPACE, d.name)
     SearchRecord.write(dataclasses.replace(record, **changes), str(d))
     trials.to_csv(d / "trials.csv", index=False)
+    if curves is not None:
+        curves.to_csv(d / "curves.csv", index=False)
     return d
 
 
@@ -396,6 +399,76 @@ def tied_trials() -> pd.DataFrame:
          "objective_value": final, "best_objective": best, "best_step": steps,
          "learning_rate": 1e-3 * (i + 1), "beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.1 * i}
         for i, (tid, status, best, final, steps) in enumerate(rows)])
+
+
+# Trials run with a reward model, from step 0 to their last report: (raw win rate, LC win rate,
+# mean generated tokens, success rate). All start from one model: 0.50, 0.50, 40 tokens, 0.30.
+GENERATION_TRIALS = {
+    "long": ((0.62, 0.51, 56.0, 0.35), 0.0),  # win +0.12, LC flat, +40% length: exploits length
+    "lcdrop": ((0.58, 0.44, 70.0, 0.20), 0.1),  # win up, LC down, +75% length: exploits length too
+    "good": ((0.66, 0.63, 46.0, 0.60), 0.8),  # win up with LC up, +15% length: a real improvement
+    "terse": ((0.57, 0.51, 43.0, 0.40), 0.5),  # win up, LC flat, but only +7.5% length: not flagged
+}
+
+
+def generation_search(d: Path) -> Path:
+    """A finished search whose trials report the reward-model metrics, written by the search's
+    own `results.build_tables` from Tune-like results (four reports each, linear in between)."""
+    from simpo_ray.results import build_tables
+
+    class Result:  # the parts of a Tune Result that build_tables reads
+        def __init__(self, tid: str, last: tuple, sft_weight: float):
+            self.path, self.error = f"/nowhere/{tid}", None
+            self.config = {"learning_rate": 1e-3, "beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": sft_weight}
+            reports = [{"step": s, "eval/reward_win_rate": 0.5 + f * (last[0] - 0.5),
+                        "eval/reward_win_rate_lc": 0.5 + f * (last[1] - 0.5),
+                        "eval/gen_length": 40 + f * (last[2] - 40), "eval/baseline_gen_length": 42.0,
+                        "eval/success_rate": 0.3 + f * (last[3] - 0.3), "eval/reward_mean": f,
+                        "eval/generation_step": s}
+                       for s, f in ((0, 0.0), (4, 1 / 3), (8, 2 / 3), (12, 1.0))]
+            self.metrics_dataframe = pd.DataFrame(reports)
+            self.metrics = {**reports[-1], "trial_id": tid, "status": "completed", "total_steps": 12}
+
+    fake = [Result(tid, last, sft) for tid, (last, sft) in GENERATION_TRIALS.items()]
+    trials, curves = build_tables(fake, objective="eval/success_rate", mode="max", default_point=fake[3].config,
+                                  info={"size_bucket": "cpu", "name": d.name})
+    d.mkdir(parents=True)
+    return write_search(d, trials, curves, num_samples=len(fake), state="finished")
+
+
+def test_length_exploitation_is_flagged_plotted_and_tabled(tmp_path):
+    """Win rate up, LC win rate flat (or down) and answers 10% longer or more: flagged, named,
+    with the rule in the report; a trial whose LC win rate rose with its length is not, nor one
+    whose length barely moved. The new metrics reach trials.csv, the tables and their own plot."""
+    from analysis import diagnose, plots
+    from analysis.load import load_results
+    from analysis.run import analyse
+
+    d = generation_search(tmp_path / "gen")
+    written = pd.read_csv(d / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    for tid, ((win, lc, length, _), _) in GENERATION_TRIALS.items():
+        assert written.at[tid, "final_eval/reward_win_rate_lc"] == pytest.approx(lc)
+        assert written.at[tid, "final_eval/gen_length"] == pytest.approx(length)
+
+    loaded = load_results([d])
+    flags = diagnose.trial_flags(loaded).set_index("trial_id")
+    assert flags["length_exploitation"].to_dict() == {"good": False, "lcdrop": True, "long": True, "terse": False}
+    row = diagnose.diagnose(loaded).set_index("check").loc["length exploitation"]
+    assert sorted(row["trials"].split()) == ["lcdrop", "long"]
+    assert "long (win +0.120, LC +0.010, length +40%)" in row["finding"]
+    assert diagnose.LENGTH_RULE in row["finding"] and "best trial" not in row["finding"]  # good is best
+
+    out = analyse([d], tmp_path / "out")
+    md = (out / "recommendations.md").read_text()
+    assert "(plots/cpu-tiny_objective_vs_length.png)" in md
+    assert (out / "plots" / "cpu-tiny_objective_vs_length.png").stat().st_size > 5000
+    assert f"{diagnose.LENGTH_RULE}): lcdrop" in md
+    assert "final LC win rate 0.63, win rate 0.66, 46 generated tokens (baseline 42)" in md  # the best trial
+    bvd = pd.read_csv(out / "best_vs_default.csv").iloc[0]
+    assert (bvd["best_final_lc_win_rate"], bvd["default_final_gen_length"]) == pytest.approx((0.63, 43.0))
+    assert "final_lc_win_rate" in pd.read_csv(out / "cross_size.csv")
+    # A search without a reward model: no such plot, no error.
+    assert plots.objective_vs_length(load_results([intact_search(tmp_path / "plain")]), "cpu/tiny") is None
 
 
 def test_tied_best_values_the_search_and_the_analysis_pick_the_same_trial(tmp_path):

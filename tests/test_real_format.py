@@ -17,6 +17,7 @@ The slow part runs the CLIs on it (`simpo_ray.train` with `output_dir`, a 3-tria
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -164,6 +165,19 @@ def llama_dir(path: Path, tok) -> Path:
     return path
 
 
+def reward_dir(path: Path, tok) -> Path:
+    """A small LlamaForSequenceClassification (one output, random init) with its own tokenizer."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
+                         num_labels=1, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def ultrafeedback_rows(split: str, n: int) -> list[dict]:
     """Rows in HuggingFaceH4/ultrafeedback_binarized's schema, from the bundled task's pairs; every
     tenth one a longer conversation (a system turn and an earlier exchange)."""
@@ -225,6 +239,8 @@ def formats(tmp_path_factory) -> dict:
         "llama3-bpe": llama_dir(root / "llama3-bpe", byte_level_bpe(root / "tok-bpe")),
         "zephyr-sentencepiece": llama_dir(root / "zephyr-sp", metaspace_sentencepiece(root / "tok-sp")),
         "data": hub_layout(root / "ultrafeedback_binarized"),
+        # A reward model with another tokenizer and template than the Llama-3 policy's.
+        "reward": reward_dir(root / "reward-sp", metaspace_sentencepiece(root / "tok-rm")),
         "root": root,
     }
 
@@ -361,10 +377,13 @@ def cli_runs(formats) -> dict:
     space = yaml.safe_load((ROOT / "search_spaces" / "cpu-tiny.yaml").read_text())
     space["name"] = "real-format"
     space["base"] = {k: v for k, v in run_config(model, dataset).items() if k not in space["params"]}
-    space["search"].update({"num_samples": 3, "objective": "eval/preference_accuracy", "scheduler": "fifo",
-                            "max_failures": 0, "checkpoint_keep": 1})
-    for key in ("grace_period", "reduction_factor", "max_t"):
-        space["search"].pop(key, None)
+    # The generation-quality objective: the policy answers 8 held-out prompts, the reward model
+    # judges them against the chosen answers; ASHA stops on it at step 10.
+    space["base"].update({"reward_model_name_or_path": str(formats["reward"]), "generation_eval_samples": 8,
+                          "max_new_tokens": 8})
+    space["search"].update({"num_samples": 3, "objective": "eval/reward_win_rate_lc", "scheduler": "asha",
+                            "grace_period": 10, "reduction_factor": 2, "max_t": 20, "max_failures": 0,
+                            "checkpoint_keep": 1})
     space.pop("estimate", None)
     space_file = root / "space.yaml"
     space_file.write_text(yaml.safe_dump(space, sort_keys=False))
@@ -400,6 +419,14 @@ def test_three_trial_search_and_analysis_cli_run_cleanly(cli_runs):
         proc = cli_runs[step]
         assert proc.returncode == 0, _explain(proc)
         assert not [s for s in RAY_INTERNAL if s in proc.stdout + proc.stderr], _explain(proc)
-    trials = pd.read_csv(cli_runs["results"] / "real-format" / "trials.csv")
-    assert len(trials) == 3 and set(trials["status"]) == {"completed"}
+    exp = cli_runs["results"] / "real-format"
+    trials = pd.read_csv(exp / "trials.csv")
+    assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped_early"}
+    assert "completed" in set(trials["status"])
+    assert json.loads((exp / "search.json").read_text())["objective"] == "eval/reward_win_rate_lc"
+    curves = pd.read_csv(exp / "curves.csv")
+    for tid, g in curves.groupby("trial_id"):
+        measured = g.dropna(subset=["eval/reward_win_rate_lc"])
+        assert sorted(measured["step"]) == [0, 10] + ([20] if len(g) == 3 else []), tid
+        assert measured["eval/reward_win_rate_lc"].between(0, 1).all() and (measured["eval/gen_length"] <= 8).all()
     assert (cli_runs["report"] / "recommendations.md").is_file()

@@ -75,7 +75,14 @@ def test_shipped_space_loads_inside_the_guide(path):
         eb = s.effective_batch
         assert EFFECTIVE_BATCH[s.size_bucket][0] <= eb <= EFFECTIVE_BATCH[s.size_bucket][1]
         assert s.base["bf16"] is True and s.base["gradient_checkpointing"] is True
-        assert s.search.objective == "eval/preference_accuracy"
+        # Generation quality ranks trials wherever generation is affordable (not 70b: bench/eval_cost.py);
+        # the reward model loads with plain transformers, and every ASHA rung gets a fresh value.
+        if s.size_bucket == "70b+":
+            assert s.search.objective == "eval/preference_accuracy" and s.base["generation_eval_samples"] == 0
+        else:
+            assert s.search.objective == "eval/reward_win_rate_lc"
+            assert s.base["reward_model_name_or_path"].startswith("Skywork/Skywork-Reward-V2-")
+            assert s.search.grace_period % s.base["generation_eval_steps"] == 0
         assert s.resources.gpus_per_worker >= 1
     else:
         assert s.search.objective == "eval/success_rate"

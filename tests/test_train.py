@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 
@@ -25,7 +26,8 @@ def _curve(result, metric):
 
 
 def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path):
-    cfg = TrainConfig(**BASE, max_steps=300, eval_steps=150, output_dir=str(tmp_path / "final"))
+    cfg = TrainConfig(**BASE, max_steps=300, eval_steps=150, output_dir=str(tmp_path / "final"),
+                      reward_model_name_or_path="bundled:reward")
     result = run_training(cfg, num_workers=2, storage_path=str(tmp_path), name="ddp")
     assert result.error is None
     final = final_metrics(result)
@@ -38,6 +40,12 @@ def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path
     assert set(pref) == {0, 150, 300}
     assert pref[300] > pref[0] + 0.03, pref
     assert success[300] > success[0] + 0.05, success
+    # Generation quality at step 0 and every eval; at step 0 the 2 workers' gathered answers
+    # give what one process computes for the same 128 prompts.
+    lc, win = _curve(result, "eval/reward_win_rate_lc"), _curve(result, "eval/reward_win_rate")
+    assert set(lc) == set(win) == set(_curve(result, "eval/gen_length")) == {0, 150, 300}
+    assert len(set(_curve(result, "eval/baseline_reward_mean").values())) == 1  # one fixed baseline
+    assert win[0] == pytest.approx(_step0_win_rate(cfg), abs=2 / 128)
     # Checkpoints hold the model and optimizer shards (torch.distributed.checkpoint) and the
     # scheduler, counters and config as JSON/YAML; any of them exports to a plain HF model.
     assert result.checkpoint is not None
@@ -59,6 +67,28 @@ def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path
     exported_model = AutoModelForCausalLM.from_pretrained(exported)
     for (k, a), (_, b) in zip(final_model.state_dict().items(), exported_model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def _step0_win_rate(cfg: TrainConfig) -> float:
+    """The untrained model's win rate against the chosen answers, computed in this process."""
+    from transformers import AutoModelForCausalLM
+
+    from simpo_ray.bundled.evaluate import generate_answers
+    from simpo_ray.launch import check_inputs
+    from simpo_ray.model import load_tokenizer, resolve_model_path
+    from simpo_ray.reward import RewardScorer
+
+    rows = check_inputs(cfg).prompt_rows(cfg.generation_eval_samples)
+    assert len(rows) == 128
+    tok = load_tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model_name_or_path))
+    answers = generate_answers(model, tok, [r["prompt"] for r in rows], system_turn=False)
+    scorer = RewardScorer("bundled:reward")
+    policy = scorer.score([r["turns"] for r in rows], answers)
+    baseline = scorer.score([r["turns"] for r in rows], [r["baseline"] for r in rows])
+    won = [0.5 if a == r["baseline"] else float(p > b) + 0.5 * (p == b)
+           for a, r, p, b in zip(answers, rows, policy, baseline)]
+    return sum(won) / len(won)
 
 
 def test_planted_divergence_is_reported_not_trained_on(ray_cluster, tmp_path):

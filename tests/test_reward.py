@@ -1,0 +1,148 @@
+"""Generation quality: the reward scorer, win rates, the length-controlled fit, the split of the
+prompts across workers, and the bundled reward model."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from simpo_ray import generation
+from simpo_ray.reward import RewardScorer, lc_win_rate, win_metrics, wins
+
+# A chat template whose rendering ends with the answer's last character: the planted model's
+# pooled token is that character.
+PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+                  "{% else %}{{ '<|assistant|>' + m['content'] }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A Llama sequence classifier that scores +1 when the answer ends in "9", else -1: its
+    attention and MLP outputs are zero, so the last hidden state is the last token's embedding
+    (normalised), which is all-ones for "9" and all minus-ones otherwise; the head averages it.
+    Its config's pad id is the id of "9", so naive padding would pool the wrong token."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from simpo_ray.bundled.tokenizer import build_tokenizer
+
+    path = tmp_path_factory.mktemp("planted")
+    tok = build_tokenizer(path)
+    tok.chat_template = PLAIN_TEMPLATE
+    tok.save_pretrained(path)
+    nine = tok.convert_tokens_to_ids("9")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      num_labels=1, pad_token_id=nine, tie_word_embeddings=False)
+    model = LlamaForSequenceClassification(cfg)
+    with torch.no_grad():
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        emb.fill_(-1.0)
+        emb[nine] = 1.0
+        model.score.weight.fill_(1.0 / 8)
+    model.save_pretrained(path)
+    return path
+
+
+def test_planted_reward_model_gives_the_hand_computed_win_rate(planted):
+    scorer = RewardScorer(str(planted), batch_size=3)
+    user = [{"role": "user", "content": "sort: 931"}]
+    # (policy answer, baseline answer, the win by hand: ends in 9 beats not; equal ends tie)
+    cases = [("139", "13", 1.0), ("1", "19", 0.0), ("39", "1239", 0.5), ("13", "13", 0.5),
+             ("12345679", "1", 1.0), ("3", "31", 0.5)]
+    policy = scorer.score([user] * len(cases), [c[0] for c in cases])
+    baseline = scorer.score([user] * len(cases), [c[1] for c in cases])
+    assert policy == pytest.approx([1, -1, 1, -1, 1, -1], abs=1e-5)
+    assert baseline == pytest.approx([-1, 1, 1, -1, -1, -1], abs=1e-5)
+    expected = [c[2] for c in cases]
+    same = [p == b for p, b, _ in cases]
+    m = win_metrics(policy, baseline, [len(c[0]) for c in cases], [len(c[1]) for c in cases],
+                    [1] * 6, [1] * 6, same_text=same)
+    assert m["eval/reward_win_rate"] == pytest.approx(sum(expected) / len(expected))
+    assert m["eval/reward_mean"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_identical_answers_tie_even_when_batching_moves_the_score():
+    w = wins([1.0000001, 0.3, 0.2], [1.0, 0.3, 0.5], same_text=[True, False, False])
+    assert list(w) == [0.5, 0.5, 0.0]
+
+
+def test_lc_fit_equals_an_independent_logistic_regression():
+    """sklearn, soft labels as AlpacaEval feeds them (each row twice, weighted w and 1 - w), an
+    L2 penalty on both coefficients: C = 1 / (l2 * n)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n = 400
+    d = rng.normal(20, 60, n)
+    w = np.where(rng.random(n) < 1 / (1 + np.exp(-(0.3 + 0.8 * np.tanh(d / d.std())))), 1.0, 0.0)
+    w[:40] = 0.5  # ties
+    fit = lc_win_rate(w, d, np.zeros(n), l2=0.01)
+    x = np.tanh(d / d.std())
+    X = np.concatenate([np.stack([np.ones(n), x], 1)] * 2)
+    y = np.concatenate([np.ones(n), np.zeros(n)])
+    sk = LogisticRegression(C=1 / (0.01 * n), fit_intercept=False, tol=1e-12, max_iter=10000)
+    sk.fit(X, y, sample_weight=np.concatenate([w, 1 - w]))
+    assert [fit.intercept, fit.length_coef] == pytest.approx(list(sk.coef_[0]), abs=1e-5)
+    assert fit.win_rate_lc == pytest.approx(1 / (1 + np.exp(-sk.coef_[0][0])), abs=1e-6)
+
+
+def test_lc_is_one_half_when_length_explains_every_win_and_the_raw_rate_when_none():
+    rng = np.random.default_rng(1)
+    n = 4000
+    d = rng.normal(80, 60, n)  # the policy is mostly longer ...
+    by_length = (rng.random(n) < 1 / (1 + np.exp(-3 * np.tanh(d / d.std())))).astype(float)  # ... and wins by it
+    assert by_length.mean() > 0.75
+    assert lc_win_rate(by_length, d, np.zeros(n)).win_rate_lc == pytest.approx(0.5, abs=0.04)
+    # No length effect (lengths spread around the baseline's, so zero difference is inside the data).
+    no_effect = (rng.random(n) < 0.7).astype(float)
+    spread = rng.normal(0, 60, n)
+    assert lc_win_rate(no_effect, spread, np.zeros(n)).win_rate_lc == pytest.approx(no_effect.mean(), abs=0.02)
+    # Equal lengths: nothing to control for, the LC rate is the raw rate (up to the tiny penalty).
+    assert lc_win_rate(no_effect, np.full(n, 5), np.full(n, 5)).win_rate_lc == pytest.approx(no_effect.mean(), abs=0.01)
+
+
+def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        n = 11
+        mine = generation.shard(n, rank, world)
+        answers = [f"answer to prompt {i} from rank {rank}" for i in mine]
+        gathered = generation.gather(answers, n, rank, world)
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump({"mine": mine, "gathered": gathered}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_generation_split_across_two_workers_gathers_each_prompt_once(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    out = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert sorted(out[0]["mine"] + out[1]["mine"]) == list(range(11))  # each prompt asked once
+    expected = [f"answer to prompt {i} from rank {i % 2}" for i in range(11)]
+    assert out[0]["gathered"] == out[1]["gathered"] == expected  # in order, on every worker
+
+
+def test_bundled_reward_model_is_built_with_its_held_out_accuracy(capsys):
+    from simpo_ray.bundled.reward_model import META_FILE, ensure_reward_model
+
+    meta = json.loads((ensure_reward_model() / META_FILE).read_text())
+    assert meta["heldout_pair_accuracy"] >= 0.85  # 0.893 with recipe version 1
+    scorer = RewardScorer("bundled:reward")
+    user = [{"role": "user", "content": "sort: 5301"}]
+    right, dropped, extra = scorer.score([user] * 3, ["0135", "035", "01355"])
+    assert right > dropped and right > extra

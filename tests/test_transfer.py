@@ -1,0 +1,414 @@
+"""simpo_ray.transfer: warm-start trials, trends across model sizes, and the extrapolated analysis.
+
+Pure and fast (no Ray, no torch): synthetic searches in memory, and finished search directories
+written as the search writes them (`test_analysis.write_search`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_analysis import TINY_SPACE, write_search
+
+from simpo_ray import guide, transfer
+from simpo_ray.errors import UserError
+from simpo_ray.model_size import bundled_param_count, param_count
+from simpo_ray.records import SearchRecord, rank_column
+
+EXPONENT = -0.5
+
+
+@pytest.fixture(scope="module")
+def record() -> SearchRecord:
+    from simpo_ray.space import load_space
+
+    return SearchRecord.from_space(load_space(TINY_SPACE), TINY_SPACE, "synthetic")
+
+
+def trials_table(n_params: float, n: int, rng: np.random.Generator, *, c: float = 1e-2,
+                 lr_noise: float = 0.1) -> pd.DataFrame:
+    """`n` finished trials whose learning rates follow lr = c * N^-0.5 times log-normal noise,
+    beta = 2 + 0.5 log10 N, and whose objective is unrelated to the noise (random ranks)."""
+    x = math.log10(n_params)
+    return pd.DataFrame({
+        "trial_id": [f"t{i:02d}" for i in range(n)], "status": "completed", "is_default": False,
+        "steps": 12, "objective_value": rng.uniform(0.3, 0.7, n), "best_objective": rng.uniform(0.3, 0.7, n),
+        "learning_rate": c * n_params ** EXPONENT * 10 ** rng.normal(0, lr_noise, n),
+        "beta": 2 + 0.5 * x + rng.normal(0, 0.2, n), "gamma_beta_ratio": rng.uniform(0.4, 0.6, n),
+        "sft_weight": rng.uniform(0.0, 0.1, n)})
+
+
+def synthetic(record, sizes=(1e8, 1e9, 1e10, 1e11), n: int = 12, seed: int = 0, **kw) -> list[transfer.FinishedSearch]:
+    rng = np.random.default_rng(seed)
+    return [transfer.FinishedSearch(Path(f"/synthetic/{i}"), f"s{i}", "7b-8b", f"org/model-{i}", size, "test",
+                                    record.objective, record.mode, trials_table(size, n, rng, **kw), record)
+            for i, size in enumerate(sizes)]
+
+
+def width(trend: transfer.Trend, n_params: float) -> float:
+    _, low, high = trend.predict(n_params)
+    return math.log10(high / low) if trend.log_value else high - low
+
+
+# ---------------------------------------------------------------- the fit
+
+def test_power_law_exponent_is_recovered(record):
+    trends = transfer.fit_trends(synthetic(record))
+    lr = trends["learning_rate"]
+    assert lr.log_value and lr.slope == pytest.approx(EXPONENT, abs=0.08)
+    assert lr.intercept == pytest.approx(-2, abs=0.3)  # log10 c
+    assert trends["beta"].slope == pytest.approx(0.5, abs=0.1)
+    assert [s.n for s in lr.sizes] == [transfer.TOP_K] * 4
+    centre, low, high = lr.predict(3e11)
+    assert low < centre < high and centre == pytest.approx(1e-2 * 3e11 ** EXPONENT, rel=0.5)
+
+
+def alternating(record, n: int, sizes=(1e8, 1e9, 1e10), delta: float = 0.1) -> list[transfer.FinishedSearch]:
+    """Searches whose trials, best first, lie alternately delta decades above and below the
+    power law: any even number of top trials has the same spread and a mean on the line."""
+    out = []
+    for i, size in enumerate(sizes):
+        t = trials_table(size, n, np.random.default_rng(i)).assign(
+            best_objective=np.linspace(0.9, 0.5, n), objective_value=np.linspace(0.9, 0.5, n),
+            learning_rate=1e-2 * size ** EXPONENT * 10 ** (delta * (-1.0) ** np.arange(n)))
+        out.append(transfer.FinishedSearch(Path(f"/alt/{i}"), f"a{i}", "7b-8b", f"org/m-{i}", size, "test",
+                                           record.objective, record.mode, t, record))
+    return out
+
+
+def test_intervals_widen_with_fewer_supporting_trials(record):
+    # The same spread, supported by fewer trials: strictly wider, whether the searches ran fewer
+    # trials or fewer top trials are used; two trials in all give no bound.
+    searches = alternating(record, n=12)
+    widths = [width(transfer.fit_trends(searches, top_k=k)["learning_rate"], 7e10) for k in (12, 6, 4, 2)]
+    assert widths == sorted(widths) and len(set(widths)) == 4
+    ran = [width(transfer.fit_trends(alternating(record, n=n), top_k=n)["learning_rate"], 7e10) for n in (12, 4, 2)]
+    assert ran == sorted(ran) and len(set(ran)) == 3
+    trend = transfer.fit_trends(alternating(record, n=12), top_k=12)["learning_rate"]
+    assert trend.slope == pytest.approx(EXPONENT) and trend.residual_sd == pytest.approx(0.1 * math.sqrt(36 / 34))
+    one_each = transfer.fit_trends(synthetic(record, sizes=(1e8, 1e10)), top_k=1)["learning_rate"]
+    assert one_each.dof == 0 and one_each.predict(1e9)[1:] == (0.0, math.inf)
+    # Random spreads: wider on average over seeds; and wider farther from the searched sizes.
+    mean = lambda k: np.mean([width(transfer.fit_trends(synthetic(record, sizes=(1e8, 1e9, 1e10), seed=s),  # noqa: E731
+                                                        top_k=k)["learning_rate"], 7e10) for s in range(20)])
+    assert mean(3) > mean(12)
+    assert width(trend, 1e12) > width(trend, 1e11) > width(trend, 1e9)
+
+
+def test_two_sizes_give_an_interval_from_the_spread_within_each_size(record):
+    trend = transfer.fit_trends(synthetic(record, sizes=(1e8, 1e10)))["learning_rate"]
+    assert trend.dof == 2 * transfer.TOP_K - 2 and 0 < trend.residual_sd < 0.3
+    assert math.isfinite(width(trend, 1e9)) and width(trend, 1e9) > 0
+
+
+def test_one_size_refuses_in_one_line(record):
+    searches = synthetic(record, sizes=(1e9, 1e9))
+    with pytest.raises(UserError, match=r"^cannot extrapolate from one model size \(7b-8b/model-0, 1B "
+                                        r"parameters.*\); give searches of at least two sizes$") as info:
+        transfer.fit_trends(searches[:1])
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="cannot extrapolate from one model size"):
+        transfer.fit_trends([searches[0], searches[0]])
+
+
+def test_predictions_stay_inside_the_documented_range(record):
+    # CPU-sized learning rates (1e-3 and up) extrapolated to a 7B model: far above the guide's.
+    trends = transfer.fit_trends(synthetic(record, sizes=(1e5, 1e6, 5e6), c=1.0))
+    assert trends["learning_rate"].predict(7.24e9)[0] > 1e-6
+    predicted = transfer.predict(trends, 7.24e9, "7b-8b")
+    point = transfer.predict_point(trends, 7.24e9, "7b-8b")
+    for p, x in predicted.items():
+        lo, hi = guide.documented_range(p, "7b-8b")
+        assert lo <= x.low <= x.centre <= x.high <= hi and point[p] == x.centre
+    assert predicted["learning_rate"].centre == 1e-6 and "clipped" in predicted["learning_rate"].note
+    notes: list[str] = []
+    ranges = transfer.narrowed_ranges(trends, 7.24e9, "7b-8b", notes=notes)
+    assert ranges["learning_rate"] == guide.documented_range("learning_rate", "7b-8b")
+    assert any("learning_rate" in n and "not narrowed" in n for n in notes)
+    lo, hi = ranges["beta"]
+    assert 1.0 <= lo < hi <= 10.0 and (lo, hi) != (1.0, 10.0)
+    raw = transfer.predict(trends, 7.24e9, "7b-8b", allow_out_of_range=True)["learning_rate"]
+    assert raw.centre > 1e-6 and raw.note == ""
+
+
+def test_leave_one_size_out(record):
+    loso = transfer.leave_one_size_out(synthetic(record))
+    lr = loso[loso["parameter"] == "learning_rate"]
+    assert len(lr) == 4 and set(lr["error_unit"]) == {"decades"}
+    assert lr["error"].abs().max() < 0.5 and lr["inside"].mean() >= 0.5
+    with pytest.raises(UserError, match="at least three sizes"):
+        transfer.leave_one_size_out(synthetic(record, sizes=(1e8, 1e9)))
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def test_parameter_counts():
+    assert [bundled_param_count(s) for s in ("tiny", "small", "base")] == [85_504, 761_344, 4_538_368]
+    assert param_count("bundled:small")[0] == 761_344
+    assert param_count("mistralai/Mistral-7B-v0.1") == (7e9, "the model's name (7B)")
+    assert param_count("HuggingFaceTB/SmolLM2-135M")[0] == 135e6
+    assert param_count("org/model", estimate_billion=7.24)[0] == pytest.approx(7.24e9)
+    assert param_count("mistralai/Mixtral-8x7B-v0.1")[0] is None
+
+
+def test_parameter_count_of_a_local_model(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '
+                                          '"num_attention_heads": 4, "vocab_size": 51, "tie_word_embeddings": true}')
+    assert param_count(str(tmp_path)) == (85_504, f"{tmp_path / 'config.json'} (exact)")
+
+
+# ---------------------------------------------------------------- finished search directories
+
+def ladder_dirs(tmp_path: Path, sizes=("tiny", "small", "base"), n: int = 8, **changes) -> list[Path]:
+    """Finished searches of the bundled ladder, lr = c N^-0.5 inside the cpu range."""
+    rng = np.random.default_rng(1)
+    out = []
+    for size in sizes:
+        t = trials_table(bundled_param_count(size), n, rng, c=0.8)
+        t = t.assign(beta=t["beta"].clip(2, 10), rank=rank_column(t, "max"))
+        out.append(write_search(tmp_path / f"cpu-{size}", t, model_name_or_path=f"bundled:{size}",
+                                **{"num_samples": n, "state": "finished", **changes}))
+    return out
+
+
+def test_load_finished_ladder(tmp_path):
+    dirs = ladder_dirs(tmp_path)
+    searches = transfer.load_finished([tmp_path])  # a folder of searches
+    assert [s.label for s in searches] == ["cpu/base", "cpu/small", "cpu/tiny"]
+    assert [s.n_params for s in searches] == [4_538_368, 761_344, 85_504]
+    assert {s.objective for s in searches} == {"eval/success_rate"} and searches[0].mode == "max"
+    assert {"trial_id", "status", "best_objective", "learning_rate"} <= set(searches[0].trials.columns)
+    assert len(searches[0].trials) == 8 and len(transfer.load_finished(dirs + dirs)) == 3  # each once
+    trend = transfer.fit_trends(searches)["learning_rate"]
+    assert trend.slope == pytest.approx(EXPONENT, abs=0.15)
+    base = searches[0]
+    lr_lo, lr_hi = guide.documented_range("learning_rate", "cpu")
+    assert lr_lo <= transfer.predict_point(transfer.fit_trends(searches[1:]), base.n_params, "cpu")["learning_rate"] <= lr_hi
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"state": "interrupted"}, "not a finished search (search.json: state interrupted)"),
+    ({"state": "running"}, "not a finished search (search.json: state running)"),
+])
+def test_a_search_that_did_not_finish_is_refused(tmp_path, change, needle):
+    d = ladder_dirs(tmp_path, sizes=("tiny",), **change)[0]
+    with pytest.raises(UserError) as info:
+        transfer.load_finished([d])
+    assert str(info.value).startswith(f"{d}: ") and needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_directories_and_mixed_objectives(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="not a finished search .no search.json"):
+        transfer.load_finished([tmp_path / "empty"])
+    with pytest.raises(UserError, match="no such directory"):
+        transfer.load_finished([tmp_path / "nope"])
+    a = ladder_dirs(tmp_path / "a", sizes=("tiny",))[0]
+    b = ladder_dirs(tmp_path / "b", sizes=("small",), objective="eval/preference_accuracy")[0]
+    with pytest.raises(UserError, match=r"^mixed objectives across searches \(cpu-tiny: eval/success_rate"):
+        transfer.load_finished([a, b])
+    (a / "trials.csv").unlink()
+    with pytest.raises(UserError, match="trials.csv missing"):
+        transfer.load_finished([a])
+
+
+# ---------------------------------------------------------------- the same size: a warm start
+
+def test_same_size_trials_for_the_searcher(tmp_path):
+    import yaml
+
+    from simpo_ray.space import load_space
+
+    dirs = ladder_dirs(tmp_path)
+    copy = write_search(tmp_path / "copy", pd.read_csv(dirs[0] / "trials.csv", dtype={"trial_id": str}),
+                        model_name_or_path="bundled:tiny", num_samples=8, state="finished")
+    searches = transfer.load_finished(dirs + [copy])
+    space = load_space(TINY_SPACE)
+    notes: list[str] = []
+    warm = transfer.same_size_trials(searches, space, notes)
+    tiny = pd.read_csv(dirs[0] / "trials.csv").sort_values("rank")
+    assert len(warm) == 8 and notes == ["warm start: 8 trial(s) left out: repeated an earlier point"]
+    assert warm[0][0] == pytest.approx({p: tiny.iloc[0][p] for p in space.params})
+    assert warm[0][1] == tiny.iloc[0]["objective_value"]  # what the searcher was told
+    # A space that fixes sft_weight takes only trials that ran with that value (here none).
+    raw = yaml.safe_load(TINY_SPACE.read_text())
+    del raw["params"]["sft_weight"]
+    raw["base"]["sft_weight"] = 0.5
+    notes = []
+    assert transfer.same_size_trials(searches, load_space(raw), notes) == []
+    assert "another value of a parameter this space fixes" in notes[0]
+    other = load_space(raw | {"search": {**raw["search"], "objective": "eval/loss", "mode": "min"}})
+    with pytest.raises(UserError, match="optimised eval/success_rate .max., this search eval/loss"):
+        transfer.same_size_trials(searches, other)
+
+
+def test_describe_for_the_dry_run(tmp_path):
+    from simpo_ray.space import load_space
+
+    searches = transfer.load_finished(ladder_dirs(tmp_path, sizes=("tiny", "small")))
+    text = transfer.describe(searches, load_space(TINY_SPACE.with_name("cpu-base.yaml")))
+    assert text[0].startswith("warm start: 0 finished trial(s) of cpu/base")
+    assert any("log10 learning_rate = " in line and "cpu/tiny 85.5K (n=5)" in line for line in text)
+    point = [line for line in text if line.strip().startswith("learning_rate ")]
+    assert len(point) == 1 and "[" in point[0]
+    one = transfer.describe(searches[:1], load_space(TINY_SPACE))
+    assert one[0].startswith("warm start: 8 finished trial(s) of cpu/tiny")
+    assert one[-1].startswith("trend across sizes: not fitted: cannot extrapolate from one model size")
+
+
+# ---------------------------------------------------------------- the analysis section
+
+def test_analysis_predicts_unseen_sizes(tmp_path):
+    from analysis import extrapolate
+    from analysis.load import load_results
+
+    two = load_results(ladder_dirs(tmp_path / "two", sizes=("tiny", "small")))
+    tables = extrapolate.tables(two)
+    pred = tables["extrapolated"]
+    assert set(pred["size"]) == {"cpu/base", "1b-3b/Llama-3.2-3B-Instruct", "7b-8b/Mistral-7B-v0.1",
+                                 "8b-13b/Meta-Llama-3-8B-Instruct", "13b-30b/Qwen2.5-14B-Instruct",
+                                 "70b+/Llama-3.1-70B-Instruct"}
+    for row in pred.itertuples():
+        lo, hi = guide.documented_range(row.parameter, row.size.split("/")[0])
+        assert lo <= row.low <= row.predicted <= row.high <= hi
+    text = "\n".join(extrapolate.markdown(tables))
+    assert "## Predicted for unseen sizes (extrapolated)" in text and "EXTRAPOLATED" in text
+    assert "needs searches of at least three sizes" in text
+    three = load_results(ladder_dirs(tmp_path / "three"))
+    tables = extrapolate.tables(three)
+    assert "cpu/base" not in set(tables["extrapolated"]["size"])
+    assert len(tables["leave_one_size_out"]) == 3 * 4
+    assert "inside interval" in "\n".join(extrapolate.markdown(tables))
+    assert extrapolate.tables(load_results(ladder_dirs(tmp_path / "one", sizes=("tiny",)))) == {}
+
+
+# ---------------------------------------------------------------- the warm start wired into the search
+
+# The guide's documented starting point for the `cpu` bucket, written out (as tests/test_tune.py).
+CPU_DEFAULT = {"learning_rate": 1e-3, "beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.0}
+EXTRA = {"learning_rate": 2e-3, "beta": 3.0, "gamma_beta_ratio": 0.45, "sft_weight": 0.05}
+
+
+def tiny_search_with_known_points(tmp_path: Path) -> Path:
+    """A finished cpu-tiny search whose trials include the documented default, the EXTRA point
+    and a diverged trial (which ranks nowhere and is not handed over)."""
+    [d] = ladder_dirs(tmp_path, sizes=("tiny",))
+    t = pd.read_csv(d / "trials.csv", dtype={"trial_id": str})
+    for i, point in ((0, CPU_DEFAULT), (1, EXTRA)):
+        for p, v in point.items():
+            t.loc[i, p] = v
+    t.loc[2, ["status", "best_objective", "objective_value"]] = ["diverged", 0.95, 0.0]
+    t.assign(rank=rank_column(t, "max")).to_csv(d / "trials.csv", index=False)
+    return d
+
+
+def test_warm_start_gives_the_searcher_completed_trials_and_the_default_still_runs_first(tmp_path):
+    import optuna
+
+    from simpo_ray.tune import _searcher, load
+
+    d = tiny_search_with_known_points(tmp_path)
+    space = load(TINY_SPACE, warm_start=[str(d)], overrides={"search.points_to_evaluate": {"extra": [EXTRA]}})
+    # Expected from trials.csv with plain pandas: the completed trials, each with its final value.
+    t = pd.read_csv(d / "trials.csv", dtype={"trial_id": str})
+    done = t[t["status"] == "completed"]
+    expected = {tuple(round(r[p], 12) for p in space.params): r["objective_value"] for _, r in done.iterrows()}
+    assert len(expected) == len(t) - 1
+
+    searcher = _searcher(space)
+    study = searcher._ot_study
+    complete = [x for x in study.trials if x.state == optuna.trial.TrialState.COMPLETE]
+    assert {tuple(round(x.params[p], 12) for p in space.params): x.value for x in complete} == expected
+    # The EXTRA point was evaluated by a warm trial: dropped; the default runs first all the same.
+    assert space.points_to_evaluate[0] == CPU_DEFAULT and EXTRA not in space.points_to_evaluate
+    assert any("extra point 1" in line and "dropped" in line for line in space.warm.lines)
+    assert any(line.startswith("guide default") and "still runs first" in line for line in space.warm.lines)
+
+    n = space.search.num_samples
+    searcher.set_search_properties(None, None, {})
+    got = [searcher.suggest(f"t{i}") for i in range(n)]
+    assert got[0] == pytest.approx(CPU_DEFAULT)
+    assert got[:len(space.points_to_evaluate)] == [pytest.approx(p) for p in space.points_to_evaluate]
+    warm = [dict(zip(space.params, k)) for k in expected]
+    for s in got[1:]:  # no warm trial is proposed again (the default is the search's own baseline)
+        assert not any(all(math.isclose(s[p], w[p], rel_tol=1e-9) for p in w) for w in warm), s
+    assert len(study.trials) == len(expected) + n
+
+
+def test_warm_start_dry_run_predicts_inside_the_documented_range(tmp_path, capsys, monkeypatch):
+    from simpo_ray.cli import tune_main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    dirs = ladder_dirs(tmp_path, sizes=("tiny", "small"))
+    base = TINY_SPACE.with_name("cpu-base.yaml")
+    assert tune_main(["--space", str(base), "--dry-run", "--warm-start", *map(str, dirs)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    [start] = [i for i, line in enumerate(out) if line.startswith("predicted point for cpu/base")]
+    predicted = {}
+    for line in out[start + 1:start + 5]:
+        p, centre, low, high = line.replace("[", " ").replace("]", " ").replace(",", " ").split()[:4]
+        predicted[p] = tuple(map(float, (centre, low, high)))
+    assert set(predicted) == set(guide.PARAMS)
+    for p, (centre, low, high) in predicted.items():
+        lo, hi = guide.documented_range(p, "cpu")
+        assert lo <= low <= centre <= high <= hi, (p, centre, low, high)
+    assert any("log10 learning_rate = " in line and "cpu/small 761K (n=5)" in line for line in out)
+    # The predicted point runs right after the documented default.
+    points = [line for line in out if line.startswith(("  1. ", "  2. "))]
+    assert "guide default" in points[0] and "transferred from sizes cpu/tiny, cpu/small" in points[1]
+    enqueued = dict(kv.split("=") for kv in points[1].split("<-")[0].split()[1:])
+    assert {p: float(v) for p, v in enqueued.items()} == pytest.approx(
+        {p: x[0] for p, x in predicted.items()}, rel=1e-2, abs=1e-3)
+    # --warm-start-narrow: the searched ranges shrink to the intervals, inside the documented ones.
+    from simpo_ray.tune import load
+
+    cold, narrow = load(base), load(base, warm_start=list(map(str, dirs)), warm_start_narrow=True)
+    for p, param in narrow.params.items():
+        lo, hi = guide.documented_range(p, "cpu")
+        assert lo <= param.low < param.high <= hi and param != cold.params[p], (p, param)
+        _, low, high = predicted[p]  # printed to 3 digits
+        assert low * (1 - 5e-3) <= param.low and param.high <= high * (1 + 5e-3), (p, param, low, high)
+        assert all(param.contains(pt[p]) for pt in narrow.points_to_evaluate)
+
+
+def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
+    from simpo_ray.records import resolved_space, space_differences
+    from simpo_ray.space import load_space
+    from simpo_ray.tune import _resume_command, load
+
+    dirs = ladder_dirs(tmp_path, sizes=("tiny", "small"))
+    base = TINY_SPACE.with_name("cpu-base.yaml")
+    warm = load(base, warm_start=[str(tmp_path)])
+    record = SearchRecord.from_space(warm, base, "warm")
+    assert record.search["warm_start"] == [str(tmp_path.resolve())]
+    assert [(s["name"], s["same_size"], s["in_trend"]) for s in record.search["warm_started_from"]] == [
+        ("cpu-small", False, True), ("cpu-tiny", False, True)]
+    assert SearchRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
+    # A cold space resolves as a record written before warm starts existed: no new keys.
+    cold = resolved_space(load_space(base))
+    assert "warm_start" not in cold["search"] and "warm_start_narrow" not in cold["search"]
+    assert space_differences(cold, resolved_space(warm)) != []
+    cmd = _resume_command(str(base), None, "warm", None, {"warm_start": [str(d) for d in dirs]})
+    assert f"--warm-start {dirs[0]} {dirs[1]} --resume" in cmd
+
+
+@pytest.mark.parametrize("search, needle", [
+    ({"warm_start": [3]}, "search.warm_start[0]: expected a non-empty string, got 3"),
+    ({"warm_start_narrow": "yes"}, "search.warm_start_narrow: expected true or false, got 'yes'"),
+    ({"warm_start_narrow": True}, "search.warm_start_narrow: true needs finished searches"),
+    ({"warm_start": ["no/such/dir"]}, "no/such/dir: no such directory"),
+])
+def test_warm_start_settings_are_validated(search, needle):
+    import yaml
+
+    from simpo_ray.space import load_space
+
+    raw = yaml.safe_load(TINY_SPACE.read_text())
+    with pytest.raises(UserError) as info:
+        load_space(raw | {"search": {**raw["search"], **search}})
+    assert needle in str(info.value) and "\n" not in str(info.value)
