@@ -58,8 +58,10 @@ def prompt_ids(tokenizer, row: dict[str, Any], *, system_turn: bool, max_prompt_
 
 
 def stop_ids(model, tokenizer) -> list[int]:
-    """End-of-turn ids: the generation config's (Llama-3 lists <|eot_id|> there) and the tokenizer's EOS."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    """End-of-turn ids: the generation config's (Llama-3 lists <|eot_id|> there) and the tokenizer's EOS.
+    `model` may be a wrapper holding the causal LM as `.model` (the FSDP-sharded `PolicyLogps`)."""
+    config = getattr(model, "generation_config", None) or getattr(getattr(model, "model", None), "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
     ids = list(ids) if isinstance(ids, (list, tuple)) else [] if ids is None else [ids]
     return sorted(set(ids) | {tokenizer.eos_token_id})
 

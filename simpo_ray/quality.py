@@ -7,6 +7,8 @@ Knows torch and torch.distributed, not Ray: `train.Evaluator` calls it at every 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
 import time
@@ -40,7 +42,7 @@ class GenerationEval:
     def __init__(self, rows: list[dict[str, Any]], tokenizer, cfg: TrainConfig, device, rank: int, world: int,
                  *, bundled: bool, system_turn: bool, lockstep: bool, state: dict[str, Any]) -> None:
         self.rows, self.tokenizer, self.cfg, self.rank, self.world = rows, tokenizer, cfg, rank, world
-        self.bundled, self.lockstep, self.state = bundled, lockstep, state
+        self.bundled, self.lockstep, self.state, self.device = bundled, lockstep, state, device
         self.mine = generation.shard(len(rows), rank, world)
         self.ids = [generation.prompt_ids(tokenizer, rows[i], system_turn=system_turn,
                                           max_prompt_length=cfg.max_prompt_length) for i in self.mine]
@@ -78,7 +80,7 @@ class GenerationEval:
         from simpo_ray.bundled import task
 
         correct = sum(task.check(self.rows[i]["prompt"], a.text) for i, a in zip(self.mine, answers))
-        counts = torch.tensor([float(correct), float(len(answers))], dtype=torch.float64)
+        counts = torch.tensor([float(correct), float(len(answers))], dtype=torch.float64, device=self.device)
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(counts)
         return counts[0].item() / max(counts[1].item(), 1.0)
@@ -89,14 +91,21 @@ class GenerationEval:
         mine = [(s, a.text, a.tokens) for s, a in zip(scores, answers)]
         policy = generation.gather(mine, len(self.rows), self.rank, self.world)
         baseline = self.state.get("reward_baseline")
-        if baseline is None:
-            baseline = self._baseline(turns, mine)
+        if baseline is None or baseline.get("identity") != self._identity():
+            baseline = {**self._baseline(turns, mine), "identity": self._identity()}
             self.state["reward_baseline"] = baseline
         return win_metrics(
             [p[0] for p in policy], baseline["scores"],
             [len(p[1]) for p in policy], [len(t) for t in baseline["texts"]],
             [p[2] for p in policy], baseline["tokens"],
             same_text=[p[1].strip() == t.strip() for p, t in zip(policy, baseline["texts"])])
+
+    def _identity(self) -> dict[str, Any]:
+        """What the kept baseline scores depend on: a resumed run with another reward model,
+        baseline or prompt sample scores its baseline anew."""
+        prompts = hashlib.sha256(json.dumps([r["turns"] for r in self.rows]).encode()).hexdigest()[:16]
+        return {"reward_model": self.cfg.reward_model_name_or_path, "baseline": self.cfg.reward_baseline,
+                "prompts": prompts}
 
     def _baseline(self, turns: list[list[dict]], mine: list[tuple]) -> dict[str, list]:
         """The baseline answers' scores, texts and token counts, over all rows: the dataset's chosen

@@ -60,14 +60,17 @@ def lc_win_rate(win: list[float] | np.ndarray, policy_len: list[int] | np.ndarra
     coefficients (AlpacaEval uses a cross-validated L1 penalty and shrinks towards "gamed"
     baselines we do not have; the penalty here only keeps the fit finite when every answer wins
     or lengths separate wins perfectly). Read out at zero length difference: sigmoid(theta).
-    With one instruction set and one baseline, AlpacaEval's per-instruction difficulty is a
-    constant absorbed by theta, so it is left out.
+    AlpacaEval adds a per-instruction difficulty, estimated once from many models' outputs, and
+    averages the prediction over instructions; without such estimates it is left out, and the
+    average of the prediction at zero length difference is sigmoid(theta). When lengths separate
+    wins from losses perfectly (few prompts), the data do not pin down the win at zero length
+    difference and the value rests on the penalty: read it with the raw rate and the lengths.
     """
     w = np.asarray(win, dtype=np.float64)
     d = np.asarray(policy_len, dtype=np.float64) - np.asarray(baseline_len, dtype=np.float64)
     if not (w.shape == d.shape and w.ndim == 1 and len(w)):
         raise ValueError("lc_win_rate needs equally long, non-empty lists of wins and lengths")
-    sd = float(d.std())
+    sd = float(d.std(ddof=1)) if len(d) > 1 else 0.0  # pandas' std, as AlpacaEval computes it
     x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
     X = np.stack([np.ones_like(x), x], axis=1)
     coef = np.zeros(2)

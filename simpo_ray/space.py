@@ -475,6 +475,12 @@ def _check_objective(search: SearchSettings, cfg: TrainConfig, notes: list[str])
         elif cfg.generation_eval_samples == 0:
             raise ConfigError(f"search.objective: {search.objective} needs base.generation_eval_samples > 0 "
                               "(0 turns generation off)")
+    if (search.objective in (*REWARD_OBJECTIVES, "eval/success_rate") and cfg.generation_eval_steps
+            and cfg.generation_eval_steps != cfg.eval_steps):
+        raise ConfigError(f"search.objective: {search.objective} is measured every generation_eval_steps "
+                          f"({cfg.generation_eval_steps}) but reported every eval_steps ({cfg.eval_steps}): the "
+                          "search would rank carried-forward values; set eval_steps to "
+                          f"{cfg.generation_eval_steps} and drop generation_eval_steps")
     if search.objective == FALLBACK_OBJECTIVE and not bundled:
         notes.append(f"{FALLBACK_OBJECTIVE} cannot see generation quality (a model can rank chosen over "
                      "rejected while its answers ramble or collapse); set base.reward_model_name_or_path "

@@ -190,7 +190,7 @@ def _strategy(cfg: TrainConfig, device: torch.device, world: int) -> str:
         return "ddp"
     from transformers import AutoConfig
 
-    from simpo_ray.memory import Batch, ModelShape, choose
+    from simpo_ray.memory import Batch, ModelShape, choose, reward_params
     from simpo_ray.model import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(cfg.model_name_or_path),
@@ -198,7 +198,8 @@ def _strategy(cfg: TrainConfig, device: torch.device, world: int) -> str:
     shape = ModelShape.from_config(config, cfg.model_name_or_path)
     gb = torch.cuda.get_device_properties(device).total_memory / 1e9
     plan = choose(shape, Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16,
-                               cfg.gradient_checkpointing), parallel="auto", world=world, gpu_memory_gb=gb)
+                               cfg.gradient_checkpointing), parallel="auto", world=world, gpu_memory_gb=gb,
+                  cpu_offload=cfg.fsdp_cpu_offload, reward_params=reward_params(cfg))
     fsdp = torch.tensor([1.0 if plan.strategy == "fsdp" else 0.0], device=device)
     if dist.is_initialized():
         dist.all_reduce(fsdp, op=dist.ReduceOp.MAX)  # every worker must agree

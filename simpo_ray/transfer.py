@@ -179,6 +179,7 @@ def same_size_trials(searches: Iterable[FinishedSearch], space: SearchSpace,
         if (s.objective, s.mode) != (space.search.objective, space.search.mode):
             raise UserError(f"{s.path}: optimised {s.objective} ({s.mode}), this search "
                             f"{space.search.objective} ({space.search.mode}); its values cannot warm-start it")
+        _check_measured_alike(s, space)
         for _, t in s.ranked().iterrows():
             value = lambda p: float(t[p]) if p in s.searched else s.fixed_value(p)  # noqa: E731
             point = {p: value(p) for p in space.params}
@@ -197,6 +198,24 @@ def same_size_trials(searches: Iterable[FinishedSearch], space: SearchSpace,
            "parameter this space fixes", "duplicate": "repeated an earlier point"}
     notes += [f"warm start: {n} trial(s) left out: {why[k]}" for k, n in skipped.items() if n]
     return out
+
+
+# Keys of a run that decide what its objective value measures: searches that differ in one of
+# them produced values the new searcher must not be told as its own.
+MEASUREMENT_KEYS = ("dataset_mixer", "dataset_splits", "max_eval_samples", "max_steps", "num_train_epochs",
+                    "generation_eval_samples", "max_new_tokens", "generation_do_sample",
+                    "reward_model_name_or_path", "reward_baseline")
+
+
+def _check_measured_alike(search: FinishedSearch, space: SearchSpace) -> None:
+    """`UserError` naming the first key in which a same-size search measured its objective
+    otherwise than `space` does (a search recorded without its base config passes)."""
+    theirs = search.record.space.get("base") or {}
+    ours = space.trial_config().to_dict()
+    for key in MEASUREMENT_KEYS:
+        if key in theirs and theirs[key] != ours.get(key):
+            raise UserError(f"{search.path}: ran with {key}: {theirs[key]!r}, this search with {ours.get(key)!r}; "
+                            "its objective values are not comparable and cannot warm-start it")
 
 
 # ---------------------------------------------------------------- trends across sizes

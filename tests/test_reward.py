@@ -82,7 +82,7 @@ def test_lc_fit_equals_an_independent_logistic_regression():
     w = np.where(rng.random(n) < 1 / (1 + np.exp(-(0.3 + 0.8 * np.tanh(d / d.std())))), 1.0, 0.0)
     w[:40] = 0.5  # ties
     fit = lc_win_rate(w, d, np.zeros(n), l2=0.01)
-    x = np.tanh(d / d.std())
+    x = np.tanh(d / d.std(ddof=1))  # pandas' std, as AlpacaEval
     X = np.concatenate([np.stack([np.ones(n), x], 1)] * 2)
     y = np.concatenate([np.ones(n), np.zeros(n)])
     sk = LogisticRegression(C=1 / (0.01 * n), fit_intercept=False, tol=1e-12, max_iter=10000)

@@ -82,7 +82,7 @@ def test_shipped_space_loads_inside_the_guide(path):
         else:
             assert s.search.objective == "eval/reward_win_rate_lc"
             assert s.base["reward_model_name_or_path"].startswith("Skywork/Skywork-Reward-V2-")
-            assert s.search.grace_period % s.base["generation_eval_steps"] == 0
+            assert s.search.grace_period % s.base["eval_steps"] == 0
         assert s.resources.gpus_per_worker >= 1
     else:
         assert s.search.objective == "eval/success_rate"

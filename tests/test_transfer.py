@@ -245,6 +245,10 @@ def test_same_size_trials_for_the_searcher(tmp_path):
     other = load_space(raw | {"search": {**raw["search"], "objective": "eval/loss", "mode": "min"}})
     with pytest.raises(UserError, match="optimised eval/success_rate .max., this search eval/loss"):
         transfer.same_size_trials(searches, other)
+    # Values measured otherwise (here: shorter answers allowed) must not reach the searcher.
+    shorter = load_space(TINY_SPACE, overrides={"base.max_new_tokens": 4})
+    with pytest.raises(UserError, match=r"ran with max_new_tokens: None, this search with 4; .* not comparable"):
+        transfer.same_size_trials(searches, shorter)
 
 
 def test_describe_for_the_dry_run(tmp_path):

@@ -387,6 +387,9 @@ BAD_SPACES = {
         learning_rate={"distribution": "loguniform", "low": 0.0, "high": 1e-6}),
         ["params.learning_rate.low", "loguniform"]),
     "unknown_key": (lambda d: d["search"].update(num_sample=3), ["search.num_sample", "did you mean 'num_samples'"]),
+    # A generation objective must be fresh at every report a scheduler or the ranking reads.
+    "stale_generation_objective": (lambda d: d["base"].update(generation_eval_steps=160),
+                                   ["eval/reward_win_rate_lc", "generation_eval_steps (160)", "eval_steps (80)"]),
 }
 
 
