@@ -22,3 +22,24 @@ def quality_columns(trials: pd.DataFrame) -> dict[str, str]:
     """`final_<metric>` column -> short name, for the `QUALITY` metrics some trial reported."""
     return {f"final_{m}": name for m, name in QUALITY.items()
             if f"final_{m}" in trials and pd.to_numeric(trials[f"final_{m}"], errors="coerce").notna().any()}
+
+
+def pareto_markdown(results, size: str, fmt) -> list[str]:
+    """The Pareto front of a multi-objective search (trials.csv `pareto_front`, final values of
+    every objective), as Markdown lines; [] for a search with one objective."""
+    t = results.of_size(size)
+    objectives: list[str] = []
+    for e in results.experiments:
+        objectives = objectives or list(e.search.search.get("objectives") or [])
+    if not objectives or "pareto_front" not in t:
+        return []
+    on = t[t["pareto_front"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))]
+    columns = {"objective_value" if m == results.objective else f"final_{m}": m for m in objectives}
+    shown = on[["trial_id", "status", *[c for c in results.searched_params(size) if c in on], *[c for c in columns if c in on]]]
+    shown = shown.rename(columns=columns)
+    lines = [f"Pareto front of {', '.join(f'`{m}`' for m in objectives)} ({len(on)} of {len(t)} trials; no other "
+             "trial is at least as good on every objective and better on one; final values):", ""]
+    header = "| " + " | ".join(shown.columns) + " |"
+    lines += [header, "|" + "---|" * len(shown.columns)]
+    lines += ["| " + " | ".join(fmt(v, c) for c, v in r.items()) + " |" for _, r in shown.iterrows()]
+    return lines + [""]

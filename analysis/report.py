@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 from analysis.load import Results, guide_for, slug
-from analysis.quality import BASELINE_LENGTH, QUALITY, quality_columns
+from analysis.quality import BASELINE_LENGTH, QUALITY, pareto_markdown, quality_columns
 from simpo_ray import records
 from simpo_ray.guide import PARAMS
 from simpo_ray.records import RANKED_STATUSES, STATUSES
@@ -398,6 +398,7 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         else:
             line += "; no documented-default trial (`is_default`) in this search"
         out += [line + ".", ""]
+        out += pareto_markdown(results, size, fmt)
         if quality:
             top = trials_table(results).loc[top_trials(results, size).index].drop(columns="size")
             out += ["Top trials, with the generation quality of their final model:", "",

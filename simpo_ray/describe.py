@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from simpo_ray import guide
+from simpo_ray.objectives import describe as describe_objective
 
 if TYPE_CHECKING:
     from simpo_ray.space import SearchSpace
@@ -44,7 +45,7 @@ def describe_space(space: SearchSpace) -> str:
     sched = s.scheduler if s.scheduler in ("fifo", "median") else (
         f"{s.scheduler} (time_attr {s.time_attr}, grace_period {s.grace_period}, "
         f"reduction_factor {s.reduction_factor:g}, max_t {s.max_t})")
-    lines.append(f"search: {s.num_samples} samples, objective {s.objective} ({s.mode}), "
+    lines.append(f"search: {s.num_samples} samples, objective {describe_objective(s)}, "
                  f"scheduler {sched}, sampler {s.sampler}, seed {s.seed}, max_concurrent "
                  f"{s.max_concurrent if s.max_concurrent is not None else 'auto'}")
     lines.append("points to evaluate (the first is the guide's documented default):")

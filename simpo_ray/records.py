@@ -249,6 +249,12 @@ def space_sha256(path: str | Path) -> str:
         return ""
 
 
+# Training keys added after search.json schema 2 (generation quality): left out of a resolved space
+# at their defaults, so a search started before them still resumes.
+LATER_BASE_KEYS = ("reward_model_name_or_path", "reward_baseline", "max_new_tokens", "generation_do_sample",
+                   "generation_temperature", "generation_top_p", "generation_eval_steps", "generation_batch_size")
+
+
 def resolved_space(space) -> dict[str, Any]:
     """What a space resolves to, after presets, ranges from the guide and overrides: the fixed
     training config of every trial (searched keys left out), the searched parameters, one
@@ -258,9 +264,15 @@ def resolved_space(space) -> dict[str, Any]:
     for p in space.params:
         base.pop(p, None)
     search = dataclasses.asdict(space.search)
-    for key, unset in (("warm_start", ()), ("warm_start_narrow", False)):
-        if search.get(key) == unset:  # as a record from before warm starts has it: absent
+    for key, unset in (("warm_start", ()), ("warm_start_narrow", False), ("objectives", ()), ("modes", ())):
+        if search.get(key) == unset:  # as a record from before these keys has it: absent
             search.pop(key)
+    from simpo_ray.config import TrainConfig
+
+    default = TrainConfig.__dataclass_fields__
+    for key in LATER_BASE_KEYS:  # at their defaults, as a record from before them has them: absent
+        if key in base and base[key] == default[key].default:
+            base.pop(key)
     return json.loads(json.dumps({
         "size_bucket": space.size_bucket, "task": space.task, "model_type": space.model_type,
         "base": base, "params": {n: p.to_dict() for n, p in space.params.items()},

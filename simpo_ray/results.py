@@ -256,6 +256,24 @@ def summary_table(trials: pd.DataFrame, mode: str, top: int = 5) -> str:
     return "\n".join(lines)
 
 
+def _mark_pareto_front(trials: pd.DataFrame, search) -> str:
+    """A multi-objective search: the `pareto_front` column of trials.csv (final values of every
+    objective) and its summary line; "" for one objective."""
+    if not search.objectives or trials.empty:
+        return ""
+    from simpo_ray.objectives import final_column, pareto_front
+
+    pairs = [(final_column(m, search.objective), mode) for m, mode in zip(search.objectives, search.modes)]
+    for column, _ in pairs:
+        if column not in trials:
+            trials[column] = math.nan
+    trials["pareto_front"] = pareto_front(trials, pairs)
+    on = trials[trials["pareto_front"]]
+    shown = "; ".join(f"{r['trial_id']} (" + ", ".join(f"{m} {r[c]:.4g}" for m, (c, _) in zip(search.objectives, pairs))
+                      + ")" for _, r in on.iterrows())
+    return f"Pareto front of {', '.join(search.objectives)} (final values): {shown or 'no finished trial'}"
+
+
 def search_was_interrupted(tune_states: dict[str, dict[str, str]], num_samples: int) -> bool:
     """Whether the search stopped before its end: in Tune's saved state a trial did not end, or
     fewer trials than `num_samples` were created. (No saved state: results that did not come
@@ -284,6 +302,7 @@ def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1
                                   default_point=default_point, info=record.to_dict(), tune_states=states,
                                   exp_path=exp_path)
     local = Path(exp_path) if "://" not in exp_path else Path("results") / record.name
+    front_line = _mark_pareto_front(trials, space.search)
     write_tables(local, trials, curves)
     best = best_trial(trials, record.mode)
     counts = ", ".join(f"{(trials['status'] == s).sum()} {s}" for s in STATUSES) if len(trials) else "no trial"
@@ -319,6 +338,8 @@ def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1
             lines.append(f"best model: {export_best(ckpt, local / 'best_model')}")
     elif not interrupted:
         lines.append("no trial finished; see the error column of trials.csv")
+    if front_line:
+        lines.append(front_line)
     lines.append(f"results: {local / 'trials.csv'} (one row per trial), {local / 'curves.csv'} (learning curves)")
     record.write(local)
     if "://" in exp_path:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from simpo_ray import guide, schema
+from simpo_ray.objectives import OBJECTIVES, Objective, check_objective, split_objective, validate_multi
 from simpo_ray.config import FIELDS, TrainConfig, from_dict
 from simpo_ray.errors import ConfigError, closest
 from simpo_ray.schema import rng
@@ -27,24 +28,6 @@ Scheduler = Literal["asha", "hyperband", "median", "fifo"]
 Sampler = Literal["tpe", "random"]
 TimeAttr = Literal["step", "samples", "tokens", "training_iteration"]
 Mode = Literal["max", "min"]
-# Metrics the training loop reports under eval/, with the direction that is better.
-OBJECTIVES = {
-    "eval/preference_accuracy": "max",
-    "eval/success_rate": "max",        # bundled task only
-    "eval/reward_win_rate_lc": "max",  # these three need base.reward_model_name_or_path
-    "eval/reward_win_rate": "max",
-    "eval/reward_mean": "max",
-    "eval/rewards/accuracies": "max",
-    "eval/rewards/margins": "max",
-    "eval/loss": "min",
-    "eval/sft_loss": "min",
-}
-Objective = Literal[
-    "eval/preference_accuracy", "eval/success_rate", "eval/reward_win_rate_lc", "eval/reward_win_rate",
-    "eval/reward_mean", "eval/rewards/accuracies",
-    "eval/rewards/margins", "eval/loss", "eval/sft_loss",
-]
-assert set(typing.get_args(Objective)) == set(OBJECTIVES)
 DISTRIBUTIONS = typing.get_args(Distribution)
 SCHEDULERS = typing.get_args(Scheduler)
 SAMPLERS = typing.get_args(Sampler)
@@ -151,12 +134,17 @@ class SearchSettings:
     # Finished searches to start from (simpo_ray.warm_start); absolute once loaded.
     warm_start: tuple[str, ...] = ()
     warm_start_narrow: bool = False
+    # A multi-objective search (search.objective given as a list): all its metrics and modes;
+    # `objective`/`mode` are then the first (the primary). Empty for one objective.
+    objectives: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         schema.validate(self)
         if self.warm_start_narrow and not self.warm_start:
             raise ConfigError("warm_start_narrow: true needs finished searches to narrow from "
                               "(search.warm_start or --warm-start)")
+        validate_multi(self)
         better = OBJECTIVES[self.objective]
         if self.mode != better:
             raise ConfigError(f"mode: {self.mode!r} is wrong for {self.objective}, which is better when "
@@ -307,7 +295,7 @@ def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: boo
     from simpo_ray.points import add_points
 
     cfg = space.trial_config()  # base + fixed params + resources together form a valid config
-    space.search = _check_objective(search, cfg, space.notes)
+    space.search = check_objective(search, cfg, space.notes)
     if search.warm_start:  # narrows ranges, adds the transferred point, keeps trials for the searcher
         from simpo_ray.warm_start import apply_warm_start
 
@@ -447,7 +435,7 @@ def _search(raw: Any, warm_start: tuple[str, ...] = ()) -> SearchSettings:
     absolute from the working directory."""
     from simpo_ray.points import parse_points_spec
 
-    d = dict(schema.mapping(raw, "search"))
+    d = split_objective(dict(schema.mapping(raw, "search")))
     points = parse_points_spec(d.pop("points_to_evaluate", "default"))
     if warm_start:
         d["warm_start"] = [*schema.coerce("search.warm_start", d.get("warm_start", []), tuple[str, ...]),
@@ -455,44 +443,3 @@ def _search(raw: Any, warm_start: tuple[str, ...] = ()) -> SearchSettings:
     settings = schema.build(SearchSettings, d, prefix="search.")
     dirs = tuple(dict.fromkeys(os.path.abspath(os.path.expanduser(p)) for p in settings.warm_start))
     return dataclasses.replace(settings, points_to_evaluate=points, warm_start=dirs)
-
-
-REWARD_OBJECTIVES = ("eval/reward_win_rate_lc", "eval/reward_win_rate", "eval/reward_mean")
-FALLBACK_OBJECTIVE = "eval/preference_accuracy"
-
-
-def _check_objective(search: SearchSettings, cfg: TrainConfig, notes: list[str]) -> SearchSettings:
-    """The objective the search can use with `cfg`: a reward objective without a reward model
-    falls back to preference accuracy (with a note); preference accuracy on real data gets a note
-    that it cannot see generation quality; the objectives that need generation are refused
-    without it."""
-    bundled = all(k.startswith("bundled:") for k in cfg.dataset_mixer)
-    if search.objective in REWARD_OBJECTIVES:
-        if not cfg.reward_model_name_or_path:
-            notes.append(f"search.objective {search.objective} needs base.reward_model_name_or_path, which is "
-                         f"not set: trials are ranked by {FALLBACK_OBJECTIVE} instead")
-            search = dataclasses.replace(search, objective=FALLBACK_OBJECTIVE, mode=OBJECTIVES[FALLBACK_OBJECTIVE])
-        elif cfg.generation_eval_samples == 0:
-            raise ConfigError(f"search.objective: {search.objective} needs base.generation_eval_samples > 0 "
-                              "(0 turns generation off)")
-    if (search.objective in (*REWARD_OBJECTIVES, "eval/success_rate") and cfg.generation_eval_steps
-            and cfg.generation_eval_steps != cfg.eval_steps):
-        raise ConfigError(f"search.objective: {search.objective} is measured every generation_eval_steps "
-                          f"({cfg.generation_eval_steps}) but reported every eval_steps ({cfg.eval_steps}): the "
-                          "search would rank carried-forward values; set eval_steps to "
-                          f"{cfg.generation_eval_steps} and drop generation_eval_steps")
-    if search.objective == FALLBACK_OBJECTIVE and not bundled:
-        notes.append(f"{FALLBACK_OBJECTIVE} cannot see generation quality (a model can rank chosen over "
-                     "rejected while its answers ramble or collapse); set base.reward_model_name_or_path "
-                     "and search.objective: eval/reward_win_rate_lc")
-    if search.objective != "eval/success_rate":
-        return search
-    other = [k for k in cfg.dataset_mixer if not k.startswith("bundled:")]
-    if other:
-        raise ConfigError(f"search.objective: eval/success_rate is reported only for the bundled "
-                          f"task (dataset bundled:sort), but base.dataset_mixer has {other[0]!r}; "
-                          "use eval/preference_accuracy")
-    if cfg.generation_eval_samples == 0:
-        raise ConfigError("search.objective: eval/success_rate needs base.generation_eval_samples > 0 "
-                          "(0 turns the success-rate evaluation off)")
-    return search

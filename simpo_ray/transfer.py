@@ -210,11 +210,17 @@ MEASUREMENT_KEYS = ("dataset_mixer", "dataset_splits", "max_eval_samples", "max_
 def _check_measured_alike(search: FinishedSearch, space: SearchSpace) -> None:
     """`UserError` naming the first key in which a same-size search measured its objective
     otherwise than `space` does (a search recorded without its base config passes)."""
+    from simpo_ray.config import FIELDS
+    from simpo_ray.records import LATER_BASE_KEYS
+
     theirs = search.record.space.get("base") or {}
     ours = space.trial_config().to_dict()
-    for key in MEASUREMENT_KEYS:
-        if key in theirs and theirs[key] != ours.get(key):
-            raise UserError(f"{search.path}: ran with {key}: {theirs[key]!r}, this search with {ours.get(key)!r}; "
+    for key in MEASUREMENT_KEYS if theirs else ():
+        if key not in theirs and key not in LATER_BASE_KEYS:
+            continue  # searched there, or not recorded
+        value = theirs.get(key, FIELDS[key].default)  # a later key at its default is left out of records
+        if value != ours.get(key):
+            raise UserError(f"{search.path}: ran with {key}: {value!r}, this search with {ours.get(key)!r}; "
                             "its objective values are not comparable and cannot warm-start it")
 
 

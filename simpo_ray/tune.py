@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Stopper
+from ray.tune.search.optuna import OptunaSearch
 
 from simpo_ray import cluster, ray_workarounds
 from simpo_ray.errors import UserError
 from simpo_ray.lock import ExperimentLock
+from simpo_ray.objectives import describe as describe_objective
 from simpo_ray.records import BUDGET_KEYS, SearchRecord, space_differences
 from simpo_ray.results import TRIAL_HISTORY, finish
 from simpo_ray.space import SearchSpace, load_space
@@ -183,7 +185,7 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
                               configure_logging=False)
     slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
     _say(verbose, f"[simpo-ray] search '{name}': {space.search.num_samples} trials, {slots} at a time, "
-                  f"objective {space.search.objective} ({space.search.mode}), scheduler {space.search.scheduler}")
+                  f"objective {describe_objective(space.search)}, scheduler {space.search.scheduler}")
     if space.warm is not None and not resume:  # a resumed searcher keeps the trials it was given
         _say(verbose, f"[simpo-ray] {space.warm.summary()}")
     _say(verbose, "[simpo-ray] preparing data and model once for all trials ...")
@@ -354,7 +356,6 @@ def _searcher(space):
     trials first). Not `evaluated_rewards`: with it OptunaSearch tells EVERY point of
     `points_to_evaluate` as evaluated and enqueues none, the documented default included."""
     import optuna
-    from ray.tune.search.optuna import OptunaSearch
 
     dists = {}
     for name, p in space.params.items():
@@ -367,13 +368,28 @@ def _searcher(space):
     else:
         sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=True,
                                              n_startup_trials=max(len(space.points_to_evaluate) + 2, 4))
-    searcher = OptunaSearch(space=dists, metric=space.search.objective, mode=space.search.mode,
+    s = space.search
+    multi = bool(s.objectives)  # Optuna's TPE proposes on all of them (multi-objective TPE)
+    searcher = (_MultiObjectiveOptuna if multi else OptunaSearch)(
+                            space=dists, metric=list(s.objectives) if multi else s.objective,
+                            mode=list(s.modes) if multi else s.mode,
                             points_to_evaluate=[{k: v for k, v in pt.items() if k in dists}
                                                 for pt in space.points_to_evaluate] or None,
                             sampler=sampler)
     for params, value in space.warm.trials if space.warm is not None else ():
         searcher.add_evaluated_point({k: v for k, v in params.items() if k in dists}, value)
     return searcher
+
+
+class _MultiObjectiveOptuna(OptunaSearch):
+    """OptunaSearch for several objectives: a trial that ended without one of them (a diverged run
+    reports only the bounded metrics) is told as failed, not as a list holding None, which Optuna
+    rejects, leaving the trial running in the study."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and any(result.get(m) is None for m in self.metric):
+            result, error = None, True
+        super().on_trial_complete(trial_id, result, error)
 
 
 def _scheduler(space):

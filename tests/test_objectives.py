@@ -1,0 +1,80 @@
+"""Multi-objective searches: settings, the searcher's study, the Pareto front. (No Ray search: the
+searcher is driven by hand as Tune drives it.)"""
+
+import pandas as pd
+import pytest
+import yaml
+
+from simpo_ray.errors import ConfigError
+from simpo_ray.objectives import pareto_front
+from simpo_ray.space import load_space
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = ROOT / "search_spaces" / "cpu-tiny.yaml"
+TWO = {"search.objective": ["eval/reward_win_rate_lc", "eval/sft_loss"], "search.scheduler": "fifo"}
+
+
+def test_a_list_objective_is_a_multi_objective_search_with_the_first_as_primary(capsys):
+    from simpo_ray.describe import describe_space
+
+    s = load_space(TINY, overrides=TWO).search
+    assert (s.objective, s.mode) == ("eval/reward_win_rate_lc", "max")
+    assert (s.objectives, s.modes) == (("eval/reward_win_rate_lc", "eval/sft_loss"), ("max", "min"))
+    assert "objectives eval/reward_win_rate_lc (max), eval/sft_loss (min)" in describe_space(load_space(TINY, overrides=TWO))
+    assert load_space(TINY, overrides={**TWO, "search.scheduler": "median"}).search.scheduler == "median"
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"search.scheduler": "asha"}, "search.scheduler: asha cuts trials on one metric and cannot serve"),
+    ({"search.scheduler": "hyperband"}, "search.scheduler: hyperband cuts trials on one metric"),
+    ({"search.mode": ["max", "max"]}, "search.mode: 'max' is wrong for eval/sft_loss"),
+    ({"search.mode": ["max"]}, "must give one mode per objective"),
+    ({"search.objective": ["eval/sft_loss", "eval/sft_loss"]}, "two or more different metrics"),
+    ({"search.objective": ["eval/sft_loss", "eval/nope"]}, "'eval/nope' is not a metric a search can use"),
+    ({"base.reward_model_name_or_path": None}, "eval/reward_win_rate_lc needs base.reward_model_name_or_path"),
+])
+def test_bad_multi_objective_settings_are_one_line_errors(change, needle):
+    with pytest.raises(ConfigError) as info:
+        load_space(TINY, overrides={**TWO, **change})
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_searcher_tells_optuna_every_objective_and_a_diverged_trial_fails():
+    import optuna
+
+    from simpo_ray.tune import _searcher
+
+    searcher = _searcher(load_space(TINY, overrides=TWO))
+    searcher.set_search_properties(None, None, {})
+    ids = [f"t{i}" for i in range(3)]
+    configs = [searcher.suggest(t) for t in ids]
+    assert configs[0]["sft_weight"] == 0.0  # the documented default still runs first
+    searcher.on_trial_complete("t0", {"eval/reward_win_rate_lc": 0.4, "eval/sft_loss": 1.5})
+    searcher.on_trial_complete("t1", {"eval/reward_win_rate_lc": 0.6, "eval/sft_loss": 2.0})
+    searcher.on_trial_complete("t2", {"eval/reward_win_rate_lc": 0.0, "diverged": 1})  # no sft_loss
+    study = searcher._ot_study
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+    assert [t.values for t in study.trials[:2]] == [[0.4, 1.5], [0.6, 2.0]]
+    assert study.trials[2].state == optuna.trial.TrialState.FAIL
+    assert {t.number for t in study.best_trials} == {0, 1}  # neither dominates the other
+
+
+def test_pareto_front_by_hand():
+    t = pd.DataFrame({"trial_id": list("abcdef"), "status": ["completed"] * 4 + ["diverged", "completed"],
+                      "win": [0.6, 0.5, 0.4, 0.6, 0.9, None], "loss": [1.0, 0.8, 0.9, 1.2, 0.1, 0.5]})
+    front = pareto_front(t, [("win", "max"), ("loss", "min")])
+    # a: best win (ties d, better loss); b: best loss; c: dominated by b; d: dominated by a;
+    # e diverged and f has no win: never on the front.
+    assert list(t["trial_id"][front]) == ["a", "b"]
+
+
+def test_resolved_space_of_a_single_objective_search_is_as_before():
+    from simpo_ray.records import resolved_space
+
+    r = resolved_space(load_space(TINY))
+    assert "objectives" not in r["search"] and "modes" not in r["search"]
+    assert "max_new_tokens" not in r["base"] and "generation_top_p" not in r["base"]
+    assert r["base"]["reward_model_name_or_path"] == "bundled:reward"  # set in the space: kept
