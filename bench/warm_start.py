@@ -32,12 +32,13 @@ OBJECTIVE = "eval/success_rate"
 NOISE = math.sqrt(0.25 / 128)  # the standard error of a success rate near 0.5 on 128 prompts
 
 
-def search(space: str, storage: Path, name: str, seed: int, warm: list[str] | None = None) -> dict:
+def search(space: str, storage: Path, name: str, seed: int, warm: list[str] | None = None,
+           num_samples: int | None = None) -> dict:
     from simpo_ray.tune import run_search
 
     t0 = time.perf_counter()
     exp = run_search(str(REPO / "search_spaces" / f"{space}.yaml"), storage_path=str(storage), name=name,
-                     seed=seed, warm_start=warm, verbose=0)
+                     seed=seed, warm_start=warm, num_samples=num_samples, verbose=0)
     return {"exp": Path(exp), "wall_s": time.perf_counter() - t0, "load": load()}
 
 
@@ -62,6 +63,7 @@ def main() -> int:
     p = parser(__doc__, "warm_start")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--sources", nargs=2, metavar=("TINY", "SMALL"), help="finished cpu-tiny and cpu-small searches")
+    p.add_argument("--num-samples", type=int, default=None, help="trials per cpu-base search (default: the space's 12)")
     p.add_argument("--storage", default=str(REPO / "bench" / "results" / "searches"))
     args = p.parse_args()
     storage = Path(args.storage)
@@ -73,8 +75,8 @@ def main() -> int:
         sources = [str(search(s, storage, f"warm-source-{s}", 0)["exp"]) for s in ("cpu-tiny", "cpu-small")]
     rows = []
     for seed in seeds:
-        cold = search("cpu-base", storage, f"base-cold-seed{seed}", seed)
-        warm = search("cpu-base", storage, f"base-warm-seed{seed}", seed, warm=sources)
+        cold = search("cpu-base", storage, f"base-cold-seed{seed}", seed, num_samples=args.num_samples)
+        warm = search("cpu-base", storage, f"base-warm-seed{seed}", seed, warm=sources, num_samples=args.num_samples)
         best = pd.read_csv(cold["exp"] / "trials.csv")["best_objective"].max()
         target = best - NOISE
         row = {"seed": seed, "cold_best": float(best), "target": float(target),
