@@ -100,17 +100,26 @@ def sft_train(model, tokenizer, *, steps, batch_size, learning_rate, warmup_step
     as real SFT data has mistakes); warmup then cosine decay. Returns the smoothed final loss."""
     x, y = sft_batches(tokenizer, task.load_split("train_prefs"))
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    model.train()
-    ema = None
-    for step in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(x), (batch_size,), generator=gen)
         xb, yb = x[idx], y[idx]
         width = int((xb != tokenizer.pad_token_id).sum(1).max())  # trim to the batch's longest
         xb, yb = xb[:, :width], yb[:, :width]
-        loss = model(input_ids=xb, attention_mask=(xb != tokenizer.pad_token_id).long(),
-                     labels=yb).loss
+        return model(input_ids=xb, attention_mask=(xb != tokenizer.pad_token_id).long(), labels=yb).loss
+
+    return optimise(model, batch_loss, steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps)
+
+
+def optimise(model, batch_loss, *, steps: int, learning_rate: float, warmup_steps: int) -> float:
+    """`steps` AdamW steps on `batch_loss()` (no weight decay, gradients clipped at 1.0, warmup then
+    cosine decay); the bundled models' and `bundled:reward`'s recipe. Returns the smoothed final loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    model.train()
+    ema = None
+    for _ in range(steps):
+        loss = batch_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

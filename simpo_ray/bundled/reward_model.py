@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForSequenceClassification, get_scheduler
+from transformers import LlamaForSequenceClassification
 
 from simpo_ray.cache import build_once, cache_dir
 
 from . import task
-from .models import _threads, ensure_model, recipe_hash
+from .models import _threads, ensure_model, optimise, recipe_hash
 
 RECIPE = dict(init="tiny", steps=300, batch_size=64, learning_rate=2e-3, warmup_steps=30, seed=0, version=1)
 META_FILE = "reward_meta.json"
@@ -58,22 +58,13 @@ def train_reward_model(model, tokenizer, *, steps, batch_size, learning_rate, wa
     chosen = _encode(tokenizer, rows["chosen"])
     rejected = _encode(tokenizer, rows["rejected"])
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    sched = get_scheduler("cosine", opt, num_warmup_steps=warmup_steps, num_training_steps=steps)
-    model.train()
-    ema = None
-    for _ in range(steps):
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(len(chosen), (batch_size,), generator=gen).tolist()
         r = _rewards(model, [chosen[i] for i in idx] + [rejected[i] for i in idx], tokenizer.pad_token_id)
-        loss = -F.logsigmoid(r[:batch_size] - r[batch_size:]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
-    model.eval()
-    return ema
+        return -F.logsigmoid(r[:batch_size] - r[batch_size:]).mean()
+
+    return optimise(model, batch_loss, steps=steps, learning_rate=learning_rate, warmup_steps=warmup_steps)
 
 
 def build_reward_model(out_dir: Path, *, log=print) -> None:
