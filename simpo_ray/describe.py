@@ -45,8 +45,12 @@ def describe_space(space: SearchSpace) -> str:
     sched = s.scheduler if s.scheduler in ("fifo", "median") else (
         f"{s.scheduler} (time_attr {s.time_attr}, grace_period {s.grace_period}, "
         f"reduction_factor {s.reduction_factor:g}, max_t {s.max_t})")
+    sampler = s.sampler
+    if s.sampler == "tpe" and (s.tpe_multivariate or s.tpe_startup_trials is not None):
+        sampler += " (" + ", ".join(([ "multivariate"] if s.tpe_multivariate else []) + (
+            [f"{s.tpe_startup_trials} start-up trials"] if s.tpe_startup_trials is not None else [])) + ")"
     lines.append(f"search: {s.num_samples} samples, objective {describe_objective(s)}, "
-                 f"scheduler {sched}, sampler {s.sampler}, seed {s.seed}, max_concurrent "
+                 f"scheduler {sched}, sampler {sampler}, seed {s.seed}, max_concurrent "
                  f"{s.max_concurrent if s.max_concurrent is not None else 'auto'}")
     lines.append("points to evaluate (the first is the guide's documented default):")
     for i, (pt, label) in enumerate(zip(space.points_to_evaluate, space.point_labels), 1):

@@ -122,6 +122,10 @@ class SearchSettings:
     mode: Mode = "max"
     scheduler: Scheduler = "asha"
     sampler: Sampler = "tpe"
+    # TPE only: model the parameters jointly (Optuna's multivariate TPE) and how many trials it
+    # samples at random before its model proposes (null: the start points + 2, at least 4).
+    tpe_multivariate: bool = False
+    tpe_startup_trials: int | None = field(default=None, metadata=rng(1))
     time_attr: TimeAttr = "step"
     grace_period: int = field(default=100, metadata=rng(1))
     reduction_factor: float = field(default=3.0, metadata=rng(1, low_open=True))
@@ -144,6 +148,9 @@ class SearchSettings:
         if self.warm_start_narrow and not self.warm_start:
             raise ConfigError("warm_start_narrow: true needs finished searches to narrow from "
                               "(search.warm_start or --warm-start)")
+        if self.sampler == "random" and (self.tpe_multivariate or self.tpe_startup_trials is not None):
+            raise ConfigError("tpe_multivariate / tpe_startup_trials: set for sampler: random, which has no "
+                              "model; use sampler: tpe or drop them")
         validate_multi(self)
         better = OBJECTIVES[self.objective]
         if self.mode != better:

@@ -12,6 +12,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -366,8 +367,14 @@ def _searcher(space):
     if space.search.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=space.search.seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=space.search.seed, constant_liar=True,
-                                             n_startup_trials=max(len(space.points_to_evaluate) + 2, 4))
+        s = space.search
+        startup = s.tpe_startup_trials if s.tpe_startup_trials is not None else max(len(space.points_to_evaluate) + 2, 4)
+        # multivariate: one joint Parzen estimator over all parameters (group: also over the
+        # conditional subsets a `choice` can make); Optuna marks both experimental, hence the filter
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=startup,
+                                                 multivariate=s.tpe_multivariate, group=s.tpe_multivariate)
     s = space.search
     multi = bool(s.objectives)  # Optuna's TPE proposes on all of them (multi-objective TPE)
     searcher = (_MultiObjectiveOptuna if multi else OptunaSearch)(

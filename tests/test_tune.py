@@ -294,6 +294,28 @@ def test_sampler_option_builds_tpe_or_seeded_random_search():
                 assert p.low <= s[name] <= p.high
 
 
+def test_tpe_settings_reach_optuna_and_are_refused_for_random_search():
+    """`search.tpe_multivariate` / `search.tpe_startup_trials` configure Optuna's TPESampler; the
+    default keeps points + 2 start-up trials and leaves the resume record as before the keys; a
+    random search refuses them in one line naming the keys."""
+    from simpo_ray.config import ConfigError
+    from simpo_ray.records import resolved_space
+    from simpo_ray.tune import _searcher, load
+
+    default = load(TINY)
+    sampler = _searcher(default)._sampler
+    assert (sampler._multivariate, sampler._n_startup_trials) == (False, max(len(default.points_to_evaluate) + 2, 4))
+    assert "tpe_multivariate" not in resolved_space(default)["search"]
+    tuned = load(TINY, overrides={"search.tpe_multivariate": True, "search.tpe_startup_trials": 3})
+    sampler = _searcher(tuned)._sampler
+    assert (sampler._multivariate, sampler._group, sampler._n_startup_trials) == (True, True, 3)
+    assert resolved_space(tuned)["search"]["tpe_startup_trials"] == 3
+    with pytest.raises(ConfigError, match="tpe_multivariate / tpe_startup_trials: set for sampler: random"):
+        load(TINY, sampler="random", overrides={"search.tpe_multivariate": True})
+    with pytest.raises(ConfigError, match="tpe_startup_trials"):
+        load(TINY, overrides={"search.tpe_startup_trials": 0})
+
+
 @pytest.mark.parametrize("space_file", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
     import torch
