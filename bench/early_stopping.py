@@ -1,25 +1,37 @@
-"""Does early stopping pay? ASHA vs FIFO (both with seeded TPE), and TPE vs random search
-(both FIFO), on the bundled cpu-tiny space: same trial count, same seeds, same step budget.
+"""Compute to the best config: which levers reach FIFO + random search's best success rate with
+the least summed training compute? On the bundled cpu-tiny space, same trial count, seeds and
+step budget in every arm.
 
-Per search: compute used (training steps summed over trials, and the summed `train_time_s`),
-wall time, and the best objective reached (`eval/success_rate`, max over trials and reports
-after step 0, i.e. trials.csv `best_objective`). Averaged over seeds, with the standard
-deviation. All searches run in one process on one Ray cluster (ray.init paid once).
+Arms (each a search of the cpu-tiny space; `--arms` picks them, `--list-arms` prints them):
+  fifo+random       the baseline: every trial runs 600 steps, Optuna's RandomSampler
+  fifo+tpe          TPE alone
+  asha+tpe          the space's own search: ASHA grace 200, reduction 3 (rungs 200, 600)
+  asha+tpe/512      the same, evaluating on all 512 held-out prompts (noise /2) instead of 128
+  asha-early+tpe    more and earlier rungs: grace 100, reduction 2 (rungs 100, 200, 400)
+  hyperband+tpe     Ray's HyperBandScheduler (max_t 600, reduction 3)
+  asha+tpe-mv       multivariate TPE with fewer start-up trials (search.tpe_multivariate,
+                    search.tpe_startup_trials 3)
+  asha+tpe/warm     warm-started from finished cpu-small and cpu-base searches (--warm-sources):
+                    the size trend predicts tiny's point, queued after the default
 
-Random search is the space's own `search.sampler: random` (Optuna's RandomSampler, same seed,
-same distributions, the same documented-default first points as TPE).
+The target is FIFO + random's best, averaged over seeds, less the objective's noise there (the
+binomial standard error at that rate on 128 prompts). Per search: the trials started and the
+training steps summed over them, in Tune's trial order, until the first report reaching the
+target (`_search.compute_to_reach`; a search that never reaches it counts all its steps and is
+marked); the whole search's steps, summed train-step seconds and wall time; its best
+`eval/success_rate`. The table gives each arm's mean over seeds and the ratio of FIFO + random's
+mean steps-to-target to the arm's. All searches run in one process on one Ray cluster, seeds in
+the outer loop so drifting load hits every arm alike; `--resume` keeps the runs already in
+`--out` and runs only the missing (arm, seed) pairs.
 
-Default budget: the cpu-tiny space's own search, 12 trials x 600 steps, eval every 100 steps with
-128 generation prompts, ASHA grace 200 / reduction 3 / max_t 600, concurrency 2, seeds 0 1 2;
-arms fifo+tpe, asha+tpe, fifo+random (9 searches, ~30 min on 2 quiet cores). TPE proposes from
-its model only after its start-up trials (the space's points_to_evaluate + 2), so budgets of 4-6
-trials compare two random searches.
-
-Usage: .venv/bin/python bench/early_stopping.py [--quick] [--seeds 0,1,2]
+Usage: .venv/bin/python bench/early_stopping.py [--arms A,B,...] [--seeds 0,1,2]
+           [--warm-sources SMALL_DIR BASE_DIR] [--resume] [--quick]
 """
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,97 +39,149 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import parser, load, machine, mean_sd, table, write_json  # noqa: E402
 
-ARMS = {"fifo+tpe": ("fifo", "tpe"), "asha+tpe": ("asha", "tpe"), "fifo+random": ("fifo", "random"),
-        "asha+random": ("asha", "random")}
+OBJECTIVE = "eval/success_rate"
+BASELINE = "fifo+random"
+ALL_PROMPTS = {"base.generation_eval_samples": 512, "base.max_eval_samples": 512}
+ARMS = {
+    "fifo+random": {"scheduler": "fifo", "sampler": "random", "lever": "baseline"},
+    "fifo+tpe": {"scheduler": "fifo", "sampler": "tpe", "lever": "TPE"},
+    "asha+random": {"scheduler": "asha", "sampler": "random", "lever": "ASHA"},
+    "asha+tpe": {"scheduler": "asha", "sampler": "tpe", "lever": "ASHA + TPE (the space's search)"},
+    "asha+tpe/512": {"scheduler": "asha", "sampler": "tpe", "extra": ALL_PROMPTS,
+                     "lever": "+ 512 eval prompts"},
+    "asha-early+tpe": {"scheduler": "asha", "sampler": "tpe",
+                       "extra": {"search.grace_period": 100, "search.reduction_factor": 2},
+                       "lever": "+ earlier, more rungs (100/200/400)"},
+    "hyperband+tpe": {"scheduler": "hyperband", "sampler": "tpe", "lever": "HyperBand instead of ASHA"},
+    "asha+tpe-mv": {"scheduler": "asha", "sampler": "tpe",
+                    "extra": {"search.tpe_multivariate": True, "search.tpe_startup_trials": 3},
+                    "lever": "+ multivariate TPE, 3 start-up trials"},
+    "asha+tpe/warm": {"scheduler": "asha", "sampler": "tpe", "warm": True, "lever": "+ warm start from small, base"},
+}
+
+
+def noise(p: float, prompts: int = 128) -> float:
+    """The binomial standard error of a success rate p measured on `prompts` prompts."""
+    return math.sqrt(max(p * (1 - p), 1e-9) / prompts)
 
 
 def main(argv=None) -> int:
     p = parser(__doc__, "early_stopping")
-    p.add_argument("--quick", action="store_true", help="smoke check: 1 seed, 3 trials x 40 steps, 2 arms")
-    p.add_argument("--arms", default="fifo+tpe,asha+tpe,fifo+random", help=f"comma list of {', '.join(ARMS)}")
-    p.add_argument("--seeds", default="0,1,2", help="search seeds (TPE/random sampler seed)")
+    p.add_argument("--quick", action="store_true", help="smoke check: 1 seed, 3 trials x 40 steps")
+    p.add_argument("--list-arms", action="store_true", help="print the arms and exit")
+    p.add_argument("--arms", default="fifo+random,asha+tpe,asha+tpe/512,asha-early+tpe,hyperband+tpe,asha+tpe-mv",
+                   help="comma list of arms")
+    p.add_argument("--seeds", default="0,1,2", help="search seeds (sampler seed)")
     p.add_argument("--num-samples", type=int, default=12, help="trials per search")
     p.add_argument("--max-steps", type=int, default=600, help="steps of a trial that runs to the end")
-    p.add_argument("--eval-steps", type=int, default=100, help="eval (and ASHA decision) every N steps")
-    p.add_argument("--generation-samples", type=int, default=128, help="prompts of the success-rate eval")
-    p.add_argument("--grace-period", type=int, default=200, help="ASHA grace period (steps)")
-    p.add_argument("--reduction-factor", type=int, default=3, help="ASHA reduction factor")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
+    p.add_argument("--warm-sources", nargs="+", metavar="DIR", help="finished searches of other sizes, for asha+tpe/warm")
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --out, run the missing ones")
     args = p.parse_args(argv)
-    if args.quick:
-        args.arms, args.seeds, args.num_samples, args.max_steps = "fifo+tpe,asha+random", "0", 3, 40
-        args.eval_steps, args.generation_samples, args.grace_period = 20, 16, 20
+    if args.list_arms:
+        for name, arm in ARMS.items():
+            print(f"{name:16s} {arm['lever']}")
+        return 0
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     for a in arms:
         if a not in ARMS:
             p.error(f"--arms: unknown arm {a!r}; allowed: {', '.join(ARMS)}")
+        if ARMS[a].get("warm") and not args.warm_sources:
+            p.error(f"--arms: {a} needs --warm-sources (finished searches of other bundled sizes)")
     seeds = [int(s) for s in args.seeds.split(",")]
-    extra = {"base.eval_steps": args.eval_steps, "base.generation_eval_samples": args.generation_samples,
-             "search.grace_period": args.grace_period, "search.reduction_factor": args.reduction_factor,
-             "search.max_t": args.max_steps}
+    base_extra = {"search.max_t": args.max_steps}
+    if args.quick:
+        seeds, args.num_samples, args.max_steps = seeds[:1], 3, 40
+        base_extra = {"search.max_t": 40, "base.eval_steps": 20, "base.generation_eval_samples": 16,
+                      "search.grace_period": 20}
     info = machine()
     import _search
 
-    storage = _search.new_storage("early")
     runs = []
+    if args.resume and Path(args.out).exists():
+        runs = json.loads(Path(args.out).read_text()).get("runs", [])
+        print(f"resuming: {len(runs)} runs kept from {args.out}", file=sys.stderr)
+    done = {(r["arm"], r["seed"]) for r in runs}
+    storage = _search.new_storage("early")
     t_all = time.perf_counter()
     for seed in seeds:
-        for arm in arms:  # interleaved, so drifting load hits every arm alike
-            scheduler, sampler = ARMS[arm]
+        for name in arms:
+            if (name, seed) in done:
+                continue
+            arm = ARMS[name]
+            extra = {**base_extra, **arm.get("extra", {})}
+            if args.quick:
+                extra = {k: v for k, v in extra.items() if k not in ALL_PROMPTS} | {
+                    k: v for k, v in base_extra.items() if k.startswith("base.")}
+                if "search.grace_period" in arm.get("extra", {}):
+                    extra["search.grace_period"] = 20
             load_before = load()
-            res = _search.run(storage=storage, name=f"{arm.replace('+', '-')}-s{seed}", num_samples=args.num_samples,
-                              max_steps=args.max_steps, scheduler=scheduler, seed=seed, sampler=sampler,
-                              max_concurrent=args.max_concurrent, extra=extra)
+            res = _search.run(storage=storage, name=f"{name.replace('+', '-').replace('/', '-')}-s{seed}",
+                              num_samples=args.num_samples, max_steps=args.max_steps, scheduler=arm["scheduler"],
+                              seed=seed, sampler=arm["sampler"], extra=extra,
+                              warm_start=args.warm_sources if arm.get("warm") else None)
             t = res["trials"]
             run = {
-                "arm": arm, "seed": seed, "wall_s": res["wall_s"], "steps_sum": int(t["steps"].sum()),
+                "arm": name, "seed": seed, "wall_s": res["wall_s"], "steps_sum": int(t["steps"].sum()),
                 "train_time_s_sum": float(t["final_train_time_s"].sum()),
                 "best_objective": float(t["best_objective"].max()),
-                "default_objective": float(t.loc[t["is_default"], "best_objective"].max()) if t["is_default"].any() else float("nan"),
                 "statuses": t["status"].value_counts().to_dict(), "n_trials": len(t),
                 "load_before": load_before, "load_after": load(), "experiment_dir": res["exp"],
             }
             runs.append(run)
             write_json(args.out, {"benchmark": "early_stopping", "machine": info, "quick": args.quick,
                                   "settings": vars(args), "partial": True, "runs": runs})
-            print(f"  seed {seed} {arm:12s}: wall {run['wall_s']:.0f}s steps {run['steps_sum']} "
-                  f"best {run['best_objective']:.3f} {run['statuses']} load {run['load_after']}",
+            print(f"  seed {seed} {name:14s}: wall {run['wall_s']:.0f}s steps {run['steps_sum']} "
+                  f"best {run['best_objective']:.3f} {run['statuses']} load {run['load_before']}-{run['load_after']}",
                   file=sys.stderr, flush=True)
     total = time.perf_counter() - t_all
+    summary, md, target = summarise(runs, [a for a in ARMS if any(r["arm"] == a for r in runs)])
+    print(f"\nCompute to the best config, cpu-tiny space, {args.num_samples} trials x {args.max_steps} steps, "
+          f"concurrency 2, seeds {sorted({r['seed'] for r in runs})}, target {target:.3f} ({BASELINE}'s mean "
+          f"best less its noise) ({info['cpu_model']}, {info['cores']} cores, {info['date_utc']}); "
+          f"this invocation {total:.0f}s")
+    print(md)
+    out = write_json(args.out, {"benchmark": "early_stopping", "machine": info, "quick": args.quick,
+                                "settings": vars(args), "partial": False, "target": target, "summary": summary,
+                                "runs": runs, "markdown": md})
+    print(f"wrote {out}")
+    return 0
+
+
+def summarise(runs: list[dict], arms: list[str]) -> tuple[list[dict], str, float]:
+    import _search
+
+    base = [r["best_objective"] for r in runs if r["arm"] == BASELINE]
+    best = mean_sd(base)[0] if base else max(r["best_objective"] for r in runs)
+    target = best - noise(best)
+    for r in runs:
+        r["to_target"] = _search.compute_to_reach(r["experiment_dir"], target, OBJECTIVE)
     summary = []
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
-        row = {"arm": arm, "n_seeds": len(rs)}
+        row = {"arm": arm, "lever": ARMS[arm]["lever"], "n_seeds": len(rs),
+               "reached": sum(r["to_target"]["reached"] for r in rs),
+               "to_target_steps": [r["to_target"]["steps"] for r in rs],
+               "to_target_trials": [r["to_target"]["trials"] for r in rs],
+               "best_objective_all": [r["best_objective"] for r in rs],
+               "load_range": [min(r["load_before"] for r in rs), max(r["load_after"] for r in rs)]}
         for key in ("steps_sum", "train_time_s_sum", "wall_s", "best_objective"):
             row[key + "_mean"], row[key + "_sd"] = mean_sd([r[key] for r in rs])
-        row["best_objective_all"] = [r["best_objective"] for r in rs]
-        row["load_range"] = [min(r["load_before"] for r in rs), max(r["load_after"] for r in rs)]
+        row["to_target_steps_mean"], row["to_target_steps_sd"] = mean_sd(row["to_target_steps"])
         summary.append(row)
-    ref = {r["arm"]: r for r in summary}
-
-    def pm(row, key, fmt):
-        return f"{fmt.format(row[key + '_mean'])} ± {fmt.format(row[key + '_sd'])}"
-
-    headers = ["arm", "seeds", "steps used (sum)", "train-step s (sum)", "wall s", "best eval/success_rate",
-               "per-seed best", "steps vs fifo+tpe", "load"]
+    ref = next((s for s in summary if s["arm"] == BASELINE), None)
+    headers = ["arm", "lever", "reached target", "steps to target (per seed)", "mean", f"vs {BASELINE}",
+               "steps (whole search)", "train s", "wall s", "best success (per seed)", "load"]
     rows = []
-    for s in summary:
-        rel = (f"{s['steps_sum_mean'] / ref['fifo+tpe']['steps_sum_mean']:.2f}x" if "fifo+tpe" in ref else "")
-        rows.append([s["arm"], s["n_seeds"], pm(s, "steps_sum", "{:.0f}"), pm(s, "train_time_s_sum", "{:.0f}"),
-                     pm(s, "wall_s", "{:.0f}"), pm(s, "best_objective", "{:.3f}"),
-                     " ".join(f"{v:.3f}" for v in s["best_objective_all"]), rel,
+    for s, rs in ((s, [r for r in runs if r["arm"] == s["arm"]]) for s in summary):
+        per_seed = " ".join(f"{r['to_target']['steps']}{'' if r['to_target']['reached'] else '*'}" for r in rs)
+        ratio = f"{ref['to_target_steps_mean'] / s['to_target_steps_mean']:.2f}x" if ref else ""
+        rows.append([s["arm"], s["lever"], f"{s['reached']}/{s['n_seeds']}", per_seed,
+                     f"{s['to_target_steps_mean']:.0f}", ratio, f"{s['steps_sum_mean']:.0f}",
+                     f"{s['train_time_s_sum_mean']:.0f}", f"{s['wall_s_mean']:.0f}",
+                     " ".join(f"{v:.3f}" for v in s["best_objective_all"]),
                      f"{s['load_range'][0]:.1f}-{s['load_range'][1]:.1f}"])
-    md = table(headers, rows)
-    print(f"\nEarly stopping / sampler, cpu-tiny space, {args.num_samples} trials x {args.max_steps} steps, "
-          f"eval every {args.eval_steps} ({args.generation_samples} generation prompts), ASHA grace "
-          f"{args.grace_period} rf {args.reduction_factor}, concurrency {args.max_concurrent}, seeds {seeds} "
-          f"({info['cpu_model']}, {info['cores']} cores, {info['date_utc']}); whole script {total:.0f}s")
-    print(md)
-    out = write_json(args.out, {"benchmark": "early_stopping", "machine": info, "quick": args.quick,
-                                "settings": vars(args), "partial": False, "total_s": total, "summary": summary, "runs": runs,
-                                "markdown": md})
-    print(f"wrote {out}")
-    return 0
+    md = table(headers, rows) + "\n\n`*`: never reached the target; the search's whole step count is used."
+    return summary, md, target
 
 
 if __name__ == "__main__":

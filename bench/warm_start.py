@@ -27,6 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, load, parser, write_json  # noqa: E402
+import _search  # noqa: E402
 
 OBJECTIVE = "eval/success_rate"
 NOISE = math.sqrt(0.25 / 128)  # the standard error of a success rate near 0.5 on 128 prompts
@@ -40,23 +41,6 @@ def search(space: str, storage: Path, name: str, seed: int, warm: list[str] | No
     exp = run_search(str(REPO / "search_spaces" / f"{space}.yaml"), storage_path=str(storage), name=name,
                      seed=seed, warm_start=warm, num_samples=num_samples, verbose=0)
     return {"exp": Path(exp), "wall_s": time.perf_counter() - t0, "load": load()}
-
-
-def compute_to_reach(exp: Path, target: float) -> dict:
-    """Trials started and training steps summed over them until some report reaches `target`."""
-    trials = pd.read_csv(exp / "trials.csv")
-    curves = pd.read_csv(exp / "curves.csv")
-    # Tune numbers its trials in the order it starts them: simpo_trial_<id>_<number>_<params>_<time>
-    number = {d.name.split("_")[2]: int(d.name.split("_")[3]) for d in exp.glob("simpo_trial_*") if d.is_dir()}
-    order = sorted(trials["trial_id"], key=lambda t: number.get(t, 10**6))
-    steps_used = 0
-    for n, tid in enumerate(order, 1):
-        c = curves[(curves["trial_id"] == tid) & (curves["step"] > 0)].sort_values("step")
-        hit = c[c[OBJECTIVE] >= target]
-        if len(hit):
-            return {"trials": n, "steps": steps_used + int(hit["step"].iloc[0]), "reached": True}
-        steps_used += int(c["step"].max()) if len(c) else 0
-    return {"trials": len(order), "steps": steps_used, "reached": False}
 
 
 def main() -> int:
@@ -82,7 +66,7 @@ def main() -> int:
         row = {"seed": seed, "cold_best": float(best), "target": float(target),
                "warm_best": float(pd.read_csv(warm["exp"] / "trials.csv")["best_objective"].max())}
         for arm, run in (("cold", cold), ("warm", warm)):
-            got = compute_to_reach(run["exp"], target)
+            got = _search.compute_to_reach(run["exp"], target, OBJECTIVE)
             row.update({f"{arm}_{k}": v for k, v in got.items()})
             row[f"{arm}_wall_s"], row[f"{arm}_load"] = run["wall_s"], run["load"]
         rows.append(row)
