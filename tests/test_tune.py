@@ -316,6 +316,33 @@ def test_tpe_settings_reach_optuna_and_are_refused_for_random_search():
         load(TINY, overrides={"search.tpe_startup_trials": 0})
 
 
+def test_hyperband_is_asynchronous_hyperband_over_all_brackets():
+    """`scheduler: hyperband` is ASHA over HyperBand's s_max + 1 brackets (Li et al.: R=81, r=1,
+    eta=3 gives 5), the last never cutting; trials are placed with Ray's softmax-of-rungs odds
+    from a generator seeded by the search seed, so the placement repeats with it."""
+    import types
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from simpo_ray.tune import _scheduler, hyperband_brackets, load
+
+    assert [hyperband_brackets(*a) for a in ((1, 3, 81), (200, 3, 600), (100, 2, 600), (600, 3, 600))] == [5, 2, 3, 1]
+
+    def placement(seed, n=400):
+        sched = _scheduler(load(TINY, scheduler="hyperband", seed=seed))  # grace 200, eta 3, max_t 600
+        sched.set_search_properties("eval/success_rate", "max")
+        for i in range(n):
+            sched.on_trial_add(None, types.SimpleNamespace(trial_id=f"t{i}"))
+        return sched, [sched._brackets.index(sched._trial_info[f"t{i}"]) for i in range(n)]
+
+    sched, got = placement(0)
+    assert isinstance(sched, ASHAScheduler)
+    assert [sorted(r for r, _ in b._rungs) for b in sched._brackets] == [[200, 600], [600]]
+    share = got.count(0) / len(got)  # softmax of rung counts (2, 1): 1 / (1 + e^-1) = 0.731
+    assert abs(share - 1 / (1 + math.exp(-1))) < 0.07
+    assert placement(0)[1] == got and placement(1)[1] != got
+
+
 @pytest.mark.parametrize("space_file", SHIPPED, ids=[p.stem for p in SHIPPED])
 def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
     import torch
