@@ -8,7 +8,8 @@ Arms (each a search of the cpu-tiny space; `--arms` picks them, `--list-arms` pr
   asha+tpe          the space's own search: ASHA grace 200, reduction 3 (rungs 200, 600)
   asha+tpe/512      the same, evaluating on all 512 held-out prompts (noise /2) instead of 128
   asha-early+tpe    more and earlier rungs: grace 100, reduction 2 (rungs 100, 200, 400)
-  hyperband+tpe     Ray's HyperBandScheduler (max_t 600, reduction 3)
+  hyperband+tpe     asynchronous HyperBand (`scheduler: hyperband`): ASHA over brackets with first
+                    cuts at 200 and at 600 (none), trials placed 73% / 27%
   asha+tpe-mv       multivariate TPE with fewer start-up trials (search.tpe_multivariate,
                     search.tpe_startup_trials 3)
   asha+tpe/warm     warm-started from finished cpu-small and cpu-base searches (--warm-sources):
@@ -52,7 +53,7 @@ ARMS = {
     "asha-early+tpe": {"scheduler": "asha", "sampler": "tpe",
                        "extra": {"search.grace_period": 100, "search.reduction_factor": 2},
                        "lever": "+ earlier, more rungs (100/200/400)"},
-    "hyperband+tpe": {"scheduler": "hyperband", "sampler": "tpe", "lever": "HyperBand instead of ASHA"},
+    "hyperband+tpe": {"scheduler": "hyperband", "sampler": "tpe", "lever": "async HyperBand brackets"},
     "asha+tpe-mv": {"scheduler": "asha", "sampler": "tpe",
                     "extra": {"search.tpe_multivariate": True, "search.tpe_startup_trials": 3},
                     "lever": "+ multivariate TPE, 3 start-up trials"},
