@@ -38,7 +38,9 @@ def new_storage(prefix: str) -> str:
 
 def compute_to_reach(exp: str | Path, target: float, objective: str = "eval/success_rate") -> dict[str, Any]:
     """Trials started and training steps summed over them, in Tune's trial order, until the first
-    report (after step 0) reaching `target`; a search that never reaches it counts all of it."""
+    report (after step 0) reaching `target`; a search that never reaches it counts all of it.
+    Sequential accounting: every earlier-started trial counts whole and a trial running beside
+    the one that reaches the target not at all, alike in every arm."""
     exp = Path(exp)
     trials = pd.read_csv(exp / "trials.csv")
     curves = pd.read_csv(exp / "curves.csv")

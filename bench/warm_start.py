@@ -21,6 +21,7 @@ Usage: .venv/bin/python bench/warm_start.py [--seeds 0,1,2] [--arms cold,warm,wa
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -41,7 +42,8 @@ def search(space: str, storage: Path, name: str, seed: int, warm: list[str] | No
     """One search, or the finished one already under `storage/name` (wall time and load then unknown)."""
     from simpo_ray.tune import run_search
 
-    if (storage / name / "trials.csv").exists():
+    record = storage / name / "search.json"
+    if record.exists() and json.loads(record.read_text()).get("state") == "finished":
         print(f"reusing {storage / name}", flush=True)
         return {"exp": storage / name, "wall_s": float("nan"), "load": float("nan"), "reused": True}
     t0 = time.perf_counter()

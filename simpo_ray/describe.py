@@ -46,8 +46,9 @@ def describe_space(space: SearchSpace) -> str:
         f"{s.scheduler} (time_attr {s.time_attr}, grace_period {s.grace_period}, "
         f"reduction_factor {s.reduction_factor:g}, max_t {s.max_t})")
     sampler = s.sampler
-    if s.sampler == "tpe" and (s.tpe_multivariate or s.tpe_startup_trials is not None):
-        sampler += " (" + ", ".join(([ "multivariate"] if s.tpe_multivariate else []) + (
+    if s.sampler == "tpe" and (s.tpe_multivariate is not None or s.tpe_startup_trials is not None):
+        sampler += " (" + ", ".join(([] if s.tpe_multivariate is None else
+                                     ["multivariate" if s.tpe_multivariate else "independent"]) + (
             [f"{s.tpe_startup_trials} start-up trials"] if s.tpe_startup_trials is not None else [])) + ")"
     lines.append(f"search: {s.num_samples} samples, objective {describe_objective(s)}, "
                  f"scheduler {sched}, sampler {sampler}, seed {s.seed}, max_concurrent "

@@ -265,7 +265,7 @@ def resolved_space(space) -> dict[str, Any]:
         base.pop(p, None)
     search = dataclasses.asdict(space.search)
     for key, unset in (("warm_start", ()), ("warm_start_narrow", False), ("objectives", ()), ("modes", ()),
-                       ("tpe_multivariate", False), ("tpe_startup_trials", None)):
+                       ("tpe_multivariate", None), ("tpe_startup_trials", None)):
         if search.get(key) == unset:  # as a record from before these keys has it: absent
             search.pop(key)
     from simpo_ray.config import TrainConfig

@@ -122,9 +122,10 @@ class SearchSettings:
     mode: Mode = "max"
     scheduler: Scheduler = "asha"
     sampler: Sampler = "tpe"
-    # TPE only: model the parameters jointly (Optuna's multivariate TPE) and how many trials it
+    # TPE only: one joint model of the parameters (true) or one per parameter (false); null keeps
+    # Optuna's default (joint for one objective, independent for several). And how many trials it
     # samples at random before its model proposes (null: the start points + 2, at least 4).
-    tpe_multivariate: bool = False
+    tpe_multivariate: bool | None = None
     tpe_startup_trials: int | None = field(default=None, metadata=rng(1))
     time_attr: TimeAttr = "step"
     grace_period: int = field(default=100, metadata=rng(1))
@@ -148,7 +149,7 @@ class SearchSettings:
         if self.warm_start_narrow and not self.warm_start:
             raise ConfigError("warm_start_narrow: true needs finished searches to narrow from "
                               "(search.warm_start or --warm-start)")
-        if self.sampler == "random" and (self.tpe_multivariate or self.tpe_startup_trials is not None):
+        if self.sampler == "random" and (self.tpe_multivariate is not None or self.tpe_startup_trials is not None):
             raise ConfigError("tpe_multivariate / tpe_startup_trials: set for sampler: random, which has no "
                               "model; use sampler: tpe or drop them")
         validate_multi(self)

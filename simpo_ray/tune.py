@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -372,12 +371,9 @@ def _searcher(space):
     else:
         s = space.search
         startup = s.tpe_startup_trials if s.tpe_startup_trials is not None else max(len(space.points_to_evaluate) + 2, 4)
-        # multivariate: one joint Parzen estimator over all parameters (group: also over the
-        # conditional subsets a `choice` can make); Optuna marks both experimental, hence the filter
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=startup,
-                                                 multivariate=s.tpe_multivariate, group=s.tpe_multivariate)
+        # multivariate None: Optuna's default (5.0: joint for one objective, independent for several)
+        sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=startup,
+                                             multivariate=s.tpe_multivariate)
     s = space.search
     multi = bool(s.objectives)  # Optuna's TPE proposes on all of them (multi-objective TPE)
     searcher = (_MultiObjectiveOptuna if multi else OptunaSearch)(
@@ -417,9 +413,12 @@ def _scheduler(space):
 
 
 def hyperband_brackets(grace_period: float, reduction_factor: float, max_t: float) -> int:
-    """HyperBand's bracket count, s_max + 1 with s_max = floor(log_eta(max_t / grace_period)):
-    bracket s first cuts at grace_period * eta**s; the last one runs every trial to max_t."""
-    return int(math.floor(math.log(max_t / grace_period) / math.log(reduction_factor) + 1e-9)) + 1
+    """How many brackets, s_max + 1, so that bracket s first cuts at grace_period * eta**s and the
+    last cuts nothing: s_max = ceil(log_eta(max_t / grace_period)) (HyperBand's floor when
+    max_t / grace_period is a power of eta; else one more, since Ray's ASHA bracket s keeps
+    int(log_eta(max_t / grace_period) - s + 1) rungs and only a bracket with none runs every
+    trial to max_t)."""
+    return int(math.ceil(math.log(max_t / grace_period) / math.log(reduction_factor) - 1e-9)) + 1
 
 
 class AsyncHyperBand(ASHAScheduler):

@@ -296,20 +296,33 @@ def test_sampler_option_builds_tpe_or_seeded_random_search():
 
 def test_tpe_settings_reach_optuna_and_are_refused_for_random_search():
     """`search.tpe_multivariate` / `search.tpe_startup_trials` configure Optuna's TPESampler; the
-    default keeps points + 2 start-up trials and leaves the resume record as before the keys; a
-    random search refuses them in one line naming the keys."""
+    defaults keep Optuna's own choice (multivariate for one objective) and points + 2 start-up
+    trials, and leave the resume record as before the keys; a random search refuses them in one
+    line naming the keys."""
+    import optuna
+
     from simpo_ray.config import ConfigError
     from simpo_ray.records import resolved_space
     from simpo_ray.tune import _searcher, load
 
     default = load(TINY)
     sampler = _searcher(default)._sampler
-    assert (sampler._multivariate, sampler._n_startup_trials) == (False, max(len(default.points_to_evaluate) + 2, 4))
+    study = optuna.create_study(direction="maximize")
+    assert sampler._n_startup_trials == max(len(default.points_to_evaluate) + 2, 4)
+    assert sampler._is_multivariate(study) == optuna.samplers.TPESampler()._is_multivariate(study) is True
     assert "tpe_multivariate" not in resolved_space(default)["search"]
-    tuned = load(TINY, overrides={"search.tpe_multivariate": True, "search.tpe_startup_trials": 3})
+    tuned = load(TINY, overrides={"search.tpe_multivariate": False, "search.tpe_startup_trials": 2})
     sampler = _searcher(tuned)._sampler
-    assert (sampler._multivariate, sampler._group, sampler._n_startup_trials) == (True, True, 3)
-    assert resolved_space(tuned)["search"]["tpe_startup_trials"] == 3
+    assert (sampler._is_multivariate(study), sampler._n_startup_trials) == (False, 2)
+    assert resolved_space(tuned)["search"]["tpe_startup_trials"] == 2
+    # the 3rd trial (after the default and one random draw) is TPE's: not the RandomSampler's draw
+    searcher = _searcher(tuned)
+    got = _suggestions(searcher, 2)
+    for i, point in enumerate(got):
+        searcher.on_trial_complete(f"t{i}", {"eval/success_rate": 0.1 * i, **point})
+    third = searcher.suggest("t2")
+    rnd = _suggestions(_searcher(load(TINY, sampler="random", seed=tuned.search.seed)), 3)
+    assert got == rnd[:2] and third != rnd[2]
     with pytest.raises(ConfigError, match="tpe_multivariate / tpe_startup_trials: set for sampler: random"):
         load(TINY, sampler="random", overrides={"search.tpe_multivariate": True})
     with pytest.raises(ConfigError, match="tpe_startup_trials"):
@@ -326,7 +339,7 @@ def test_hyperband_is_asynchronous_hyperband_over_all_brackets():
 
     from simpo_ray.tune import _scheduler, hyperband_brackets, load
 
-    assert [hyperband_brackets(*a) for a in ((1, 3, 81), (200, 3, 600), (100, 2, 600), (600, 3, 600))] == [5, 2, 3, 1]
+    assert [hyperband_brackets(*a) for a in ((1, 3, 81), (200, 3, 600), (100, 2, 600), (600, 3, 600))] == [5, 2, 4, 1]
 
     def placement(seed, n=400):
         sched = _scheduler(load(TINY, scheduler="hyperband", seed=seed))  # grace 200, eta 3, max_t 600
@@ -341,6 +354,9 @@ def test_hyperband_is_asynchronous_hyperband_over_all_brackets():
     share = got.count(0) / len(got)  # softmax of rung counts (2, 1): 1 / (1 + e^-1) = 0.731
     assert abs(share - 1 / (1 + math.exp(-1))) < 0.07
     assert placement(0)[1] == got and placement(1)[1] != got
+    # max_t / grace not a power of eta (the 7b space's 80 / 480): the last bracket still cuts nothing
+    space = load(TINY, scheduler="hyperband", overrides={"search.grace_period": 80, "search.max_t": 480})
+    assert [sorted(r for r, _ in b._rungs) for b in _scheduler(space)._brackets] == [[80, 240], [240], []]
 
 
 @pytest.mark.parametrize("space_file", SHIPPED, ids=[p.stem for p in SHIPPED])
