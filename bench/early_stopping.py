@@ -20,15 +20,15 @@ The target is FIFO + random's best, averaged over seeds, less the objective's no
 binomial standard error at that rate on 128 prompts). Per search: the trials started and the
 training steps summed over them, in Tune's trial order, until the first report reaching the
 target (`_search.compute_to_reach`; a search that never reaches it counts all its steps and is
-marked); the whole search's steps, summed train-step seconds and wall time; its best
-`eval/success_rate`. The same for a fixed bar (`--bar`, default success 0.5, a clear gain over the SFT
-model's 0.28). The table gives each arm's mean over seeds and the ratio of FIFO + random's
-mean to the arm's; `--summarise-only` prints it again from `--out`. All searches run in one process on one Ray cluster, seeds in
-the outer loop so drifting load hits every arm alike; `--resume` keeps the runs already in
-`--out` and runs only the missing (arm, seed) pairs.
+marked); the same for a fixed bar (`--bar`, default success 0.5, a clear gain over the SFT
+model's 0.28); the whole search's steps, summed train-step seconds and wall time; its best
+`eval/success_rate`. The table gives each arm's mean over seeds and the ratio of FIFO + random's
+mean to the arm's. All searches run in one process on one Ray cluster, seeds in the outer loop
+so drifting load hits every arm alike; `--resume` keeps the runs already in `--out` and runs
+only the missing (arm, seed) pairs; `--summarise-only` prints the table again from `--out`.
 
 Usage: .venv/bin/python bench/early_stopping.py [--arms A,B,...] [--seeds 0,1,2]
-           [--warm-sources SMALL_DIR BASE_DIR] [--resume] [--quick]
+           [--warm-sources SMALL_DIR BASE_DIR] [--resume] [--summarise-only] [--quick]
 """
 
 from __future__ import annotations
