@@ -366,15 +366,14 @@ def _searcher(space):
             dists[name] = optuna.distributions.CategoricalDistribution(list(p.values))
         else:
             dists[name] = optuna.distributions.FloatDistribution(p.low, p.high, log=p.distribution == "loguniform")
-    if space.search.sampler == "random":
-        sampler = optuna.samplers.RandomSampler(seed=space.search.seed)
+    s = space.search
+    if s.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
     else:
-        s = space.search
         startup = s.tpe_startup_trials if s.tpe_startup_trials is not None else max(len(space.points_to_evaluate) + 2, 4)
         # multivariate None: Optuna's default (5.0: joint for one objective, independent for several)
         sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=startup,
                                              multivariate=s.tpe_multivariate)
-    s = space.search
     multi = bool(s.objectives)  # Optuna's TPE proposes on all of them (multi-objective TPE)
     searcher = (_MultiObjectiveOptuna if multi else OptunaSearch)(
                             space=dists, metric=list(s.objectives) if multi else s.objective,
