@@ -27,8 +27,8 @@ import pandas as pd
 
 from analysis.load import Results
 from analysis.quality import GEN_LENGTH, WIN, WIN_LC
-from analysis.report import best_trial, fmt, top_trials
-from simpo_ray.records import RANKED_STATUSES
+from analysis.tables import best_trial, fmt, top_trials
+from simpo_ray.search.records import RANKED_STATUSES
 
 PLATEAU_TOL = 0.02
 FORGET_TOL = 0.05

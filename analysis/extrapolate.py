@@ -1,6 +1,6 @@
 """Predicted settings for model sizes that were not searched, labelled as extrapolated.
 
-From the trends across the searched sizes (`simpo_ray.transfer.fit_trends`: each size's top
+From the trends across the searched sizes (`simpo_ray.transfer.trends.fit_trends`: each size's top
 trials, log10 learning rate against log10 parameter count, the other parameters linear in log10
 parameter count, a t prediction interval), the settings predicted for the standard sizes that
 no analysed search covers: the bundled ladder's models (exact parameter counts) and one
@@ -16,11 +16,11 @@ from typing import Any
 import pandas as pd
 
 from analysis.load import Results
-from analysis.report import fmt, md_table
-from simpo_ray import transfer
+from analysis.tables import fmt, md_table
+from simpo_ray.transfer import finished, trends as transfer
 from simpo_ray.errors import UserError
 from simpo_ray.guide import PARAMS
-from simpo_ray.model_size import bundled_param_count, format_count
+from simpo_ray.transfer.model_size import bundled_param_count, format_count
 
 # One representative per guide bucket: the model of the project's own search space for that
 # bucket (search_spaces/<bucket>.yaml) and its parameter count (that space's
@@ -41,7 +41,7 @@ def standard_sizes() -> list[tuple[str, str, float]]:
     return [("cpu", f"bundled:{s}", float(bundled_param_count(s))) for s in BUNDLED] + list(REPRESENTATIVES)
 
 
-def unseen_sizes(searches: list[transfer.FinishedSearch]) -> list[tuple[str, str, float]]:
+def unseen_sizes(searches: list[finished.FinishedSearch]) -> list[tuple[str, str, float]]:
     """Standard sizes without a search: a bundled model not searched, a guide bucket with none."""
     seen = {(s.size_bucket, s.model) for s in searches}
     buckets = {s.size_bucket for s in searches}
@@ -49,7 +49,7 @@ def unseen_sizes(searches: list[transfer.FinishedSearch]) -> list[tuple[str, str
             if (b, m) not in seen and (b == "cpu" or b not in buckets)]
 
 
-def _preset(searches: list[transfer.FinishedSearch], key: str) -> str | None:
+def _preset(searches: list[finished.FinishedSearch], key: str) -> str | None:
     """The searches' task or model type when they share one (it sets the documented ranges)."""
     values = {getattr(s.record, key) for s in searches}
     return values.pop() if len(values) == 1 else None
@@ -60,7 +60,7 @@ def tables(results: Results, top_k: int = transfer.TOP_K) -> dict[str, Any]:
     `leave_one_size_out` (empty with fewer than three sizes) and `extrapolation` (trends, notes)."""
     if len(results.sizes) < 2:
         return {}
-    searches = [transfer.from_record(e.path, e.search, e.trials) for e in results.experiments]
+    searches = [finished.from_record(e.path, e.search, e.trials) for e in results.experiments]
     info: dict[str, Any] = {"trends": {}, "notes": [], "loso_note": "", "top_k": top_k}
     rows = []
     try:

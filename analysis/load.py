@@ -1,9 +1,9 @@
 """Load the experiment directories that `simpo_ray.tune` writes into one pandas `Results`.
 
-One search = one directory holding `search.json` (read as `simpo_ray.records.SearchRecord`),
+One search = one directory holding `search.json` (read as `simpo_ray.search.records.SearchRecord`),
 `trials.csv`, `curves.csv` and `best_config.yaml`. `load_results(paths)` takes such directories
 or folders of them and returns the trials (one row each) and the learning curves (long format).
-Trials rank by `simpo_ray.records.ranked`. Every problem with the input is a one-line `UserError`;
+Trials rank by `simpo_ray.search.records.ranked`. Every problem with the input is a one-line `UserError`;
 what is read is checked first (`analysis.validate`), and an experiment whose tables are partial
 (an interrupted or unfinished search) says so in `Experiment.partial`.
 """
@@ -21,10 +21,12 @@ import pandas as pd
 import yaml
 
 from analysis import validate
-from simpo_ray import guide, records
+from simpo_ray import guide
+from simpo_ray.search import records
 from simpo_ray.errors import UserError
+from simpo_ray.transfer.model_size import short_name
 from simpo_ray.guide import PARAMS
-from simpo_ray.records import SearchRecord
+from simpo_ray.search.records import SearchRecord
 
 # Rows of the cross-size table: the bundled CPU ladder first (smallest model first), then the
 # guide's size buckets in its own order.
@@ -85,7 +87,7 @@ class Results:
 
     def ranked(self, size: str) -> pd.DataFrame:
         """The trials of one size that rank (completed or stopped early, with a score), best
-        first, by `simpo_ray.records.ranked`: the search's own order."""
+        first, by `simpo_ray.search.records.ranked`: the search's own order."""
         return records.ranked(self.of_size(size), self.mode)
 
     def curve(self, experiment: str, trial_id: str) -> pd.DataFrame:
@@ -106,14 +108,9 @@ class Results:
 
 def size_sort_key(size: str, bucket: str, model: str) -> tuple:
     b = BUCKET_ORDER.index(bucket) if bucket in BUCKET_ORDER else len(BUCKET_ORDER)
-    short = short_model_name(model)
+    short = short_name(model)
     m = LADDER_ORDER.index(short) if short in LADDER_ORDER else len(LADDER_ORDER)
     return (b, str(bucket), m, size)
-
-
-def short_model_name(model: str) -> str:
-    """`bundled:tiny` -> `tiny`; `mistralai/Mistral-7B-v0.1` -> `Mistral-7B-v0.1`."""
-    return re.split(r"[:/]", str(model).rstrip("/"))[-1] or str(model)
 
 
 def slug(text: str) -> str:
@@ -337,7 +334,7 @@ def load_results(paths: list[str | Path]) -> Results:
     trials = pd.concat(tables, ignore_index=True)
     # Row key: the size bucket and the model searched in it, so the CPU ladder's models
     # (all in bucket `cpu`) and two models of one bucket stay apart.
-    trials.insert(1, "size", trials["size_bucket"] + "/" + trials["model"].map(short_model_name))
+    trials.insert(1, "size", trials["size_bucket"] + "/" + trials["model"].map(short_name))
     curve_table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(
         columns=["experiment", "trial_id", "step"])
     size_of = trials.drop_duplicates("experiment").set_index("experiment")["size"]

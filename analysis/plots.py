@@ -12,10 +12,11 @@ from matplotlib.figure import Figure
 
 from analysis.diagnose import trial_flags
 from analysis.load import Results, slug
+from simpo_ray.search.objectives import non_dominated
 from analysis.quality import BASELINE_LENGTH, GEN_LENGTH, WIN, WIN_LC
-from analysis.report import best_trial, guide, top_trials
+from analysis.tables import best_trial, guide, top_trials
 from simpo_ray.guide import PARAMS
-from simpo_ray.records import STATUSES
+from simpo_ray.search.records import STATUSES
 
 STATUS_COLORS = dict(zip(STATUSES, ("tab:green", "tab:orange", "tab:red", "tab:gray")))
 ACCURACY = "eval/preference_accuracy"
@@ -132,14 +133,9 @@ def parallel_coordinates(results: Results, size: str) -> Figure:
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """Points not dominated when lower `x` and higher `y` are better, sorted by `x`."""
-    p = points.dropna(subset=[x, y]).sort_values([x, y], ascending=[True, False])
-    front, best_y = [], -np.inf
-    for idx, r in p.iterrows():
-        if r[y] > best_y:
-            front.append(idx)
-            best_y = r[y]
-    return p.loc[front]
+    """Points not dominated when lower `x` and higher `y` are better (`objectives.non_dominated`),
+    sorted by `x`."""
+    return points[non_dominated(points, [(x, "min"), (y, "max")])].sort_values(x)
 
 
 def tradeoff(results: Results, size: str) -> Figure | None:

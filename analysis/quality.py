@@ -3,7 +3,7 @@
 
 `eval/reward_win_rate`: share of held-out prompts whose generated answer the reward model scores
 above the baseline answer (ties 0.5); `eval/reward_win_rate_lc`: the same, length-controlled
-(AlpacaEval 2 style, `simpo_ray.reward.lc_win_rate`); `eval/gen_length` / `eval/baseline_gen_length`:
+(AlpacaEval 2 style, `simpo_ray.train.reward.lc_win_rate`); `eval/gen_length` / `eval/baseline_gen_length`:
 mean generated tokens of the policy's and the baseline's answers. Searches without a reward model
 have none of them, and every table, plot and check built on them is left out.
 """

@@ -3,7 +3,7 @@
 Definitions (also printed at the top of recommendations.md):
 - A trial's *score* is its best objective value over the run (step 0 excluded), the value its
   kept checkpoint and the search's `best_config.yaml` match; `final_score` is the last
-  reported value. Trials rank as the search ranks them (`simpo_ray.records.ranked`): only
+  reported value. Trials rank as the search ranks them (`simpo_ray.search.records.ranked`): only
   `completed` or `stopped_early` trials with a finite score; ties go to the better final
   value, then the longer run, then the trial id. So the best trial here is the search's.
 - *Recommended* value: the best trial's value.
@@ -30,29 +30,16 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from analysis.load import Results, guide_for, slug
-from analysis.quality import BASELINE_LENGTH, QUALITY, pareto_markdown, quality_columns
-from simpo_ray import records
+from analysis.load import Results, slug
+from analysis.tables import (MIN_TOP, TOP_FRAC, best_trial, cross_size_display, fmt, fmt_range, guide, md_table,
+                             quality_text, recommendation_display, top_trials)
+from analysis import extrapolate
+from analysis.diagnose import LENGTH_RULE
+from analysis.quality import pareto_markdown, quality_columns
 from simpo_ray.guide import PARAMS
-from simpo_ray.records import RANKED_STATUSES, STATUSES
+from simpo_ray.search.records import RANKED_STATUSES, STATUSES
 
-TOP_FRAC = 0.25
-MIN_TOP = 3
 MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer finished trials says nothing
-
-
-def top_k(n_finished: int, top_frac: float = TOP_FRAC, min_top: int = MIN_TOP) -> int:
-    return min(n_finished, max(min_top, math.ceil(top_frac * n_finished)))
-
-
-def top_trials(results: Results, size: str, top_frac: float = TOP_FRAC, min_top: int = MIN_TOP) -> pd.DataFrame:
-    ranked = results.ranked(size)
-    return ranked.head(top_k(len(ranked), top_frac, min_top))
-
-
-def best_trial(results: Results, size: str) -> pd.Series:
-    """The best trial of a size (`simpo_ray.records.best_trial`; every size has one)."""
-    return records.best_trial(results.of_size(size), results.mode)
 
 
 def size_info(results: Results, size: str) -> dict[str, Any]:
@@ -65,11 +52,6 @@ def size_info(results: Results, size: str) -> dict[str, Any]:
         "model_type": ", ".join(sorted(t["model_type"].astype(str).unique())),
         "searches": ", ".join(sorted(t["experiment"].unique())),
     }
-
-
-def guide(results: Results, size: str) -> dict[str, dict[str, float]]:
-    """The guide's numbers for a size, from the search holding its best trial."""
-    return guide_for(results.experiment(best_trial(results, size)["experiment"]))
 
 
 def status_counts(results: Results) -> pd.DataFrame:
@@ -156,7 +138,7 @@ def cross_size(results: Results) -> pd.DataFrame:
         for p in r.index:
             row[p] = r.at[p, "recommended"]
             row[f"{p} guide"] = r.at[p, "guide_default"]
-            row[f"{p} guide range"] = _fmt_range(r.at[p, "guide_low"], r.at[p, "guide_high"], p)
+            row[f"{p} guide range"] = fmt_range(r.at[p, "guide_low"], r.at[p, "guide_high"], p)
         best = best_trial(results, size)
         row["score"], row["final_score"] = float(best["score"]), float(best["final_score"])
         row.update({f"final_{n}": float(best[c]) for c, n in quality_columns(results.trials).items()})
@@ -236,7 +218,7 @@ def _distributions(results: Results, size: str, fin: pd.DataFrame) -> dict:
 def export_config(results: Results, size: str) -> tuple[str | None, str]:
     """The best trial of a size as a training-config YAML in the guide's key names.
 
-    The search wrote `best_config.yaml` for this same trial (one ranking, `simpo_ray.records`);
+    The search wrote `best_config.yaml` for this same trial (one ranking, `simpo_ray.search.records`);
     this takes its keys, sets every searched parameter to the best trial's value (they agree)
     and validates the result with `simpo_ray.config.from_dict`. Returns (yaml text or None, a note).
     """
@@ -266,71 +248,6 @@ def export_config(results: Results, size: str) -> tuple[str | None, str]:
 
 
 # ---------------------------------------------------------------- markdown
-
-def fmt(v: Any, param: str | None = None) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, float):
-        if param == "learning_rate" or (v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5)):
-            return f"{v:.2e}"
-        return f"{v:.3g}"
-    return str(v)
-
-
-def _fmt_range(lo: float, hi: float, param: str | None = None) -> str:
-    if math.isnan(lo) and math.isnan(hi):
-        return "n/a"
-    if lo == hi:
-        return fmt(lo, param)
-    return f"{fmt(lo, param)} – {fmt(hi, param)}"
-
-
-def md_table(df: pd.DataFrame) -> str:
-    """A GitHub-markdown table (pandas' to_markdown needs tabulate; this does not)."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        lines.append("| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |")
-    return "\n".join(lines)
-
-
-def quality_text(t: pd.Series, columns: dict[str, str]) -> str:
-    """'; final LC win rate 0.61, win rate 0.66, 46 generated tokens (baseline 42)' or ''."""
-    words = {"lc_win_rate": "LC win rate {}", "win_rate": "win rate {}", "gen_length": "{} generated tokens"}
-    base = t.get(f"final_{BASELINE_LENGTH}")
-    parts = [words[n].format(fmt(float(t[c]))) + (f" (baseline {fmt(float(base))})" if n == "gen_length"
-                                                  and pd.notna(base) else "")
-             for c, n in columns.items() if pd.notna(t.get(c))]
-    return "; final " + ", ".join(parts) if parts else ""
-
-
-def recommendation_display(rec: pd.DataFrame, size: str) -> pd.DataFrame:
-    r = rec[rec["size"] == size]
-    return pd.DataFrame({
-        "parameter": r["parameter"],
-        "recommended": [fmt(v, p) for v, p in zip(r["recommended"], r["parameter"])],
-        "robust range": [f"{_fmt_range(lo, hi, p)} (top {k} of {n})" for lo, hi, p, k, n in
-                         zip(r["robust_low"], r["robust_high"], r["parameter"], r["support"], r["n_finished"])],
-        "guide default": [fmt(v, p) for v, p in zip(r["guide_default"], r["parameter"])],
-        "guide range": [_fmt_range(lo, hi, p) for lo, hi, p in zip(r["guide_low"], r["guide_high"], r["parameter"])],
-        "documented range": [_fmt_range(lo, hi, p) for lo, hi, p in
-                             zip(r["documented_low"], r["documented_high"], r["parameter"])],
-        "flag": ["⚠ " + f if f else "" for f in r["flag"]],
-    })
-
-
-def cross_size_display(cs: pd.DataFrame) -> pd.DataFrame:
-    out = cs[["size", "model"]].copy()
-    for p in PARAMS:
-        if p in cs.columns:
-            out[p] = [fmt(v, p) for v in cs[p]]
-            out[f"{p} (guide)"] = [f"{fmt(d, p)} [{r}]" for d, r in zip(cs[f"{p} guide"], cs[f"{p} guide range"])]
-    out["score"] = [fmt(v) for v in cs["score"]]
-    out["final score"] = [fmt(v) for v in cs["final_score"]]
-    for n in QUALITY.values():
-        if f"final_{n}" in cs:
-            out[f"final {n.replace('_', ' ')}"] = [fmt(v) for v in cs[f"final_{n}"]]
-    return out
 
 
 def trials_table(results: Results) -> pd.DataFrame:
@@ -418,8 +335,7 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         if len(d):
             out += [f"- **{r.check}** ({r.n_trials} trial(s)): {r.finding} → {r.advice}" for r in d.itertuples()]
         elif quality:
-            from analysis.diagnose import LENGTH_RULE
-
+        
             out += [f"- no divergence, plateau, flat margin, forgetting or length exploitation ({LENGTH_RULE}) "
                     "detected."]
         else:
@@ -447,7 +363,6 @@ def write_tables(results: Results, out: Path) -> dict[str, Any]:
         "importance": imp,
         "importance_notes": notes,
     }
-    from analysis import extrapolate
 
     tables.update(extrapolate.tables(results))  # predicted for unseen sizes: with two sizes or more
     for name, df in tables.items():

@@ -2,7 +2,7 @@
 
 `check_experiment` refuses (one-line `UserError` naming the file and, where it applies, the row)
 a trials.csv or curves.csv that cannot be what `simpo_ray.tune` wrote: cut short, a row twice,
-a value that is not a number, a status that is not one of `simpo_ray.records.STATUSES`, a
+a value that is not a number, a status that is not one of `simpo_ray.search.records.STATUSES`, a
 searched parameter outside the range search.json records, more trials than the search ran (or,
 for a finished search, fewer), learning curves of trials the table does not hold or none for a
 trial that reported. `partial_reason` says why an experiment's tables are partial (the report
@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from simpo_ray.errors import UserError
-from simpo_ray.records import STATUSES, SearchRecord
+from simpo_ray.search.records import STATUSES, SearchRecord
 
 NUMERIC = ("steps", "objective_value", "best_objective")  # may be empty (NaN) except steps
 _TRUE_FALSE = {"true", "false", "1", "0", "1.0", "0.0", "yes", "no"}

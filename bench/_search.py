@@ -19,7 +19,7 @@ def run(*, storage: str, name: str, num_samples: int, max_steps: int, scheduler:
         max_concurrent: int = 2, sampler: str = "tpe", extra: dict[str, Any] | None = None,
         warm_start: list[str] | None = None, verbose: int = 0) -> dict[str, Any]:
     """One search on the bundled cpu-tiny space; returns its tables and wall time."""
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     overrides = {"base.max_steps": max_steps, **(extra or {})}
     t0 = time.perf_counter()

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = 40 if args.quick else args.steps
 
     from simpo_ray.config import TrainConfig
-    from simpo_ray.cluster import init_ray, ray_env_defaults
-    from simpo_ray.launch import final_metrics, read_history, run_training
+    from simpo_ray.infra.cluster import init_ray, ray_env_defaults
+    from simpo_ray.infra.launch import final_metrics, read_history, run_training
 
     ray_env_defaults()
     init_ray(num_cpus=2, log_to_driver=False, configure_logging=False)

@@ -54,10 +54,10 @@ def _worker(rank: int, strategy: str, model_dir: str, steps: int, micro: int, se
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
-    from simpo_ray import parallel
+    from simpo_ray.train import parallel
     from simpo_ray.config import TrainConfig
-    from simpo_ray.logps import PolicyLogps, simpo_objective
-    from simpo_ray.model import load_model
+    from simpo_ray.train.logps import PolicyLogps, simpo_objective
+    from simpo_ray.train.model import load_model
 
     cfg = TrainConfig(model_name_or_path=model_dir, parallel=strategy, max_length=seq, max_prompt_length=seq // 2)
     base_rss = _rss_mb()
@@ -105,7 +105,7 @@ def run(strategy: str, model_dir: Path, steps: int, micro: int, seq: int) -> dic
 def planned_mb(model_dir: Path, strategy: str, micro: int, seq: int) -> float:
     from transformers import AutoConfig
 
-    from simpo_ray.memory import Batch, ModelShape, plan
+    from simpo_ray.train.memory import Batch, ModelShape, plan
 
     shape = ModelShape.from_config(AutoConfig.from_pretrained(model_dir), "bench")
     p = plan(shape, Batch(micro, seq, False, False), strategy=strategy, world=WORLD, gpu=False)

@@ -63,7 +63,7 @@ def main() -> int:
         exps = [Path(e) for e in args.experiment]
         wall = None
     else:
-        from simpo_ray.tune import run_search
+        from simpo_ray.search.run import run_search
 
         t0 = time.perf_counter()
         exps = [run_search(args.space, storage_path=str(REPO / "bench" / "results" / "searches"),

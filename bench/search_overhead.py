@@ -52,14 +52,15 @@ def baseline_worker(args) -> dict:
     from transformers import get_scheduler
 
     from simpo_ray.config import from_dict
-    from simpo_ray.tokens import PairCollator, load_prepared, prepare_datasets
-    from simpo_ray.logps import PolicyLogps, simpo_objective
-    from simpo_ray.model import load_model, load_tokenizer
-    from simpo_ray.space import load_space
-    from simpo_ray.train import evaluate
+    from simpo_ray.data.collate import PairCollator
+    from simpo_ray.data.prepare import load_prepared, prepare_datasets
+    from simpo_ray.train.logps import PolicyLogps, simpo_objective
+    from simpo_ray.train.model import load_model, load_tokenizer
+    from simpo_ray.search.plan import load
+    from simpo_ray.train.loop import evaluate
 
     t_import = time.perf_counter() - t_proc
-    space = load_space(str(REPO / "search_spaces" / "cpu-tiny.yaml"), overrides={"base.max_steps": args.max_steps})
+    space = load(str(REPO / "search_spaces" / "cpu-tiny.yaml"), overrides={"base.max_steps": args.max_steps})
     cfg = from_dict(space.trial_config(space.points_to_evaluate[0]))
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)

@@ -50,7 +50,7 @@ def _model_and_batches(case: str, n_batches: int, batch_size: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from simpo_ray.bundled.models import ensure_model
-    from simpo_ray.tokens import PairCollator
+    from simpo_ray.data.collate import PairCollator
 
     if case == "vocab128k":
         # A tiny Llama with a Llama-3-sized vocabulary: the log-prob head dominates memory.
@@ -74,7 +74,7 @@ def _model_and_batches(case: str, n_batches: int, batch_size: int):
         pad_id = 0
     else:
         from simpo_ray.bundled.task import load_split
-        from simpo_ray.tokens import tokenize_pairs
+        from simpo_ray.data.tokens import tokenize_pairs
 
         path = ensure_model(case)
         tok = AutoTokenizer.from_pretrained(path)
@@ -101,7 +101,7 @@ def worker(args) -> dict:
     model, tok, batches = _model_and_batches(args.case, n_batches, args.batch_size)
     model.train()
     if args.impl == "simpo_ray":
-        from simpo_ray.logps import PolicyLogps, simpo_objective
+        from simpo_ray.train.logps import PolicyLogps, simpo_objective
 
         policy = PolicyLogps(model)  # verify=True as in train.py: one extra check forward on call 1
 

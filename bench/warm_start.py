@@ -40,7 +40,7 @@ NOISE = math.sqrt(0.25 / 128)  # the standard error of a success rate near 0.5 o
 def search(space: str, storage: Path, name: str, seed: int, warm: list[str] | None = None,
            num_samples: int | None = None, narrow: bool = False) -> dict:
     """One search, or the finished one already under `storage/name` (wall time and load then unknown)."""
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     record = storage / name / "search.json"
     if record.exists() and json.loads(record.read_text()).get("state") == "finished":

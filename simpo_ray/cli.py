@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     import ray
     import ray.train
 
-    from simpo_ray import cluster, launch
+    from simpo_ray.infra import cluster, launch
     from simpo_ray.config import load_train_config
 
     cfg = load_train_config(args.config)
@@ -199,28 +199,30 @@ def tune_main(argv: list[str] | None = None) -> int:
 
 
 def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
-    from simpo_ray import cluster, launch, tune
-    from simpo_ray.records import SearchRecord
+    from simpo_ray.infra import cluster, launch
+    from simpo_ray.search import plan
+    from simpo_ray.search.records import SearchRecord
+    from simpo_ray.search.run import run_search
 
     if args.dry_run and args.resume:
         raise UserError("--dry-run and --resume conflict: a dry run starts nothing to resume")
     check_flag_ranges(args, {"num_samples": 1, "max_concurrent": 1})
-    space = tune.load(args.space, task=args.task, model_type=args.model_type,
+    space = plan.load(args.space, task=args.task, model_type=args.model_type,
                       allow_out_of_range=args.allow_out_of_range, num_samples=args.num_samples,
                       seed=args.seed, scheduler=args.scheduler, sampler=args.sampler,
                       max_concurrent=args.max_concurrent, warm_start=args.warm_start,
                       warm_start_narrow=args.warm_start_narrow)
     if args.dry_run:
-        print(tune.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name))
+        print(plan.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name))
         return 0
     # Check what needs no Ray before Ray starts (run_search starts it before it prepares the
     # data and plans the trials): a bad model path, bad data or a trial that cannot fit is one
     # error line, with no Ray process started and no Ray log line printed.
-    cluster.check_writable(tune.storage_root(args.storage_path))
+    cluster.check_writable(plan.storage_root(args.storage_path))
     if not (args.address or os.environ.get("RAY_ADDRESS")):
         cluster.check_fits(cluster.ClusterInfo.local(), space.resources)
     prepared = launch.check_inputs(space.default_config())
-    local = tune.run_search(space, storage_path=args.storage_path, name=args.name, address=args.address,
-                            resume=args.resume, prepared=prepared, resume_command=resume_command)
+    local = run_search(space, storage_path=args.storage_path, name=args.name, address=args.address,
+                       resume=args.resume, prepared=prepared, resume_command=resume_command)
     # An interrupted search wrote partial tables and printed how to resume it.
     return EXIT_INTERRUPTED if SearchRecord.read(local / "search.json").state == "interrupted" else 0

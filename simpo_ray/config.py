@@ -187,3 +187,36 @@ def _validate(cfg: TrainConfig) -> None:
                           f"eval_steps ({cfg.eval_steps})")
     if cfg.max_steps == 0 or cfg.max_steps < -1:
         raise ConfigError(f"max_steps: {cfg.max_steps} is out of range; allowed -1 (use epochs) or >= 1")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Resources of ONE trial (or one training run): a Ray Train run of `num_workers` workers."""
+
+    num_workers: int = field(default=1, metadata=_range(1))
+    cpus_per_worker: float = field(default=1.0, metadata=_range(0, low_open=True))
+    gpus_per_worker: float = field(default=0.0, metadata=_range(0))
+    gpu_memory_gb: float | None = field(default=None, metadata=_range(0, low_open=True))  # per GPU
+
+    def __post_init__(self) -> None:
+        schema.validate(self)
+        g = self.gpus_per_worker
+        if g > 1 and not float(g).is_integer():
+            raise ConfigError(f"gpus_per_worker: {g:g} is not allowed; above 1 it must be a whole number")
+
+    @property
+    def gpus_per_trial(self) -> float:
+        return self.num_workers * self.gpus_per_worker
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+    @property
+    def worker_bundle(self) -> dict[str, float]:
+        """One worker's Ray resource bundle (capitalised names, zeros dropped)."""
+        b = {"CPU": float(self.cpus_per_worker), "GPU": float(self.gpus_per_worker)}
+        return {k: v for k, v in b.items() if v > 0}
+
+    def describe(self) -> str:
+        return f"{self.num_workers} worker(s) x {self.cpus_per_worker:g} CPU + {self.gpus_per_worker:g} GPU"

@@ -20,8 +20,14 @@ def closest(name: str, valid: Iterable[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def one_line(err: BaseException, *, with_type: bool = False, limit: int = 500) -> str:
-    """The last non-empty line of an exception's message (a Ray error's traceback ends there)."""
-    text = [line for line in str(err).strip().splitlines() if line.strip()]
-    message = text[-1] if text else type(err).__name__
+def one_line(err: BaseException, *, first: bool = False, innermost: bool = False, with_type: bool = False,
+             limit: int = 500) -> str:
+    """An exception's message as one line, the one helper for every error shown to a user: the
+    last non-empty line (a Ray error's traceback ends there), or the first with `first` (a
+    library's summary line); `innermost`: of the innermost cause (`datasets` wraps the
+    informative pyarrow error)."""
+    while innermost and err.__cause__ is not None:
+        err = err.__cause__
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    message = (text[0] if first else text[-1]) if text else type(err).__name__
     return (f"{type(err).__name__}: {message}" if with_type else message)[:limit]

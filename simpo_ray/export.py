@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def command() -> int:
-        from simpo_ray.parallel import export_pretrained
+        from simpo_ray.train.checkpoints import export_pretrained
 
         out = export_pretrained(args.checkpoint, args.out_dir)
         print(f"[simpo-ray] exported {args.checkpoint} -> {out}")

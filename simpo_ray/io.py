@@ -1,4 +1,10 @@
-"""Atomic writes: a crash mid-write leaves the previous file intact."""
+"""Where results live, and writing them safely.
+
+`Storage`: one results location, a local directory or any URI that pyarrow (and so Ray)
+accepts (`s3://`, `gs://`, ...). It is the one place that tells the two apart; every module
+that reads or writes results goes through it. Local writes are atomic (`write_text_atomic`: a
+crash mid-write leaves the previous file intact); object stores replace an object atomically.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,11 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for a pyarrow filesystem URI (`s3://...`), False for a local path."""
+    return "://" in str(location)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -39,3 +50,85 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     return str(x)
+
+
+class Storage:
+    """A results location: `Storage(root)` with `root` a local directory or a URI. Paths given
+    to its methods are relative to the root ("search.json", "train_runs/x/history.jsonl")."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        root = str(root)
+        self.root = root.rstrip("/") if is_uri(root) else os.path.abspath(os.path.expanduser(root))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.root!r})"
+
+    @property
+    def is_remote(self) -> bool:
+        return is_uri(self.root)
+
+    def path(self, *parts: str) -> str:
+        """The full path (or URI) of `parts` under the root."""
+        return "/".join([self.root, *(p.strip("/") for p in parts if p)])
+
+    def child(self, *parts: str) -> Storage:
+        return Storage(self.path(*parts))
+
+    def _fs(self, rel: str):
+        import pyarrow.fs
+
+        return pyarrow.fs.FileSystem.from_uri(self.path(rel))
+
+    def read_text(self, rel: str) -> str | None:
+        """The text of `rel`, or None when there is no such file."""
+        if not self.is_remote:
+            try:
+                return Path(self.path(rel)).read_text()
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+        fs, path = self._fs(rel)
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Replace `rel` with `text` atomically (object stores replace an object atomically)."""
+        if not self.is_remote:
+            write_text_atomic(self.path(rel), text)
+            return
+        fs, path = self._fs(rel)
+        with fs.open_output_stream(path) as f:
+            f.write(text.encode())
+
+    def append_text(self, rel: str, text: str) -> None:
+        """Add `text` at the end of `rel` (a local append; an object is rewritten whole)."""
+        if self.is_remote:
+            self.write_text(rel, (self.read_text(rel) or "") + text)
+            return
+        target = Path(self.path(rel))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a") as f:
+            f.write(text)
+
+    def exists(self, rel: str = "") -> bool:
+        if not self.is_remote:
+            return os.path.exists(self.path(rel))
+        import pyarrow.fs
+
+        fs, path = self._fs(rel)
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+    def names(self, prefix: str = "") -> list[str]:
+        """Sorted names of the root's direct entries that start with `prefix`."""
+        if not self.is_remote:
+            try:
+                return sorted(n for n in os.listdir(self.root) if n.startswith(prefix))
+            except FileNotFoundError:
+                return []
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(self.root)
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.base_name.startswith(prefix))

@@ -33,7 +33,7 @@ def ray_cluster():
     """A local 2-CPU Ray cluster shared by the tests that need one (started on first use)."""
     import ray
 
-    from simpo_ray.cluster import init_ray, ray_env_defaults
+    from simpo_ray.infra.cluster import init_ray, ray_env_defaults
 
     if ray.is_initialized():
         ray.shutdown()
@@ -42,3 +42,42 @@ def ray_cluster():
     info = init_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
     yield info
     ray.shutdown()
+
+
+# The fast tier (`pytest -m "not slow"`) must not start Ray, a subprocess or a process group:
+# a test that does is refused here, naming the mark it needs, so the tier stays fast by
+# construction rather than by convention.
+class _SlowOnly(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_guard(request, monkeypatch):
+    if request.node.get_closest_marker("slow") or request.node.get_closest_marker("stress"):
+        yield
+        return
+    import subprocess
+
+    if "ray_cluster" in request.fixturenames:
+        pytest.fail(f"{request.node.nodeid} uses the ray_cluster fixture: mark it @pytest.mark.slow")
+
+    def refuse(what):
+        def _refused(*args, **kwargs):
+            raise _SlowOnly(f"{request.node.nodeid} {what}: mark it @pytest.mark.slow")
+        return _refused
+
+    popen_init = subprocess.Popen.__init__
+
+    def popen(self, args, *rest, **kwargs):  # a `python -c` snippet is quick; a CLI or search is not
+        if not (isinstance(args, (list, tuple)) and "-c" in args[1:2]):
+            refuse(f"starts a subprocess ({args!r:.80})")()
+        popen_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", popen)
+    import ray
+
+    monkeypatch.setattr(ray, "init", refuse("starts Ray"))
+    import torch.multiprocessing
+
+    monkeypatch.setattr(torch.multiprocessing, "start_processes", refuse("starts a process group"))
+    yield

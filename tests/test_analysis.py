@@ -1,7 +1,7 @@
 """analysis/ on real searches: tables checked against trials.csv read with plain pandas.
 
 The session fixture runs two small real searches (bundled task, models `bundled:tiny` and
-`bundled:small`, 6 trials each, short step budgets) through `simpo_ray.tune.run_search` and
+`bundled:small`, 6 trials each, short step budgets) through `simpo_ray.search.run.run_search` and
 runs `python -m analysis` on them once; the tests read what it wrote. Set
 SIMPO_RAY_TEST_RESULTS to a folder of finished searches to reuse them instead of searching.
 """
@@ -50,9 +50,9 @@ def storage(tmp_path_factory) -> Path:
     if reuse:
         return Path(reuse)
     try:
-        from simpo_ray.tune import run_search
+        from simpo_ray.search.run import run_search
     except ImportError as e:
-        pytest.skip(f"simpo_ray.tune.run_search is not importable ({e}); cannot run the real searches")
+        pytest.skip(f"simpo_ray.search.run.run_search is not importable ({e}); cannot run the real searches")
     storage = tmp_path_factory.mktemp("searches")
     for size in SIZES:
         space = ROOT / "search_spaces" / f"cpu-{size}.yaml"
@@ -302,17 +302,20 @@ def assert_clean_failure(r: subprocess.CompletedProcess, out: Path, needle: str)
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
+@pytest.mark.slow
 def test_missing_directory(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(run_cli(tmp_path / "nope", "--out", out), out, "no such directory")
 
 
+@pytest.mark.slow
 def test_empty_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     assert_clean_failure(run_cli(tmp_path / "empty", "--out", out), out, "empty")
 
 
+@pytest.mark.slow
 def test_directory_of_another_tool(tmp_path):
     other = tmp_path / "ray_results" / "train_fn_2026"
     other.mkdir(parents=True)
@@ -343,6 +346,7 @@ def test_mixed_objectives(searches, tmp_path):
     assert_clean_failure(run_cli(a, b, "--out", out), out, "mixed objectives")
 
 
+@pytest.mark.slow
 def test_failure_leaves_existing_out_untouched(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -365,7 +369,7 @@ def test_pareto_front_hand_computed():
 
 
 def test_top_k_is_top_quartile_with_at_least_three():
-    from analysis.report import top_k
+    from analysis.tables import top_k
 
     assert [top_k(n) for n in (1, 2, 3, 6, 12, 13, 40)] == [1, 2, 3, 3, 3, 4, 10]
 
@@ -377,10 +381,10 @@ def write_search(d: Path, trials: pd.DataFrame, curves: pd.DataFrame | None = No
     learning curves)."""
     import dataclasses
 
-    from simpo_ray.records import SearchRecord
-    from simpo_ray.space import load_space
+    from simpo_ray.search.records import SearchRecord
+    from simpo_ray.search.plan import load
 
-    record = SearchRecord.from_space(load_space(TINY_SPACE), TINY_SPACE, d.name)
+    record = SearchRecord.from_space(load(TINY_SPACE), TINY_SPACE, d.name)
     SearchRecord.write(dataclasses.replace(record, **changes), str(d))
     trials.to_csv(d / "trials.csv", index=False)
     if curves is not None:
@@ -414,7 +418,7 @@ GENERATION_TRIALS = {
 def generation_search(d: Path) -> Path:
     """A finished search whose trials report the reward-model metrics, written by the search's
     own `results.build_tables` from Tune-like results (four reports each, linear in between)."""
-    from simpo_ray.results import build_tables
+    from simpo_ray.search.results import build_tables
 
     class Result:  # the parts of a Tune Result that build_tables reads
         def __init__(self, tid: str, last: tuple, sft_weight: float):
@@ -474,10 +478,10 @@ def test_length_exploitation_is_flagged_plotted_and_tabled(tmp_path):
 def test_tied_best_values_the_search_and_the_analysis_pick_the_same_trial(tmp_path):
     """On a tie of the best value the better final value wins, in the search's summary, its
     best_config.yaml (results.best_trial), trials.csv's rank and every analysis table."""
-    from analysis import report
+    from analysis import report, tables
     from analysis.load import load_results
-    from simpo_ray import results
-    from simpo_ray.records import rank_column
+    from simpo_ray.search import results
+    from simpo_ray.search.records import rank_column
 
     trials = tied_trials()
     best = results.best_trial(trials, "max")
@@ -489,7 +493,7 @@ def test_tied_best_values_the_search_and_the_analysis_pick_the_same_trial(tmp_pa
     d = write_search((tmp_path / "tied"), trials.assign(rank=rank_column(trials, "max")))
     loaded = load_results([d])
     size = loaded.sizes[0]
-    assert report.best_trial(loaded, size)["trial_id"] == "b"
+    assert tables.best_trial(loaded, size)["trial_id"] == "b"
     assert list(loaded.ranked(size)["trial_id"]) == ["b", "a", "c", "d"]
     bvd = report.best_vs_default(loaded).iloc[0]
     assert (bvd["best_trial"], bvd["best_score"], bvd["best_final_score"]) == ("b", 0.50, 0.45)
@@ -500,7 +504,7 @@ def test_tied_best_values_the_search_and_the_analysis_pick_the_same_trial(tmp_pa
 
 
 def test_tied_best_values_in_min_mode_prefer_the_lower_final_value():
-    from simpo_ray.records import ranked
+    from simpo_ray.search.records import ranked
 
     trials = tied_trials().assign(best_objective=lambda t: -t["best_objective"],
                                   objective_value=lambda t: -t["objective_value"])
@@ -511,7 +515,7 @@ def test_tied_best_values_in_min_mode_prefer_the_lower_final_value():
 
 def test_search_record_round_trips_and_rejects_other_schemas(tmp_path):
     from simpo_ray.errors import UserError
-    from simpo_ray.records import SCHEMA_VERSION, SearchRecord
+    from simpo_ray.search.records import SCHEMA_VERSION, SearchRecord
 
     d = write_search(tmp_path / "s", tied_trials())
     record = SearchRecord.read(d / "search.json")
@@ -533,6 +537,7 @@ def test_search_record_round_trips_and_rejects_other_schemas(tmp_path):
 
 @pytest.mark.parametrize("content, needle", [("{not json", "not valid JSON"),
                                              ('{"schema_version": 99}', "schema_version 99")])
+@pytest.mark.slow
 def test_cli_rejects_a_bad_search_json_in_one_line(tmp_path, content, needle):
     d = write_search(tmp_path / "s", tied_trials())
     (d / "search.json").write_text(content)
@@ -544,7 +549,7 @@ def test_cli_rejects_a_bad_search_json_in_one_line(tmp_path, content, needle):
 
 def intact_search(d: Path, **changes) -> Path:
     """A finished search of the six `tied_trials` with learning curves, as the search writes it."""
-    from simpo_ray.records import rank_column
+    from simpo_ray.search.records import rank_column
 
     trials = tied_trials()
     write_search(d, trials.assign(rank=rank_column(trials, "max")),
@@ -613,6 +618,7 @@ def test_curves_that_do_not_match_the_trials_are_refused(tmp_path):
         load_results([d])
 
 
+@pytest.mark.slow
 def test_a_trials_table_cut_short_is_one_error_line(tmp_path):
     """trials.csv cut to 60% of its bytes (a copy that stopped half-way): today's analysis ran
     on the rows that were left and named a wrong best trial; now exit 2, naming file and row."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from simpo_ray import parallel
+from simpo_ray.train import checkpoints
 from simpo_ray.config import TrainConfig
 
 
@@ -30,7 +30,7 @@ def checkpoint(tmp_path):
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     with pytest.warns(UserWarning):  # DCP: "assuming the intent is to save in a single process"
-        parallel.save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, {"step": 3}, cfg, rank=0)
+        checkpoints.save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, {"step": 3}, cfg, rank=0)
     return tmp_path / "ckpt", model
 
 
@@ -74,5 +74,5 @@ def test_a_checkpoint_whose_metadata_runs_code_is_refused(checkpoint):
     from simpo_ray.errors import UserError
 
     with pytest.raises(UserError, match=r"\.metadata: .*refers to (posix|os)\.system.*refusing"):
-        parallel.load_checkpoint(path, model, optimizer, scheduler, rank=0)
+        checkpoints.load_checkpoint(path, model, optimizer, scheduler, rank=0)
     assert not os.path.exists("/tmp/simpo-ray-pwned")

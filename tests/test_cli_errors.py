@@ -195,7 +195,7 @@ def _no_ray(monkeypatch):
     """Make starting Ray fail the test: every error must come before `ray.init`."""
     import ray
 
-    import simpo_ray.cluster as cluster
+    import simpo_ray.infra.cluster as cluster
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started, but the input error should have been reported before")
@@ -257,6 +257,7 @@ def _run_cli(cli: str, argv: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case_id", SUBPROCESS_CASES)
 def test_subprocess_no_traceback_reaches_the_user(case_id, files, tmp_path):
     _, cli, content, extra, patterns = next(c for c in CASES if c[0] == case_id)
@@ -264,6 +265,7 @@ def test_subprocess_no_traceback_reaches_the_user(case_id, files, tmp_path):
     _assert_one_error_line(r.returncode, r.stderr, patterns)
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(files, tmp_path, capsys, monkeypatch):
     from simpo_ray.errors import UserError
 
@@ -284,7 +286,7 @@ def test_debug_shows_the_traceback(files, tmp_path, capsys, monkeypatch):
 
 def test_prompts_longer_than_max_length_are_truncated_with_a_warning(tmp_path, capsys, monkeypatch, caplog):
     """Too-long prompts are not an error: they are cut (keep-end) and one warning says how many."""
-    import simpo_ray.tune as tune_mod
+    import simpo_ray.search.run as tune_mod
     from simpo_ray.cli import tune_main
 
     rows = [{"prompt": "sort " + " ".join(str((i * 7 + k) % 10) for k in range(60)),
@@ -304,7 +306,7 @@ def test_prompts_longer_than_max_length_are_truncated_with_a_warning(tmp_path, c
     def fake_search(*args, **kwargs):  # a finished search's directory, as run_search returns it
         import dataclasses
 
-        from simpo_ray.records import SearchRecord
+        from simpo_ray.search.records import SearchRecord
 
         started["search"] = (args, kwargs)
         exp = tmp_path / "results" / "long"
@@ -312,7 +314,7 @@ def test_prompts_longer_than_max_length_are_truncated_with_a_warning(tmp_path, c
         return exp
 
     monkeypatch.setattr(tune_mod, "run_search", fake_search)
-    with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.data.prepare"):
         rc = tune_main(["--space", str(space_path), "--storage-path", str(tmp_path / "results")])
     assert rc == 0 and "search" in started  # the checks passed and the search was launched
     warnings = [r.getMessage() for r in caplog.records
@@ -323,11 +325,11 @@ def test_prompts_longer_than_max_length_are_truncated_with_a_warning(tmp_path, c
     assert "error" not in capsys.readouterr().err
 
     # The tokenised prompts really are cut to max_prompt_length.
-    from simpo_ray.tokens import load_prepared
-    from simpo_ray.launch import check_inputs
-    from simpo_ray.space import load_space
+    from simpo_ray.data.prepare import load_prepared
+    from simpo_ray.infra.launch import check_inputs
+    from simpo_ray.search.plan import load
 
-    sp = load_space(space_path)
+    sp = load(space_path)
     prepared = check_inputs(sp.default_config())
     train = load_prepared(prepared.train_path)
     assert prepared.num_train > 0

@@ -1,4 +1,4 @@
-"""simpo_ray.cluster: concurrency planning (by hand), and a real search's trials (the production
+"""simpo_ray.infra.cluster: concurrency planning (by hand), and a real search's trials (the production
 trainable, `tune.trial_trainable`, with a stub worker loop) running two at a time on 2 CPUs."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from simpo_ray.cluster import ClusterInfo, plan_concurrency
+from simpo_ray.infra.cluster import ClusterInfo, plan_concurrency
 from simpo_ray.errors import UserError
-from simpo_ray.space import Resources
+from simpo_ray.config import Resources
 
 TINY_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "cpu-tiny.yaml"
 
@@ -111,6 +111,7 @@ def ray_two_cpus(ray_cluster, tmp_path_factory):
     yield ray_cluster, tmp_path_factory.mktemp("ray_storage")
 
 
+@pytest.mark.slow
 def test_init_ray_reports_cluster(ray_two_cpus):
     info, _ = ray_two_cpus
     assert info.cpus == 2 and info.gpus == 0 and len(info.nodes) == 1
@@ -119,16 +120,17 @@ def test_init_ray_reports_cluster(ray_two_cpus):
         plan_concurrency(info, Resources(1, 1.0, 1.0))
 
 
+@pytest.mark.slow
 def test_six_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     import ray
     from ray import tune
 
-    from simpo_ray.ray_workarounds import resources_settled
-    from simpo_ray.space import load_space
-    from simpo_ray.tune import trial_trainable
+    from ray_helpers import resources_settled
+    from simpo_ray.search.plan import load
+    from simpo_ray.search.run import trial_trainable
 
     info, storage = ray_two_cpus
-    space = load_space(TINY_SPACE)  # 1 worker x 1 CPU per trial
+    space = load(TINY_SPACE)  # 1 worker x 1 CPU per trial
     res = space.resources
     assert res == Resources(num_workers=1, cpus_per_worker=1.0)
     # What every search trial runs (0-CPU trial driver, launch.make_trainer), with a stub loop.
@@ -183,8 +185,8 @@ def fake_ray_start(monkeypatch):
     success); nothing else of Ray runs. Returns the list of calls' kwargs."""
     import ray
 
-    import simpo_ray.cluster as cluster_mod
-    from simpo_ray import ray_workarounds
+    import simpo_ray.infra.cluster as cluster_mod
+    from simpo_ray.infra import ray_workarounds
 
     calls: list[dict] = []
     plan: list[BaseException] = []
@@ -208,7 +210,7 @@ def test_a_timeout_starting_the_local_cluster_is_retried(fake_ray_start, capsys)
 
     import ray
 
-    from simpo_ray.cluster import init_ray
+    from simpo_ray.infra.cluster import init_ray
 
     calls, plan = fake_ray_start
     plan += [ray.exceptions.GetTimeoutError("Get timed out: some object(s) not ready."),
@@ -242,7 +244,7 @@ def test_every_failure_to_start_the_local_cluster_is_one_error_line(fake_ray_sta
 
 
 def test_failing_to_join_a_cluster_is_one_error_line(fake_ray_start):
-    from simpo_ray.cluster import init_ray
+    from simpo_ray.infra.cluster import init_ray
 
     calls, plan = fake_ray_start
     plan.append(ConnectionError("Could not find any running Ray instance."))

@@ -1,4 +1,4 @@
-"""simpo_ray.data (loading, normalising, the Hub checks) and simpo_ray.tokens (reference
+"""simpo_ray.data (loading, normalising, the Hub checks) and simpo_ray.data.tokens (reference
 tokenisation, caching, collation).
 
 Expected token ids are spelled out token by token from the tokenizer's vocabulary, not by
@@ -22,12 +22,14 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from simpo_ray import data, tokens
+from simpo_ray.data import hub, prepare, sources as data, tokens
 from simpo_ray.config import TrainConfig
-from simpo_ray.data import load_raw
+from simpo_ray.data.sources import load_raw
 from simpo_ray.errors import UserError
-from simpo_ray.loss import IGNORE_INDEX
-from simpo_ray.tokens import PairCollator, TokenizeOptions, prepare_datasets, tokenize_row
+from simpo_ray.data.collate import IGNORE_INDEX
+from simpo_ray.data.collate import PairCollator
+from simpo_ray.data.tokens import TokenizeOptions, tokenize_row
+from simpo_ray.data.prepare import prepare_datasets
 
 OLD_MODE = TokenizeOptions(auto_insert_empty_system_msg=False, mask_generation_prompt=True)
 
@@ -214,7 +216,7 @@ def test_prompt_and_response_truncation_counted_separately(chat_tokenizer, caplo
     assert out.column_names == tokens.TOKENISED_COLUMNS
     assert [len(x) for x in out["prompt_input_ids"]] == [12, 10, 12, 10, 12]
     assert [len(x) for x in out["chosen_input_ids"]] == [15, 13, 15, 18, 20]
-    with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.data.tokens"):
         tokens.tokenize_pairs(ds, chat_tokenizer, max_length=20, max_prompt_length=12, name="t")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["pairs longer than max_length=20 truncated: t 3 prompts (to their last 12 tokens) "
@@ -260,13 +262,13 @@ def test_truncation_counts_are_stored_with_the_cache_and_logged_every_run(tmp_pa
     lines = []
     for _ in range(2):  # built, then reused from the cache
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="simpo_ray.tokens"):
+        with caplog.at_level(logging.WARNING, logger="simpo_ray.data.tokens"):
             prepared = prepare_datasets(cfg, chat_tokenizer, cache_dir=tmp_path / "cache")
         lines.append([r.getMessage() for r in caplog.records if r.levelno == logging.WARNING])
     assert lines[0] == lines[1] and len(lines[0]) == 1  # one line, on the cached run too
     line = lines[0][0]
     assert line == prepared.summary
-    train = tokens.load_prepared(prepared.train_path)
+    train = prepare.load_prepared(prepared.train_path)
     n_prompt = sum(len(p) == 12 for p in train["prompt_input_ids"])  # only cut prompts are that long
     n_resp = sum(len(c) - len(p) == 8 for p, c in zip(train["prompt_input_ids"], train["chosen_input_ids"]))
     assert (n_prompt, n_resp) != (0, 0)
@@ -491,7 +493,7 @@ def test_unreachable_hub_says_so_plainly(monkeypatch):
     assert msg.endswith("for offline use pass a local .jsonl/.parquet file or bundled:sort")
 
 
-def go_online(monkeypatch, endpoint: str, timeout: float = data.HUB_TIMEOUT_S) -> None:
+def go_online(monkeypatch, endpoint: str, timeout: float = hub.HUB_TIMEOUT_S) -> None:
     """Offline mode off (conftest turns it on) and the Hub at ``endpoint``: nothing here reaches
     the real Hub, whatever network the machine has."""
     from huggingface_hub import constants
@@ -501,8 +503,8 @@ def go_online(monkeypatch, endpoint: str, timeout: float = data.HUB_TIMEOUT_S) -
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(data, "HUB_TIMEOUT_S", timeout)
-    monkeypatch.setattr(data, "_REACHABLE", {})
+    monkeypatch.setattr(hub, "HUB_TIMEOUT_S", timeout)
+    monkeypatch.setattr(hub, "_REACHABLE", {})
 
 
 @pytest.fixture
@@ -561,7 +563,7 @@ def test_check_sources_says_where_each_source_comes_from(monkeypatch, tmp_path):
     assert lines[0] == (f"model org/model: Hub not reachable (http://127.0.0.1:{port} did not answer within 5 s): "
                         "use a local path or HF_HUB_OFFLINE=1")
     assert lines[3].startswith("dataset org/prefs: Hub not reachable")
-    assert list(data._REACHABLE) == [f"http://127.0.0.1:{port}"]
+    assert list(hub._REACHABLE) == [f"http://127.0.0.1:{port}"]
     # A server that answers (any HTTP status) is reachable.
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -600,12 +602,12 @@ def test_prepare_caches_by_data_fingerprint(tmp_path, chat_tokenizer, monkeypatc
     second = prepare_datasets(cfg.replace(learning_rate=1e-3, beta=10.0), chat_tokenizer,
                               cache_dir=tmp_path / "cache")
     assert second == first and len(calls) == 2
-    train = tokens.load_prepared(first.train_path)
+    train = prepare.load_prepared(first.train_path)
     assert train.column_names == tokens.TOKENISED_COLUMNS and len(train) == 38
     expected = tokenize_row(load_raw(cfg)[0][0], chat_tokenizer, 32, 16)
     assert {k: train[0][k] for k in expected} == expected
     # Data-relevant changes give another fingerprint.
-    fp = tokens.data_fingerprint
+    fp = prepare.data_fingerprint
     assert fp(cfg.replace(max_length=64), chat_tokenizer) != first.fingerprint
     assert fp(cfg.replace(seed=1), chat_tokenizer) != first.fingerprint
     assert fp(cfg.replace(eval_holdout_fraction=0.1), chat_tokenizer) != first.fingerprint

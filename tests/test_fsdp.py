@@ -33,7 +33,7 @@ LOSS_RTOL = 1e-5
 
 
 def _history(run_dir: Path) -> list[dict]:
-    from simpo_ray.launch import read_history
+    from simpo_ray.infra.launch import read_history
 
     return read_history(run_dir / "history.jsonl") if (run_dir / "history.jsonl").exists() else []
 
@@ -41,7 +41,7 @@ def _history(run_dir: Path) -> list[dict]:
 def _params(checkpoint: str | Path, tmp: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    from simpo_ray.parallel import export_pretrained
+    from simpo_ray.train.checkpoints import export_pretrained
 
     out = export_pretrained(checkpoint, tmp / Path(checkpoint).name)
     return {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(out).state_dict().items()}
@@ -58,7 +58,7 @@ def _checkpoint_at(run_dir: Path, step: int) -> Path:
 def runs(ray_cluster, tmp_path_factory):
     """A: 1-worker DDP; B: 2-worker FSDP (checkpoint at step 6); C: 1-worker FSDP resumed from
     B's step-6 checkpoint. The same global batches in all three."""
-    from simpo_ray.launch import run_training
+    from simpo_ray.infra.launch import run_training
 
     root = tmp_path_factory.mktemp("fsdp")
     out = {}
@@ -111,7 +111,7 @@ def test_sharded_checkpoint_resumes_exactly_on_one_worker(runs, tmp_path):
 def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_cluster, tmp_path):
     import psutil
 
-    from simpo_ray.launch import final_metrics, run_training
+    from simpo_ray.infra.launch import final_metrics, run_training
 
     cfg = TrainConfig(**{**COMMON, "max_steps": 40, "eval_steps": 4, "save_total_limit": 2},
                       per_device_train_batch_size=4, parallel="fsdp")
@@ -144,7 +144,7 @@ def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_cluster, t
 def test_search_with_fsdp_trials_completes_with_asha(ray_cluster, tmp_path):
     import pandas as pd
 
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     exp = run_search("search_spaces/cpu-small.yaml", storage_path=str(tmp_path), name="fsdp", verbose=0,
                      num_samples=4, scheduler="asha", overrides={

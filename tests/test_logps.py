@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from simpo_ray.logps import PolicyLogps, simpo_objective
-from simpo_ray.loss import simpo_loss
+from simpo_ray.train.logps import PolicyLogps, simpo_objective
+from simpo_ray.train.loss import simpo_loss
 
 torch.set_num_threads(1)
 V = 64

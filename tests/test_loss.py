@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from simpo_ray.errors import UserError
-from simpo_ray.loss import simpo_loss, token_logps
+from simpo_ray.train.loss import simpo_loss, token_logps
 
 torch.set_num_threads(1)
 

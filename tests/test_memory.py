@@ -6,10 +6,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from simpo_ray.bundled import models
 from simpo_ray.errors import UserError
-from simpo_ray.logps import PolicyLogps, simpo_objective
-from simpo_ray.model import enable_checkpointing
-from simpo_ray.memory import GB, Batch, ModelShape, activation_bytes, choose, plan
-from simpo_ray.tune import memory_plan
+from simpo_ray.train.logps import PolicyLogps, simpo_objective
+from simpo_ray.train.model import enable_checkpointing
+from simpo_ray.train.memory import GB, Batch, ModelShape, activation_bytes, choose, plan
+from simpo_ray.search.plan import memory_plan
 
 # The planner's stated error on activations (docs/design.md, "Memory plan"); state is exact.
 ACTIVATION_TOLERANCE = 0.25
@@ -82,23 +82,23 @@ def test_fsdp_shards_the_state_and_ddp_does_not():
 
 
 def test_planner_refuses_7b_ddp_on_80gb_and_accepts_fsdp():
-    from simpo_ray.space import load_space
+    from simpo_ray.search.plan import load
 
-    space = load_space("search_spaces/7b.yaml", overrides={"base.parallel": "ddp"})
+    space = load("search_spaces/7b.yaml", overrides={"base.parallel": "ddp"})
     with pytest.raises(UserError) as err:
         memory_plan(space)
     msg = str(err.value)
     assert msg.startswith("parallel=ddp needs ~1") and "Mistral-7B" in msg and "80 GB" in msg, msg
     assert "use parallel: fsdp or auto" in msg
-    fsdp = memory_plan(load_space("search_spaces/7b.yaml", overrides={"base.parallel": "fsdp"}))
+    fsdp = memory_plan(load("search_spaces/7b.yaml", overrides={"base.parallel": "fsdp"}))
     assert fsdp.strategy == "fsdp" and fsdp.total < 0.9 * 80 * GB
 
 
 @pytest.mark.parametrize("space", ["1b-3b", "7b", "8b-13b", "13b-30b", "70b"])
 def test_every_real_space_has_a_plan_that_fits(space):
-    from simpo_ray.space import load_space
+    from simpo_ray.search.plan import load
 
-    s = load_space(f"search_spaces/{space}.yaml")
+    s = load(f"search_spaces/{space}.yaml")
     assert s.resources.gpu_memory_gb is not None
     p = memory_plan(s)
     assert p.fits(s.resources.gpu_memory_gb)

@@ -1,4 +1,4 @@
-"""simpo_ray.model: path resolution, tokenizer and model loading on a tiny saved Llama."""
+"""simpo_ray.train.model: path resolution, tokenizer and model loading on a tiny saved Llama."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from simpo_ray import model as M
+from simpo_ray.train import model as M
 from simpo_ray.config import TrainConfig
 from simpo_ray.errors import UserError
 
@@ -23,11 +23,18 @@ def tiny_dir(tmp_path_factory, chat_tokenizer):
     return path
 
 
+def is_checkpointing(model) -> bool:
+    """Whether transformers reports activation (gradient) checkpointing on."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 def test_loads_fp32_by_default_on_device(tiny_dir):
     m = M.load_model(TrainConfig(model_name_or_path=str(tiny_dir)), device="cpu")
     assert isinstance(m, LlamaForCausalLM)
     assert {p.dtype for p in m.parameters()} == {torch.float32}
-    assert not M.is_checkpointing(m)
+    assert not is_checkpointing(m)
     assert m.config.num_hidden_layers == 2
 
 
@@ -39,7 +46,7 @@ def test_bf16_checkpointing_and_attention(tiny_dir):
     assert {p.dtype for p in m.parameters()} == {torch.float32}
     # ... while inference loads the weights in bf16.
     assert {p.dtype for p in M.load_model(cfg, for_training=False).parameters()} == {torch.bfloat16}
-    assert M.is_checkpointing(m) and m.config.use_cache is False
+    assert is_checkpointing(m) and m.config.use_cache is False
     assert m.config._attn_implementation == "eager"
     # In training, a checkpointed layer's forward runs twice (again in backward), and every
     # parameter still gets a gradient. (Module hooks do not fire on the recompute: count forward.)
@@ -93,7 +100,7 @@ def test_max_length_above_the_position_limit_is_refused_before_ray(tmp_path, cha
     reached from launch.check_inputs, which the CLIs run before ray.init."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from simpo_ray.launch import check_inputs
+    from simpo_ray.infra.launch import check_inputs
 
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=len(chat_tokenizer), n_positions=48, n_embd=16, n_layer=1, n_head=2,
@@ -191,7 +198,7 @@ def test_dropout_is_off_by_default_as_in_the_reference(tmp_path):
     # they differ.
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from simpo_ray.model import load_model
+    from simpo_ray.train.model import load_model
 
     config = LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, attention_dropout=0.5)

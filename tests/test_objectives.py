@@ -3,11 +3,10 @@ searcher is driven by hand as Tune drives it.)"""
 
 import pandas as pd
 import pytest
-import yaml
 
 from simpo_ray.errors import ConfigError
-from simpo_ray.objectives import pareto_front
-from simpo_ray.space import load_space
+from simpo_ray.search.objectives import pareto_front
+from simpo_ray.search.plan import load
 
 from pathlib import Path
 
@@ -18,13 +17,13 @@ TWO = {"search.objective": ["eval/reward_win_rate_lc", "eval/sft_loss"], "search
 
 
 def test_a_list_objective_is_a_multi_objective_search_with_the_first_as_primary(capsys):
-    from simpo_ray.describe import describe_space
+    from simpo_ray.search.describe import describe_space
 
-    s = load_space(TINY, overrides=TWO).search
+    s = load(TINY, overrides=TWO).search
     assert (s.objective, s.mode) == ("eval/reward_win_rate_lc", "max")
     assert (s.objectives, s.modes) == (("eval/reward_win_rate_lc", "eval/sft_loss"), ("max", "min"))
-    assert "objectives eval/reward_win_rate_lc (max), eval/sft_loss (min)" in describe_space(load_space(TINY, overrides=TWO))
-    assert load_space(TINY, overrides={**TWO, "search.scheduler": "median"}).search.scheduler == "median"
+    assert "objectives eval/reward_win_rate_lc (max), eval/sft_loss (min)" in describe_space(load(TINY, overrides=TWO))
+    assert load(TINY, overrides={**TWO, "search.scheduler": "median"}).search.scheduler == "median"
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -38,16 +37,16 @@ def test_a_list_objective_is_a_multi_objective_search_with_the_first_as_primary(
 ])
 def test_bad_multi_objective_settings_are_one_line_errors(change, needle):
     with pytest.raises(ConfigError) as info:
-        load_space(TINY, overrides={**TWO, **change})
+        load(TINY, overrides={**TWO, **change})
     assert needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_the_searcher_tells_optuna_every_objective_and_a_diverged_trial_fails():
     import optuna
 
-    from simpo_ray.tune import _searcher
+    from simpo_ray.search.searcher import make_searcher
 
-    searcher = _searcher(load_space(TINY, overrides=TWO))
+    searcher = make_searcher(load(TINY, overrides=TWO))
     searcher.set_search_properties(None, None, {})
     ids = [f"t{i}" for i in range(3)]
     configs = [searcher.suggest(t) for t in ids]
@@ -72,9 +71,9 @@ def test_pareto_front_by_hand():
 
 
 def test_resolved_space_of_a_single_objective_search_is_as_before():
-    from simpo_ray.records import resolved_space
+    from simpo_ray.search.records import resolved_space
 
-    r = resolved_space(load_space(TINY))
+    r = resolved_space(load(TINY))
     assert "objectives" not in r["search"] and "modes" not in r["search"]
     assert "max_new_tokens" not in r["base"] and "generation_top_p" not in r["base"]
     assert r["base"]["reward_model_name_or_path"] == "bundled:reward"  # set in the space: kept

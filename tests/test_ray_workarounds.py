@@ -1,4 +1,4 @@
-"""simpo_ray.ray_workarounds: the orphan placement-group reaper acts on this job's leaks only.
+"""simpo_ray.infra.ray_workarounds: the orphan placement-group reaper acts on this job's leaks only.
 
 - the orphan rule, on real `PlacementGroupTableData` messages (incl. the stale GCS flag seen on
   Ray 2.60, and a group of another job);
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from ray_helpers import resources_settled
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,7 +40,7 @@ def test_orphan_placement_group_rule_trusts_the_actor_table_over_a_stale_flag():
     waited forever; the reaper must treat such a group as orphaned."""
     import ray
 
-    from simpo_ray.ray_workarounds import is_orphan_placement_group
+    from simpo_ray.infra.ray_workarounds import is_orphan_placement_group
 
     controller = bytes.fromhex("985f6b76" + "ab" * 12)  # an ActorID is 16 bytes
     nil = ray.ActorID.nil().binary()
@@ -127,15 +129,16 @@ def _wait(predicate, timeout_s: float) -> bool:
     return predicate()
 
 
+@pytest.mark.slow
 def test_reaper_reaps_this_jobs_leak_and_leaves_another_jobs_alone(ray_cluster):
     import ray
 
-    from simpo_ray import ray_workarounds
+    from simpo_ray.infra import ray_workarounds
 
     assert ray_workarounds._reaper_stop is not None, "init_ray (conftest) should have started the reaper"
     ours = ray.get_runtime_context().get_job_id()
     address = ray.get_runtime_context().gcs_address
-    from simpo_ray.loopback import LOOPBACK_ENV
+    from simpo_ray.infra.ray_workarounds import LOOPBACK_ENV
 
     proc = subprocess.Popen([sys.executable, "-c", FOREIGN_JOB, address], cwd=ROOT, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -169,22 +172,23 @@ def test_reaper_reaps_this_jobs_leak_and_leaves_another_jobs_alone(ray_cluster):
     finally:
         proc.communicate("\n", timeout=60)
     # The other job cleaned up after itself (its group went with the job): the cluster is whole.
-    assert ray_workarounds.resources_settled(timeout_s=30), (ray.available_resources(), ray.cluster_resources())
+    assert resources_settled(timeout_s=30), (ray.available_resources(), ray.cluster_resources())
 
 
 # ---------------------------------------------------------------- when the reaper runs
 
 
+@pytest.mark.slow
 def test_reaper_is_on_without_a_dashboard_and_off_on_another_ray_version(ray_cluster, monkeypatch, caplog):
     import ray
 
-    from simpo_ray import ray_workarounds
+    from simpo_ray.infra import ray_workarounds
 
     assert not ray_workarounds.state_api_available()  # the test cluster runs no dashboard
     assert ray_workarounds.reaper_needed()  # ... on Ray 2.60.x
     monkeypatch.setattr(ray, "__version__", "2.61.0")
     monkeypatch.setattr(ray_workarounds, "_warned", set())
-    with caplog.at_level(logging.WARNING, logger="simpo_ray.ray_workarounds"):
+    with caplog.at_level(logging.WARNING, logger="simpo_ray.infra.ray_workarounds"):
         assert not ray_workarounds.reaper_needed()
         assert not ray_workarounds.reaper_needed()
     messages = [r.getMessage() for r in caplog.records]
@@ -213,7 +217,7 @@ def test_ray_console_filter_drops_expected_noise_and_makes_real_errors_one_line(
     """What a normal run printed (a red line per ended trial, the PlacementGroupCleaner's
     traceback) is dropped; a real failure reported by the raylet stays, as one line saying what
     and where to look."""
-    from simpo_ray.ray_workarounds import ray_console_filter
+    from simpo_ray.infra.ray_workarounds import ray_console_filter
 
     raylet = {"pid": "raylet", "is_err": False, "ip": "127.0.0.1"}
     assert ray_console_filter({**raylet, "lines": [WORKER_DIED]}) is None
@@ -232,6 +236,7 @@ def test_ray_console_filter_drops_expected_noise_and_makes_real_errors_one_line(
     assert ray_console_filter(worker) == worker
 
 
+@pytest.mark.slow
 def test_the_console_filter_is_in_front_of_rays_printer(ray_cluster):
     """init_ray installs it before ray.init: the error listener and the log printer use it."""
     import ray._private.worker as ray_worker
@@ -244,7 +249,7 @@ def test_the_console_filter_is_in_front_of_rays_printer(ray_cluster):
 KILLED_DRIVER = """
 import os, sys, time
 os.environ["SIMPO_RAY_RAY_TEMP_DIR"] = sys.argv[1]
-from simpo_ray.cluster import init_ray
+from simpo_ray.infra.cluster import init_ray
 init_ray(num_cpus=1, log_to_driver=False, reap_orphans=False)
 import ray
 print(ray._private.worker.global_worker.node.get_session_dir_path(), flush=True)
@@ -256,7 +261,7 @@ def _session_processes(root: str, session: str) -> dict[int, str]:
     """{pid: kind} of the live Ray processes of `session` (a name) under `root`."""
     import psutil
 
-    from simpo_ray.ray_workarounds import _ray_process_info
+    from simpo_ray.infra.ray_workarounds import _ray_process_info
 
     out = {}
     for proc in psutil.process_iter():
@@ -282,7 +287,7 @@ def test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts():
 
     import psutil
 
-    from simpo_ray.ray_workarounds import end_dead_session_processes
+    from simpo_ray.infra.ray_workarounds import end_dead_session_processes
 
     root = tempfile.mkdtemp(prefix="srr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, root], cwd=ROOT, stdout=subprocess.PIPE,

@@ -32,12 +32,13 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from simpo_ray import data
+from simpo_ray.data import sources as data
 from simpo_ray.bundled import task
 from simpo_ray.config import TrainConfig, load_train_config
-from simpo_ray.loss import IGNORE_INDEX
-from simpo_ray.model import load_tokenizer
-from simpo_ray.tokens import load_prepared, prepare_datasets, tokenize_row, tokenize_split
+from simpo_ray.data.collate import IGNORE_INDEX
+from simpo_ray.train.model import load_tokenizer
+from simpo_ray.data.prepare import load_prepared, prepare_datasets
+from simpo_ray.data.tokens import tokenize_row, tokenize_split
 
 ROOT = Path(__file__).resolve().parents[1]
 

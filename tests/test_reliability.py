@@ -30,7 +30,7 @@ BASE = dict(model_name_or_path="bundled:tiny", dataset_mixer={"bundled:sort": 1.
 
 
 def _history(run_dir: Path) -> list[dict]:
-    from simpo_ray.launch import read_history
+    from simpo_ray.infra.launch import read_history
 
     path = run_dir / "history.jsonl"
     return read_history(path) if path.exists() else []
@@ -97,7 +97,7 @@ def _assert_cluster_clean(timeout_s: float = 30) -> None:
     import ray
     from ray._private.state import actors
 
-    from simpo_ray.ray_workarounds import resources_settled
+    from ray_helpers import resources_settled
 
     gc.collect()  # actor handles held by garbage cycles keep their actors alive
 
@@ -127,9 +127,10 @@ STRESS_OVERRIDES = {
 
 
 @pytest.mark.stress
+@pytest.mark.slow
 def test_stress_100_trials_complete_without_leaks(ray_cluster, tmp_path):
     """100 short trials, 2 at a time on 2 CPUs: all finish, nothing leaks, all CPUs come back."""
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     t0 = time.monotonic()
     exp = run_search(TINY_SPACE, storage_path=str(tmp_path), name="stress", num_samples=STRESS_TRIALS,
@@ -206,11 +207,11 @@ def test_search_outputs_survive_a_crash_while_being_rewritten(tmp_path, monkeypa
     of them (e.g. a resumed search finishing) leaves the previous version intact and readable."""
     import dataclasses
 
-    from simpo_ray.records import SearchRecord
-    from simpo_ray.results import finish
-    from simpo_ray.space import load_space
+    from simpo_ray.search.records import SearchRecord
+    from simpo_ray.search.results import finish
+    from simpo_ray.search.plan import load
 
-    space = load_space(TINY_SPACE)
+    space = load(TINY_SPACE)
     exp = tmp_path / "exp"
     record = SearchRecord.from_space(space, TINY_SPACE, "exp")
     record.write(str(exp))
@@ -239,7 +240,7 @@ def test_search_outputs_survive_a_crash_while_being_rewritten(tmp_path, monkeypa
 
 
 def test_history_with_a_line_cut_by_a_crash_is_still_readable(tmp_path):
-    from simpo_ray.launch import read_history
+    from simpo_ray.infra.launch import read_history
 
     path = tmp_path / "history.jsonl"
     path.write_text('{"step": 0, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n{"step": 4, "lo')
@@ -264,10 +265,11 @@ def _my_train_workers() -> list:
     return found
 
 
+@pytest.mark.slow
 def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tmp_path):
     import threading
 
-    from simpo_ray.launch import final_metrics, run_training
+    from simpo_ray.infra.launch import final_metrics, run_training
 
     max_steps, every = 60, 4
     cfg = TrainConfig(**BASE, max_steps=max_steps, eval_steps=every, save_total_limit=2)
@@ -315,13 +317,14 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tm
     _assert_cluster_clean()
 
 
+@pytest.mark.slow
 def test_worker_failure_beyond_max_failures_is_an_error(ray_cluster, tmp_path):
     """max_failures=0 (a search's search.max_failures: 0): the same kill fails the run cleanly."""
     import threading
 
     import ray.train
 
-    from simpo_ray.launch import run_training
+    from simpo_ray.infra.launch import run_training
 
     cfg = TrainConfig(**BASE, max_steps=60, eval_steps=4)
     run_dir = tmp_path / "fatal"
@@ -356,8 +359,9 @@ def _checkpoint_steps(run_dir: Path) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_checkpoint_retention_keeps_save_total_limit(ray_cluster, tmp_path):
-    from simpo_ray.launch import run_training
+    from simpo_ray.infra.launch import run_training
 
     # 5 checkpoints (steps 2, 4, 6, 8, 10); save_total_limit 2 keeps the 2 most recent.
     cfg = TrainConfig(**BASE, max_steps=10, eval_steps=2, save_total_limit=2)
@@ -369,10 +373,11 @@ def test_checkpoint_retention_keeps_save_total_limit(ray_cluster, tmp_path):
     _assert_cluster_clean()  # incl. no TrainController left behind by a standalone fit()
 
 
+@pytest.mark.slow
 def test_checkpoint_retention_by_score_keeps_the_best(ray_cluster, tmp_path):
     """With checkpoint_score_attribute (the search objective) the best N are kept, plus the
     latest (which a restart resumes from)."""
-    from simpo_ray.launch import run_training
+    from simpo_ray.infra.launch import run_training
 
     metric = "eval/preference_accuracy"
     cfg = TrainConfig(**BASE, max_steps=10, eval_steps=2, save_total_limit=2)
@@ -388,12 +393,12 @@ def test_checkpoint_retention_by_score_keeps_the_best(ray_cluster, tmp_path):
     assert all(score[p] <= min(best_kept + [score[10]] if len(kept) == 2 else best_kept) for p in pruned), (score, kept)
 
 
+@pytest.mark.slow
 def test_search_keeps_the_best_checkpoints_by_objective_and_reports_the_best_one(ray_cluster, tmp_path):
     """In a search, each trial keeps `search.checkpoint_keep` checkpoints chosen by the search
     objective, plus its latest; trials.csv names the kept checkpoint of the best report."""
-    import torch
 
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     metric = "eval/preference_accuracy"
     overrides = {"base.max_steps": 12, "base.eval_steps": 2, "base.logging_steps": 2,
@@ -429,10 +434,11 @@ def test_search_keeps_the_best_checkpoints_by_objective_and_reports_the_best_one
 # ------------------------------------------------------------------------------ errored trials
 
 
+@pytest.mark.slow
 def test_a_trial_that_raises_is_recorded_as_errored_and_the_search_goes_on(ray_cluster, tmp_path):
     """A point that passes the space's validation (--allow-out-of-range) but is not a valid
     training config (gamma_beta_ratio < 0): its trial raises; the others run to the end."""
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     space = yaml.safe_load(TINY_SPACE.read_text())
     space["base"].update(max_steps=4, eval_steps=2, max_eval_samples=32, generation_eval_samples=8,
@@ -465,7 +471,7 @@ def test_a_trial_that_raises_is_recorded_as_errored_and_the_search_goes_on(ray_c
 
 
 def test_summary_table_of_a_search_over_a_subset_of_the_parameters():
-    from simpo_ray.results import summary_table
+    from simpo_ray.search.results import summary_table
 
     trials = pd.DataFrame([{"trial_id": "t1", "status": "completed", "is_default": True, "beta": 2.0,
                             "steps": 4, "best_objective": 0.5}])
@@ -491,7 +497,7 @@ def test_yaml_is_only_ever_read_with_the_safe_loader():
 
 
 def test_trust_remote_code_is_off_unless_set_and_is_passed_through(tmp_path, monkeypatch):
-    import simpo_ray.model as model_mod
+    import simpo_ray.train.model as model_mod
     from simpo_ray.config import load_train_config
 
     assert TrainConfig().trust_remote_code is False
@@ -514,6 +520,7 @@ def test_trust_remote_code_is_off_unless_set_and_is_passed_through(tmp_path, mon
     assert seen == [False, False, True, True]
 
 
+@pytest.mark.slow
 def test_ray_starts_without_a_dashboard(ray_cluster):
     """init_ray (what the CLIs and the tests use) starts no dashboard: no web UI URL, nothing
     listening on the dashboard port; the ports our local cluster binds are listed for the notes."""
@@ -546,7 +553,7 @@ def test_ray_starts_without_a_dashboard(ray_cluster):
 
 HOLD_LOCK = """
 import sys, time
-from simpo_ray.lock import ExperimentLock
+from simpo_ray.search.lock import ExperimentLock
 lock = ExperimentLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)
@@ -567,7 +574,7 @@ def _hold_lock_in_a_subprocess(exp_path: str):
 def _refuse_ray(monkeypatch) -> None:
     import ray
 
-    import simpo_ray.cluster as cluster
+    import simpo_ray.infra.cluster as cluster
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was started")
@@ -583,7 +590,7 @@ def test_a_second_search_on_a_locked_experiment_is_refused_naming_the_holder(tmp
     import socket
 
     from simpo_ray.errors import UserError
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     storage = tmp_path / "results"
     holder = _hold_lock_in_a_subprocess(str(storage / "busy"))
@@ -617,7 +624,7 @@ def test_object_store_lease_refuses_a_live_holder_and_takes_over_a_stale_one(tmp
     import sys
 
     from simpo_ray.errors import UserError
-    from simpo_ray.lock import LEASE_FILE, ExperimentLock
+    from simpo_ray.search.lock import LEASE_FILE, ExperimentLock
 
     uri = f"file://{tmp_path}/exp"
     lease = tmp_path / "exp" / LEASE_FILE
@@ -689,11 +696,11 @@ def test_an_interrupted_search_labels_its_cut_trials_and_says_its_tables_are_par
     in search.json; no best_config.yaml; the summary gives the resume command."""
     import dataclasses
 
-    from simpo_ray.records import SearchRecord
-    from simpo_ray.results import finish
-    from simpo_ray.space import load_space
+    from simpo_ray.search.records import SearchRecord
+    from simpo_ray.search.results import finish
+    from simpo_ray.search.plan import load
 
-    space = load_space(TINY_SPACE)
+    space = load(TINY_SPACE)
     exp = tmp_path / "cut"
     exp.mkdir()
     record = SearchRecord.from_space(space, TINY_SPACE, "cut")
@@ -730,7 +737,7 @@ def test_a_trial_resumed_from_its_checkpoint_keeps_its_whole_learning_curve(tmp_
     """After --resume a trial continues from its Train checkpoint (step 400), and Tune starts its
     result file again: its reports begin at 500. The trial's Train history (every report of every
     attempt) gives back steps 0-400, each step once; a rerun from step 0 takes nothing from it."""
-    from simpo_ray.results import TRIAL_HISTORY, build_tables
+    from simpo_ray.search.results import TRIAL_HISTORY, build_tables
 
     exp = tmp_path / "exp"
     history = exp / TRIAL_HISTORY.format(trial_id="bbbb0001")
@@ -762,7 +769,7 @@ def test_a_trial_whose_run_had_ended_when_resumed_is_completed_from_its_history(
     """Ctrl-C can land after a trial's run ended but before Tune saw it end: a --resume reruns
     it, its Train run has nothing left to do and reports nothing, and Tune's last result is the
     one before the end (step 30, still running). Its Train history holds the final report."""
-    from simpo_ray.results import TRIAL_HISTORY, build_tables
+    from simpo_ray.search.results import TRIAL_HISTORY, build_tables
 
     exp = tmp_path / "exp"
     history = exp / TRIAL_HISTORY.format(trial_id="cccc0001")

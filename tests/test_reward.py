@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from simpo_ray import generation
-from simpo_ray.reward import RewardScorer, lc_win_rate, win_metrics, wins
+from simpo_ray.train import generation
+from simpo_ray.train.reward import RewardScorer, lc_win_rate, win_metrics, wins
 
 # A chat template whose rendering ends with the answer's last character: the planted model's
 # pooled token is that character.
@@ -122,6 +122,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_generation_split_across_two_workers_gathers_each_prompt_once(tmp_path):
     import socket
 

@@ -1,5 +1,5 @@
 """Search spaces against the guide. Expected numbers are typed here from the guide's text
-(/work/shared/reference/simpo-hyperparameters.md), not read from simpo_ray.guide, so a wrong
+(shared/reference/simpo-hyperparameters.md beside the repository), not read from simpo_ray.guide, so a wrong
 table in guide.py fails these tests. Fast: no Ray, no torch."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 
 from simpo_ray import guide
 from simpo_ray.errors import ConfigError
-from simpo_ray.describe import describe_space
-from simpo_ray.estimate import estimate_gpu_hours
-from simpo_ray.space import load_space
+from simpo_ray.search.describe import describe_space
+from simpo_ray.search.estimate import estimate_gpu_hours
+from simpo_ray.search.plan import load
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SHIPPED = sorted(SPACES.glob("*.yaml"))
@@ -62,7 +62,7 @@ def test_all_expected_spaces_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_shipped_space_loads_inside_the_guide(path):
-    s = load_space(path)
+    s = load(path)
     p = s.params
     assert set(p) == {"learning_rate", "beta", "gamma_beta_ratio", "sft_weight"}
     lr = (p["learning_rate"].low, p["learning_rate"].high)
@@ -105,11 +105,11 @@ def test_shipped_space_loads_inside_the_guide(path):
 
 def test_gpu_spaces_are_in_their_buckets():
     for stem, bucket in GPU_SPACES.items():
-        assert load_space(SPACES / f"{stem}.yaml").size_bucket == bucket
+        assert load(SPACES / f"{stem}.yaml").size_bucket == bucket
 
 
 def test_7b_default_is_first_and_matches_the_guides_standard_config():
-    s = load_space(SPACES / "7b.yaml")
+    s = load(SPACES / "7b.yaml")
     # "7B Models (Mistral, Llama 3)": lr 5e-7, beta 2.0, gamma_beta_ratio 0.5, sft_weight 0.0
     approx_point(s.points_to_evaluate[0], {"learning_rate": 5e-7, "beta": 2.0,
                                            "gamma_beta_ratio": 0.5, "sft_weight": 0.0})
@@ -121,14 +121,14 @@ def test_7b_default_is_first_and_matches_the_guides_standard_config():
 
 
 def test_70b_default_is_first_and_matches_the_guides_standard_config():
-    s = load_space(SPACES / "70b.yaml")
+    s = load(SPACES / "70b.yaml")
     # "70B Models": lr 1e-7, beta 2.0, gamma_beta_ratio 0.5, sft_weight 0.05
     approx_point(s.points_to_evaluate[0], {"learning_rate": 1e-7, "beta": 2.0,
                                            "gamma_beta_ratio": 0.5, "sft_weight": 0.05})
 
 
 def test_8b_13b_default_and_clipped_reference_points():
-    s = load_space(SPACES / "8b-13b.yaml")
+    s = load(SPACES / "8b-13b.yaml")
     # "8B-13B Models": lr 3e-7, beta 2.5, gamma_beta_ratio 0.5, sft_weight 0.1 (instruct)
     approx_point(s.points_to_evaluate[0], {"learning_rate": 3e-7, "beta": 2.5,
                                            "gamma_beta_ratio": 0.5, "sft_weight": 0.1})
@@ -152,7 +152,7 @@ def test_8b_13b_default_and_clipped_reference_points():
     ("creative", (2e-7, 1e-6), 1e-6),
 ])
 def test_task_preset_shifts_the_learning_rate(task, lr_range, lr_default):
-    s = load_space(SPACES / "7b.yaml", task=task)
+    s = load(SPACES / "7b.yaml", task=task)
     assert s.task == task  # the command line replaces the file's preset (chat)
     lr = s.params["learning_rate"]
     assert (lr.low, lr.high) == pytest.approx(lr_range, rel=1e-9)
@@ -163,7 +163,7 @@ def test_task_preset_shifts_the_learning_rate(task, lr_range, lr_default):
 
 @pytest.mark.parametrize("task", ["code", "math"])
 def test_reasoning_tasks_add_the_guides_reasoning_example(task):
-    s = load_space(SPACES / "7b.yaml", task=task)
+    s = load(SPACES / "7b.yaml", task=task)
     # "Llama 3 8B Instruct (Reasoning)": beta 5.0, gamma_beta_ratio 0.7 at lr 3e-7
     assert {"learning_rate": 3e-7, "beta": 5.0, "gamma_beta_ratio": 0.7, "sft_weight": 0.0} in [
         {k: round(v, 12) for k, v in pt.items()} for pt in s.points_to_evaluate]
@@ -176,7 +176,7 @@ def test_reasoning_tasks_add_the_guides_reasoning_example(task):
     ("none", (0.0, 1.0), 0.0),        # "Range: 0.0 to 1.0", "Default: 0.0"
 ])
 def test_model_type_preset_sets_sft_weight(model_type, sft_range, sft_default):
-    s = load_space(SPACES / "7b.yaml", model_type=model_type)
+    s = load(SPACES / "7b.yaml", model_type=model_type)
     assert s.model_type == (None if model_type == "none" else model_type)
     sft = s.params["sft_weight"]
     assert (sft.low, sft.high) == pytest.approx(sft_range)
@@ -184,7 +184,7 @@ def test_model_type_preset_sets_sft_weight(model_type, sft_range, sft_default):
 
 
 def test_task_preset_shifts_within_the_70b_envelope():
-    s = load_space(SPACES / "70b.yaml", task="creative")
+    s = load(SPACES / "70b.yaml", task="creative")
     lr = s.params["learning_rate"]
     # 70B creative: 2 x the 70B default (1e-7) = 2e-7, range moved up but capped at 3e-7
     assert (lr.low, lr.high) == pytest.approx((1e-7, 3e-7))
@@ -194,22 +194,48 @@ def test_task_preset_shifts_within_the_70b_envelope():
 def test_explicit_bounds_are_checked_against_a_command_line_preset():
     # 8b-13b.yaml writes lr [1e-7, 1e-6] explicitly; the code preset allows at most 6e-7 there.
     with pytest.raises(ConfigError, match=r"params\.learning_rate\.high: 1e-06 .*task code"):
-        load_space(SPACES / "8b-13b.yaml", task="code")
+        load(SPACES / "8b-13b.yaml", task="code")
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
-@pytest.mark.parametrize("task", [None, "none", "chat", "code", "math", "creative"])
-@pytest.mark.parametrize("model_type", [None, "none", "base", "instruct", "chat"])
-def test_points_stay_inside_under_every_preset(path, task, model_type):
-    try:
-        s = load_space(path, task=task, model_type=model_type)
-    except ConfigError as e:
-        assert "outside the documented range" in str(e)  # only explicit bounds may clash
-        return
-    assert s.point_labels[0].startswith("guide default")
-    for point in s.points_to_evaluate:
-        for k, v in point.items():
-            assert s.params[k].contains(v) or s.params[k].low <= v <= s.params[k].high
+PRESET_TASKS = (None, "none", "chat", "code", "math", "creative")
+PRESET_MODEL_TYPES = (None, "none", "base", "instruct", "chat")
+
+
+def expected_refusal(stem: str, task: str | None, model_type: str | None) -> str | None:
+    """The one refusal a shipped space may meet under presets, from the guide's tables typed
+    above: an explicit bound of the space outside the preset's documented range. The CPU spaces
+    search sft_weight over [0, 1] (measured), which every model-type preset narrows
+    (SFT_BY_MODEL_TYPE: base's high 0.05 is below 1; instruct's and chat's lows are above 0);
+    8b-13b searches learning rates up to 1e-6, above the code/math documented ceiling of 6e-7."""
+    if stem.startswith("cpu") and model_type in ("base", "instruct", "chat"):
+        assert not inside(0.0, 1.0, SFT_BY_MODEL_TYPE[model_type])
+        return "params.sft_weight.high: 1 " if model_type == "base" else "params.sft_weight.low: 0 "
+    if stem == "8b-13b" and task in ("code", "math"):
+        return "params.learning_rate.high: 1e-06 "
+    return None
+
+
+def test_every_preset_of_every_shipped_space_loads_or_is_refused_as_the_guide_says():
+    """Each of the 8 spaces x 6 tasks x 5 model types: refused with exactly the expected field
+    and value, or loaded with every start point inside the searched ranges."""
+    wrong = []
+    for path in SHIPPED:
+        for task in PRESET_TASKS:
+            for model_type in PRESET_MODEL_TYPES:
+                case, expected = (path.stem, task, model_type), expected_refusal(path.stem, task, model_type)
+                try:
+                    s = load(path, task=task, model_type=model_type)
+                except ConfigError as e:
+                    if expected is None or f"{path}: {expected}is outside the documented range" not in str(e):
+                        wrong.append((case, f"refused: {e}", f"expected: {expected or 'loads'}"))
+                    continue
+                if expected is not None:
+                    wrong.append((case, "loaded", f"expected refusal {expected}"))
+                elif not s.point_labels[0].startswith("guide default") or not all(
+                        s.params[k].contains(v) or s.params[k].low <= v <= s.params[k].high
+                        for point in s.points_to_evaluate for k, v in point.items()):
+                    wrong.append((case, "a start point outside the searched range", s.points_to_evaluate))
+    assert wrong == []
 
 
 # --- validation errors ---------------------------------------------------------------------
@@ -312,13 +338,13 @@ def test_validation_errors_name_field_value_and_range(key, value, expected):
     if key in PREPARE:
         PREPARE[key](data)
     with pytest.raises(ConfigError) as exc:
-        load_space(data)
+        load(data)
     for part in expected:
         assert part in str(exc.value), (part, str(exc.value))
 
 
 def test_valid_fixture_loads():
-    s = load_space(VALID)
+    s = load(VALID)
     assert s.effective_batch == 2 * 8 * 8
 
 
@@ -326,22 +352,22 @@ def test_file_errors_name_the_file(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("size_bucket: 7b-8b\nparams: {beta: {distribution: uniform, low: 2.0, high: 20.0}}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: params\.beta\.high: 20 "):
-        load_space(f)
+        load(f)
     with pytest.raises(ConfigError, match="file not found"):
-        load_space(tmp_path / "missing.yaml")
+        load(tmp_path / "missing.yaml")
 
 
 def test_allow_out_of_range_loads_the_space():
     data = mutate("params.learning_rate.high", 5e-6)
     with pytest.raises(ConfigError):
-        load_space(data)
-    s = load_space(data, allow_out_of_range=True)
+        load(data)
+    s = load(data, allow_out_of_range=True)
     assert s.params["learning_rate"].high == 5e-6
     assert s.allow_out_of_range
 
 
 def test_overrides_dotted_and_nested():
-    s = load_space(SPACES / "cpu-tiny.yaml",
+    s = load(SPACES / "cpu-tiny.yaml",
                    overrides={"search.num_samples": 3, "params.beta.high": 5.0, "base": {"max_steps": 40}})
     assert s.search.num_samples == 3
     assert s.params["beta"].high == 5.0
@@ -352,7 +378,7 @@ def test_overrides_dotted_and_nested():
 
 
 def test_trial_config_merges_base_params_and_resources():
-    s = load_space(SPACES / "cpu-small.yaml")
+    s = load(SPACES / "cpu-small.yaml")
     cfg = s.trial_config({"learning_rate": 2e-3, "beta": 3.0, "gamma_beta_ratio": 0.25, "sft_weight": 0.1})
     assert cfg.learning_rate == 2e-3 and cfg.beta == 3.0 and cfg.sft_weight == 0.1
     assert cfg.model_name_or_path == "bundled:small"
@@ -368,7 +394,7 @@ def test_unsearched_params_take_base_or_the_documented_default():
     data = copy.deepcopy(VALID)
     del data["params"]["sft_weight"], data["params"]["gamma_beta_ratio"]
     data["base"]["gamma_beta_ratio"] = 0.3
-    s = load_space(data)
+    s = load(data)
     cfg = s.trial_config({"learning_rate": 4e-7, "beta": 3.0})
     assert cfg.gamma_beta_ratio == 0.3          # fixed in base
     assert cfg.sft_weight == pytest.approx(0.1)  # 7B instruct default ("0.1 if instruct")
@@ -377,13 +403,13 @@ def test_unsearched_params_take_base_or_the_documented_default():
 
 def test_duplicate_points_are_dropped_with_a_note():
     data = mutate("search.points_to_evaluate", {"extra": [{"learning_rate": 5e-7}]})
-    s = load_space(data)
+    s = load(data)
     assert len(s.points_to_evaluate) == 1
     assert any("dropped" in n for n in s.notes)
 
 
 def test_describe_shows_searched_documented_and_default():
-    text = describe_space(load_space(SPACES / "7b.yaml"))
+    text = describe_space(load(SPACES / "7b.yaml"))
     for part in ["learning_rate", "loguniform 1e-07 to 1e-06",   # searched
                  "3e-07 to 5e-07",                               # guide's 7B-8B row
                  "1 to 10", "2 to 5",                            # beta documented / optimal
@@ -391,7 +417,7 @@ def test_describe_shows_searched_documented_and_default():
                  "0 to 0.05",                                    # sft, base model
                  "5e-07", "= 128", "128 to 256", "Mistral-Base"]:
         assert part in text, part
-    assert "5e-08 to 3e-07" in describe_space(load_space(SPACES / "70b.yaml"))
+    assert "5e-08 to 3e-07" in describe_space(load(SPACES / "70b.yaml"))
 
 
 def test_format_table_shows_the_guides_tables():
@@ -452,7 +478,7 @@ TOY_ESTIMATE = {
 
 
 def test_estimate_gpu_hours_by_hand():
-    e = estimate_gpu_hours(load_space(TOY_ESTIMATE))
+    e = estimate_gpu_hours(load(TOY_ESTIMATE))
     # batch 2 x 2 workers x 4 = 16; 1280 / 16 = 80 steps; 80 x 16 x 100 = 128,000 tokens
     assert e["effective_batch"] == 16 and e["steps_per_trial"] == 80
     assert e["tokens_per_trial"] == 128_000
@@ -467,24 +493,24 @@ def test_estimate_gpu_hours_by_hand():
 def test_estimate_asha_discount_by_hand():
     data = copy.deepcopy(TOY_ESTIMATE)
     data["search"]["scheduler"] = "asha"
-    e = estimate_gpu_hours(load_space(data))
+    e = estimate_gpu_hours(load(data))
     # rungs at 10, 20, 40 (eta 2): all run 10 steps, 1/2 the next 10, 1/4 the next 20, 1/8 the
     # last 40 -> 10 + 5 + 5 + 5 = 25 steps per trial on average
     assert e["asha_expected_steps_per_trial"] == pytest.approx(25)
     assert e["gpu_hours_asha_estimate"] == pytest.approx(10 * 25 * 1.536 / 80 / 3600)
     data["search"]["max_t"] = 40  # the scheduler stops every trial at 40 steps
-    assert estimate_gpu_hours(load_space(data))["steps_per_trial"] == 40
+    assert estimate_gpu_hours(load(data))["steps_per_trial"] == 40
 
 
 def test_estimate_missing_is_an_error():
     data = copy.deepcopy(TOY_ESTIMATE)
     del data["estimate"]
     with pytest.raises(ConfigError, match="estimate"):
-        estimate_gpu_hours(load_space(data))
+        estimate_gpu_hours(load(data))
 
 
 def test_estimate_7b_h100_default_assumptions():
-    e = estimate_gpu_hours(load_space(SPACES / "7b.yaml"))
+    e = estimate_gpu_hours(load(SPACES / "7b.yaml"))
     # 478 steps x 128 x 800 tokens x 6 x 7.24e9 / (989e12 x 0.35) / 3600
     expected = 478 * 128 * 800 * 6 * 7.24e9 / (989e12 * 0.35) / 3600
     assert e["gpu_hours_per_trial"] == pytest.approx(expected)
@@ -492,7 +518,7 @@ def test_estimate_7b_h100_default_assumptions():
 
 
 def test_import_is_light():
-    code = ("import sys, simpo_ray.space, simpo_ray.guide; "
+    code = ("import sys, simpo_ray.search.space, simpo_ray.guide; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'optuna')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,7 +7,7 @@ import torch
 
 
 from simpo_ray.config import TrainConfig
-from simpo_ray.launch import final_metrics, run_training
+from simpo_ray.infra.launch import final_metrics, run_training
 
 BASE = dict(model_name_or_path="bundled:tiny", dataset_mixer={"bundled:sort": 1.0}, max_length=64,
             max_prompt_length=32, max_eval_samples=256, per_device_train_batch_size=16,
@@ -19,12 +19,13 @@ def _curve(result, metric):
     """{step: value} from the run's history.jsonl (every report, not only checkpointed ones)."""
     from pathlib import Path
 
-    from simpo_ray.launch import read_history
+    from simpo_ray.infra.launch import read_history
 
     rows = read_history(Path(result.path) / "history.jsonl")
     return {int(r["step"]): r[metric] for r in rows if metric in r}
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path):
     cfg = TrainConfig(**BASE, max_steps=300, eval_steps=150, output_dir=str(tmp_path / "final"),
                       reward_model_name_or_path="bundled:reward")
@@ -54,7 +55,7 @@ def test_two_worker_ddp_training_improves_held_out_metrics(ray_cluster, tmp_path
 
         from transformers import AutoModelForCausalLM
 
-        from simpo_ray.parallel import export_pretrained
+        from simpo_ray.train.checkpoints import export_pretrained
 
         files = set(os.listdir(d))
         assert {".metadata", "trainer_state.json", "train_config.yaml"} <= files, files
@@ -74,9 +75,9 @@ def _step0_win_rate(cfg: TrainConfig) -> float:
     from transformers import AutoModelForCausalLM
 
     from simpo_ray.bundled.evaluate import generate_answers
-    from simpo_ray.launch import check_inputs
-    from simpo_ray.model import load_tokenizer, resolve_model_path
-    from simpo_ray.reward import RewardScorer
+    from simpo_ray.infra.launch import check_inputs
+    from simpo_ray.train.model import load_tokenizer, resolve_model_path
+    from simpo_ray.train.reward import RewardScorer
 
     rows = check_inputs(cfg).prompt_rows(cfg.generation_eval_samples)
     assert len(rows) == 128
@@ -91,6 +92,7 @@ def _step0_win_rate(cfg: TrainConfig) -> float:
     return sum(won) / len(won)
 
 
+@pytest.mark.slow
 def test_planted_divergence_is_reported_not_trained_on(ray_cluster, tmp_path):
     # A planted divergence: lr 1e30 with no warmup overflows fp32 on the first update, so the next
     # loss is NaN. (Realistic "too high" rates, 1e-2 to 1e4 here, collapse the model instead: the
@@ -105,6 +107,7 @@ def test_planted_divergence_is_reported_not_trained_on(ray_cluster, tmp_path):
     assert final["eval/success_rate"] == 0.0 and final["eval/preference_accuracy"] == 0.0
 
 
+@pytest.mark.slow
 def test_loss_threshold_counts_as_divergence(ray_cluster, tmp_path):
     cfg = TrainConfig(**BASE, max_steps=20, eval_steps=10, divergence_loss_threshold=1e-3)
     result = run_training(cfg, num_workers=1, storage_path=str(tmp_path), name="explode")
@@ -118,7 +121,7 @@ def test_loss_threshold_counts_as_divergence(ray_cluster, tmp_path):
 def test_max_grad_norm_zero_means_no_clipping():
     # In the reference trainer's (HF) key names 0 turns clipping off; clip_grad_norm_(..., 0)
     # would zero every gradient instead.
-    from simpo_ray.parallel import clip_grad_norm
+    from simpo_ray.train.parallel import clip_grad_norm
 
     model = torch.nn.Linear(4, 3)
     model(torch.randn(5, 4)).pow(2).sum().backward()
@@ -132,7 +135,7 @@ def test_max_grad_norm_zero_means_no_clipping():
 
 
 def test_progress_lines_say_nothing_where_there_is_no_value_yet():
-    from simpo_ray.train import _log_line, _progress_line, _setup_line
+    from simpo_ray.train.evaluate import log_line as _log_line, progress_line as _progress_line, setup_line as _setup_line
 
     step0 = _progress_line({"step": 0, "total_steps": 10, "eval/loss": 0.69, "eval/preference_accuracy": 0.5,
                             "eval/rewards/margins": 0.1})

@@ -1,4 +1,4 @@
-"""simpo_ray.transfer: warm-start trials, trends across model sizes, and the extrapolated analysis.
+"""simpo_ray.transfer.trends: warm-start trials, trends across model sizes, and the extrapolated analysis.
 
 Pure and fast (no Ray, no torch): synthetic searches in memory, and finished search directories
 written as the search writes them (`test_analysis.write_search`).
@@ -15,19 +15,20 @@ import pandas as pd
 import pytest
 from test_analysis import TINY_SPACE, write_search
 
-from simpo_ray import guide, transfer
+from simpo_ray import guide
+from simpo_ray.transfer import finished, trends as transfer
 from simpo_ray.errors import UserError
-from simpo_ray.model_size import bundled_param_count, param_count
-from simpo_ray.records import SearchRecord, rank_column
+from simpo_ray.transfer.model_size import bundled_param_count, param_count
+from simpo_ray.search.records import SearchRecord, rank_column
 
 EXPONENT = -0.5
 
 
 @pytest.fixture(scope="module")
 def record() -> SearchRecord:
-    from simpo_ray.space import load_space
+    from simpo_ray.search.plan import load
 
-    return SearchRecord.from_space(load_space(TINY_SPACE), TINY_SPACE, "synthetic")
+    return SearchRecord.from_space(load(TINY_SPACE), TINY_SPACE, "synthetic")
 
 
 def trials_table(n_params: float, n: int, rng: np.random.Generator, *, c: float = 1e-2,
@@ -43,9 +44,9 @@ def trials_table(n_params: float, n: int, rng: np.random.Generator, *, c: float 
         "sft_weight": rng.uniform(0.0, 0.1, n)})
 
 
-def synthetic(record, sizes=(1e8, 1e9, 1e10, 1e11), n: int = 12, seed: int = 0, **kw) -> list[transfer.FinishedSearch]:
+def synthetic(record, sizes=(1e8, 1e9, 1e10, 1e11), n: int = 12, seed: int = 0, **kw) -> list[finished.FinishedSearch]:
     rng = np.random.default_rng(seed)
-    return [transfer.FinishedSearch(Path(f"/synthetic/{i}"), f"s{i}", "7b-8b", f"org/model-{i}", size, "test",
+    return [finished.FinishedSearch(Path(f"/synthetic/{i}"), f"s{i}", "7b-8b", f"org/model-{i}", size, "test",
                                     record.objective, record.mode, trials_table(size, n, rng, **kw), record)
             for i, size in enumerate(sizes)]
 
@@ -68,7 +69,7 @@ def test_power_law_exponent_is_recovered(record):
     assert low < centre < high and centre == pytest.approx(1e-2 * 3e11 ** EXPONENT, rel=0.5)
 
 
-def alternating(record, n: int, sizes=(1e8, 1e9, 1e10), delta: float = 0.1) -> list[transfer.FinishedSearch]:
+def alternating(record, n: int, sizes=(1e8, 1e9, 1e10), delta: float = 0.1) -> list[finished.FinishedSearch]:
     """Searches whose trials, best first, lie alternately delta decades above and below the
     power law: any even number of top trials has the same spread and a mean on the line."""
     out = []
@@ -76,7 +77,7 @@ def alternating(record, n: int, sizes=(1e8, 1e9, 1e10), delta: float = 0.1) -> l
         t = trials_table(size, n, np.random.default_rng(i)).assign(
             best_objective=np.linspace(0.9, 0.5, n), objective_value=np.linspace(0.9, 0.5, n),
             learning_rate=1e-2 * size ** EXPONENT * 10 ** (delta * (-1.0) ** np.arange(n)))
-        out.append(transfer.FinishedSearch(Path(f"/alt/{i}"), f"a{i}", "7b-8b", f"org/m-{i}", size, "test",
+        out.append(finished.FinishedSearch(Path(f"/alt/{i}"), f"a{i}", "7b-8b", f"org/m-{i}", size, "test",
                                            record.objective, record.mode, t, record))
     return out
 
@@ -178,12 +179,12 @@ def ladder_dirs(tmp_path: Path, sizes=("tiny", "small", "base"), n: int = 8, **c
 
 def test_load_finished_ladder(tmp_path):
     dirs = ladder_dirs(tmp_path)
-    searches = transfer.load_finished([tmp_path])  # a folder of searches
+    searches = finished.load_finished([tmp_path])  # a folder of searches
     assert [s.label for s in searches] == ["cpu/base", "cpu/small", "cpu/tiny"]
     assert [s.n_params for s in searches] == [4_538_368, 761_344, 85_504]
     assert {s.objective for s in searches} == {"eval/success_rate"} and searches[0].mode == "max"
     assert {"trial_id", "status", "best_objective", "learning_rate"} <= set(searches[0].trials.columns)
-    assert len(searches[0].trials) == 8 and len(transfer.load_finished(dirs + dirs)) == 3  # each once
+    assert len(searches[0].trials) == 8 and len(finished.load_finished(dirs + dirs)) == 3  # each once
     trend = transfer.fit_trends(searches)["learning_rate"]
     assert trend.slope == pytest.approx(EXPONENT, abs=0.15)
     base = searches[0]
@@ -198,23 +199,23 @@ def test_load_finished_ladder(tmp_path):
 def test_a_search_that_did_not_finish_is_refused(tmp_path, change, needle):
     d = ladder_dirs(tmp_path, sizes=("tiny",), **change)[0]
     with pytest.raises(UserError) as info:
-        transfer.load_finished([d])
+        finished.load_finished([d])
     assert str(info.value).startswith(f"{d}: ") and needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_bad_directories_and_mixed_objectives(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="not a finished search .no search.json"):
-        transfer.load_finished([tmp_path / "empty"])
+        finished.load_finished([tmp_path / "empty"])
     with pytest.raises(UserError, match="no such directory"):
-        transfer.load_finished([tmp_path / "nope"])
+        finished.load_finished([tmp_path / "nope"])
     a = ladder_dirs(tmp_path / "a", sizes=("tiny",))[0]
     b = ladder_dirs(tmp_path / "b", sizes=("small",), objective="eval/preference_accuracy")[0]
     with pytest.raises(UserError, match=r"^mixed objectives across searches \(cpu-tiny: eval/success_rate"):
-        transfer.load_finished([a, b])
+        finished.load_finished([a, b])
     (a / "trials.csv").unlink()
     with pytest.raises(UserError, match="trials.csv missing"):
-        transfer.load_finished([a])
+        finished.load_finished([a])
 
 
 # ---------------------------------------------------------------- the same size: a warm start
@@ -222,15 +223,15 @@ def test_bad_directories_and_mixed_objectives(tmp_path):
 def test_same_size_trials_for_the_searcher(tmp_path):
     import yaml
 
-    from simpo_ray.space import load_space
+    from simpo_ray.search.plan import load
 
     dirs = ladder_dirs(tmp_path)
     copy = write_search(tmp_path / "copy", pd.read_csv(dirs[0] / "trials.csv", dtype={"trial_id": str}),
                         model_name_or_path="bundled:tiny", num_samples=8, state="finished")
-    searches = transfer.load_finished(dirs + [copy])
-    space = load_space(TINY_SPACE)
+    searches = finished.load_finished(dirs + [copy])
+    space = load(TINY_SPACE)
     notes: list[str] = []
-    warm = transfer.same_size_trials(searches, space, notes)
+    warm = finished.same_size_trials(searches, space, notes)
     tiny = pd.read_csv(dirs[0] / "trials.csv").sort_values("rank")
     assert len(warm) == 8 and notes == ["warm start: 8 trial(s) left out: repeated an earlier point"]
     assert warm[0][0] == pytest.approx({p: tiny.iloc[0][p] for p in space.params})
@@ -240,27 +241,27 @@ def test_same_size_trials_for_the_searcher(tmp_path):
     del raw["params"]["sft_weight"]
     raw["base"]["sft_weight"] = 0.5
     notes = []
-    assert transfer.same_size_trials(searches, load_space(raw), notes) == []
+    assert finished.same_size_trials(searches, load(raw), notes) == []
     assert "another value of a parameter this space fixes" in notes[0]
-    other = load_space(raw | {"search": {**raw["search"], "objective": "eval/loss", "mode": "min"}})
+    other = load(raw | {"search": {**raw["search"], "objective": "eval/loss", "mode": "min"}})
     with pytest.raises(UserError, match="optimised eval/success_rate .max., this search eval/loss"):
-        transfer.same_size_trials(searches, other)
+        finished.same_size_trials(searches, other)
     # Values measured otherwise (here: shorter answers allowed) must not reach the searcher.
-    shorter = load_space(TINY_SPACE, overrides={"base.max_new_tokens": 4})
+    shorter = load(TINY_SPACE, overrides={"base.max_new_tokens": 4})
     with pytest.raises(UserError, match=r"ran with max_new_tokens: None, this search with 4; .* not comparable"):
-        transfer.same_size_trials(searches, shorter)
+        finished.same_size_trials(searches, shorter)
 
 
 def test_describe_for_the_dry_run(tmp_path):
-    from simpo_ray.space import load_space
+    from simpo_ray.search.plan import load
 
-    searches = transfer.load_finished(ladder_dirs(tmp_path, sizes=("tiny", "small")))
-    text = transfer.describe(searches, load_space(TINY_SPACE.with_name("cpu-base.yaml")))
+    searches = finished.load_finished(ladder_dirs(tmp_path, sizes=("tiny", "small")))
+    text = transfer.describe(searches, load(TINY_SPACE.with_name("cpu-base.yaml")))
     assert text[0].startswith("warm start: 0 finished trial(s) of cpu/base")
     assert any("log10 learning_rate = " in line and "cpu/tiny 85.5K (n=5)" in line for line in text)
     point = [line for line in text if line.strip().startswith("learning_rate ")]
     assert len(point) == 1 and "[" in point[0]
-    one = transfer.describe(searches[:1], load_space(TINY_SPACE))
+    one = transfer.describe(searches[:1], load(TINY_SPACE))
     assert one[0].startswith("warm start: 8 finished trial(s) of cpu/tiny")
     assert one[-1].startswith("trend across sizes: not fitted: cannot extrapolate from one model size")
 
@@ -314,7 +315,8 @@ def tiny_search_with_known_points(tmp_path: Path) -> Path:
 def test_warm_start_gives_the_searcher_completed_trials_and_the_default_still_runs_first(tmp_path):
     import optuna
 
-    from simpo_ray.tune import _searcher, load
+    from simpo_ray.search.searcher import make_searcher
+    from simpo_ray.search.plan import load
 
     d = tiny_search_with_known_points(tmp_path)
     space = load(TINY_SPACE, warm_start=[str(d)], overrides={"search.points_to_evaluate": {"extra": [EXTRA]}})
@@ -324,7 +326,7 @@ def test_warm_start_gives_the_searcher_completed_trials_and_the_default_still_ru
     expected = {tuple(round(r[p], 12) for p in space.params): r["objective_value"] for _, r in done.iterrows()}
     assert len(expected) == len(t) - 1
 
-    searcher = _searcher(space)
+    searcher = make_searcher(space)
     study = searcher._ot_study
     complete = [x for x in study.trials if x.state == optuna.trial.TrialState.COMPLETE]
     assert {tuple(round(x.params[p], 12) for p in space.params): x.value for x in complete} == expected
@@ -369,7 +371,7 @@ def test_warm_start_dry_run_predicts_inside_the_documented_range(tmp_path, capsy
     assert {p: float(v) for p, v in enqueued.items()} == pytest.approx(
         {p: x[0] for p, x in predicted.items()}, rel=1e-2, abs=1e-3)
     # --warm-start-narrow: the searched ranges shrink to the intervals, inside the documented ones.
-    from simpo_ray.tune import load
+    from simpo_ray.search.plan import load
 
     cold, narrow = load(base), load(base, warm_start=list(map(str, dirs)), warm_start_narrow=True)
     for p, param in narrow.params.items():
@@ -381,9 +383,9 @@ def test_warm_start_dry_run_predicts_inside_the_documented_range(tmp_path, capsy
 
 
 def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
-    from simpo_ray.records import resolved_space, space_differences
-    from simpo_ray.space import load_space
-    from simpo_ray.tune import _resume_command, load
+    from simpo_ray.search.records import resolved_space, space_differences
+    from simpo_ray.search.plan import load
+    from simpo_ray.search.run import _resume_command
 
     dirs = ladder_dirs(tmp_path, sizes=("tiny", "small"))
     base = TINY_SPACE.with_name("cpu-base.yaml")
@@ -394,7 +396,7 @@ def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
         ("cpu-small", False, True), ("cpu-tiny", False, True)]
     assert SearchRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record
     # A cold space resolves as a record written before warm starts existed: no new keys.
-    cold = resolved_space(load_space(base))
+    cold = resolved_space(load(base))
     assert "warm_start" not in cold["search"] and "warm_start_narrow" not in cold["search"]
     assert space_differences(cold, resolved_space(warm)) != []
     cmd = _resume_command(str(base), None, "warm", None, {"warm_start": [str(d) for d in dirs]})
@@ -410,9 +412,9 @@ def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
 def test_warm_start_settings_are_validated(search, needle):
     import yaml
 
-    from simpo_ray.space import load_space
+    from simpo_ray.search.plan import load
 
     raw = yaml.safe_load(TINY_SPACE.read_text())
     with pytest.raises(UserError) as info:
-        load_space(raw | {"search": {**raw["search"], **search}})
+        load(raw | {"search": {**raw["search"], **search}})
     assert needle in str(info.value) and "\n" not in str(info.value)

@@ -105,10 +105,10 @@ def test_search_asha_stops_trials_and_divergence_is_caught(ray_cluster, tmp_path
     import ray
 
     from simpo_ray.config import load_train_config
-    from simpo_ray.tune import run_search
-    from simpo_ray.cluster import plan_concurrency
-    from simpo_ray.ray_workarounds import resources_settled
-    from simpo_ray.space import Resources
+    from simpo_ray.search.run import run_search
+    from simpo_ray.infra.cluster import plan_concurrency
+    from ray_helpers import resources_settled
+    from simpo_ray.config import Resources
 
     # An extra point must lie inside the searched range (space.py), so the learning rate is a
     # choice that includes the divergent value (outside the guide: allow_out_of_range). Sampled
@@ -268,23 +268,24 @@ def test_sampler_option_builds_tpe_or_seeded_random_search():
     and the random proposals are Optuna's own RandomSampler draws for the seed."""
     import optuna
 
-    from simpo_ray.tune import _searcher, load
+    from simpo_ray.search.searcher import make_searcher
+    from simpo_ray.search.plan import load
 
     tpe = load(TINY)
     assert tpe.search.sampler == "tpe"
-    assert isinstance(_searcher(tpe)._sampler, optuna.samplers.TPESampler)
+    assert isinstance(make_searcher(tpe)._sampler, optuna.samplers.TPESampler)
 
     rnd = load(TINY, sampler="random", seed=7)
-    searcher = _searcher(rnd)
+    searcher = make_searcher(rnd)
     assert isinstance(searcher._sampler, optuna.samplers.RandomSampler)
     n_points = len(rnd.points_to_evaluate)
     got = _suggestions(searcher, n_points + 3)
     for pt, suggestion in zip(rnd.points_to_evaluate, got):
         assert suggestion == pytest.approx({k: v for k, v in pt.items() if k in rnd.params})
     # The same seed gives the same draws; the draws are inside the space's bounds.
-    again = _suggestions(_searcher(load(TINY, sampler="random", seed=7)), n_points + 3)
+    again = _suggestions(make_searcher(load(TINY, sampler="random", seed=7)), n_points + 3)
     assert again == got
-    other = _suggestions(_searcher(load(TINY, sampler="random", seed=8)), n_points + 3)
+    other = _suggestions(make_searcher(load(TINY, sampler="random", seed=8)), n_points + 3)
     assert other[n_points:] != got[n_points:]
     for s in got[n_points:]:
         for name, p in rnd.params.items():
@@ -302,26 +303,27 @@ def test_tpe_settings_reach_optuna_and_are_refused_for_random_search():
     import optuna
 
     from simpo_ray.config import ConfigError
-    from simpo_ray.records import resolved_space
-    from simpo_ray.tune import _searcher, load
+    from simpo_ray.search.records import resolved_space
+    from simpo_ray.search.searcher import make_searcher
+    from simpo_ray.search.plan import load
 
     default = load(TINY)
-    sampler = _searcher(default)._sampler
+    sampler = make_searcher(default)._sampler
     study = optuna.create_study(direction="maximize")
     assert sampler._n_startup_trials == max(len(default.points_to_evaluate) + 2, 4)
     assert sampler._is_multivariate(study) == optuna.samplers.TPESampler()._is_multivariate(study) is True
     assert "tpe_multivariate" not in resolved_space(default)["search"]
     tuned = load(TINY, overrides={"search.tpe_multivariate": False, "search.tpe_startup_trials": 2})
-    sampler = _searcher(tuned)._sampler
+    sampler = make_searcher(tuned)._sampler
     assert (sampler._is_multivariate(study), sampler._n_startup_trials) == (False, 2)
     assert resolved_space(tuned)["search"]["tpe_startup_trials"] == 2
     # the 3rd trial (after the default and one random draw) is TPE's: not the RandomSampler's draw
-    searcher = _searcher(tuned)
+    searcher = make_searcher(tuned)
     got = _suggestions(searcher, 2)
     for i, point in enumerate(got):
         searcher.on_trial_complete(f"t{i}", {"eval/success_rate": 0.1 * i, **point})
     third = searcher.suggest("t2")
-    rnd = _suggestions(_searcher(load(TINY, sampler="random", seed=tuned.search.seed)), 3)
+    rnd = _suggestions(make_searcher(load(TINY, sampler="random", seed=tuned.search.seed)), 3)
     assert got == rnd[:2] and third != rnd[2]
     with pytest.raises(ConfigError, match="tpe_multivariate / tpe_startup_trials: set for sampler: random"):
         load(TINY, sampler="random", overrides={"search.tpe_multivariate": True})
@@ -337,12 +339,13 @@ def test_hyperband_is_asynchronous_hyperband_over_all_brackets():
 
     from ray.tune.schedulers import ASHAScheduler
 
-    from simpo_ray.tune import _scheduler, hyperband_brackets, load
+    from simpo_ray.search.searcher import make_scheduler, hyperband_brackets
+    from simpo_ray.search.plan import load
 
     assert [hyperband_brackets(*a) for a in ((1, 3, 81), (200, 3, 600), (100, 2, 600), (600, 3, 600))] == [5, 2, 4, 1]
 
     def placement(seed, n=400):
-        sched = _scheduler(load(TINY, scheduler="hyperband", seed=seed))  # grace 200, eta 3, max_t 600
+        sched = make_scheduler(load(TINY, scheduler="hyperband", seed=seed))  # grace 200, eta 3, max_t 600
         sched.set_search_properties("eval/success_rate", "max")
         for i in range(n):
             sched.on_trial_add(None, types.SimpleNamespace(trial_id=f"t{i}"))
@@ -356,7 +359,7 @@ def test_hyperband_is_asynchronous_hyperband_over_all_brackets():
     assert placement(0)[1] == got and placement(1)[1] != got
     # max_t / grace not a power of eta (the 7b space's 80 / 480): the last bracket still cuts nothing
     space = load(TINY, scheduler="hyperband", overrides={"search.grace_period": 80, "search.max_t": 480})
-    assert [sorted(r for r, _ in b._rungs) for b in _scheduler(space)._brackets] == [[80, 240], [240], []]
+    assert [sorted(r for r, _ in b._rungs) for b in make_scheduler(space)._brackets] == [[80, 240], [240], []]
 
 
 @pytest.mark.parametrize("space_file", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -365,8 +368,8 @@ def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # plan against this machine, as a user would
 
-    from simpo_ray.estimate import estimate_gpu_hours
-    from simpo_ray.space import load_space
+    from simpo_ray.search.estimate import estimate_gpu_hours
+    from simpo_ray.search.plan import load
     from simpo_ray.cli import tune_main as main
 
     rc = main(["--space", str(space_file), "--dry-run"])
@@ -406,7 +409,7 @@ def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
             assert "room for only" in line, line
 
     steps, gpu_hours = _expected_gpu_hours(data)
-    est = estimate_gpu_hours(load_space(space_file))
+    est = estimate_gpu_hours(load(space_file))
     assert est["steps_per_trial"] == steps
     assert est["gpu_hours_per_trial"] == pytest.approx(gpu_hours, rel=1e-9)
     if gpus_per_trial > 0:
@@ -420,6 +423,7 @@ def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
         assert f"estimate: {steps} steps per trial on CPU (no GPU-hours)" in out
 
 
+@pytest.mark.slow
 def test_dry_run_cli_process():
     """The real command line: exit status 0 and the plan on stdout, for a GPU space."""
     proc = _cli("--space", str(SPACES / "70b.yaml"), "--dry-run")
@@ -487,6 +491,7 @@ def test_bad_space_is_a_one_line_error(case, tmp_path, capsys):
         assert rc == 2 and _one_error_line(err) == line
 
 
+@pytest.mark.slow
 def test_bad_space_cli_process(tmp_path):
     path = _space_7b(tmp_path, BAD_SPACES["lr_out_of_range"][0])
     proc = _cli("--space", str(path), "--dry-run")
@@ -494,6 +499,7 @@ def test_bad_space_cli_process(tmp_path):
     assert "[1e-07, 1e-06]" in _one_error_line(proc.stderr)
 
 
+@pytest.mark.slow
 def test_real_search_refuses_trial_needing_more_gpus_than_cluster(ray_cluster, tmp_path, capsys):
     """Not a dry run: the search checks the trial against the live cluster before any trial starts."""
     import ray
@@ -501,7 +507,7 @@ def test_real_search_refuses_trial_needing_more_gpus_than_cluster(ray_cluster, t
     from simpo_ray.cli import tune_main as main
 
     from simpo_ray.errors import UserError
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     have = int(ray.cluster_resources().get("GPU", 0))
     path = _write_space(tmp_path / "gpu.yaml", resources={"num_workers": have + 1, "gpus_per_worker": 1})
@@ -665,7 +671,7 @@ MULTINODE_SCRIPT = textwrap.dedent("""
     import json, sys
     import ray
     from ray.cluster_utils import Cluster
-    from simpo_ray.tune import run_search
+    from simpo_ray.search.run import run_search
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
@@ -724,7 +730,7 @@ def test_two_worker_trial_spans_two_nodes(tmp_path):
 def test_results_keep_one_report_per_step_after_a_resumed_trial_reran():
     """A trial interrupted by the kill is run again by --resume, and Tune appends the new reports
     to the same result file: the tables keep the re-run's report for a step seen twice."""
-    from simpo_ray.results import build_tables
+    from simpo_ray.search.results import build_tables
 
     class Rerun:  # the parts of a Tune Result that build_tables reads
         metrics = {"trial_id": "t1", "step": 20, "status": "completed", "eval/success_rate": 0.3}
@@ -751,12 +757,12 @@ def test_results_keep_one_report_per_step_after_a_resumed_trial_reran():
 def _stored_search(tmp_path: Path, space: Path, name: str = "kept") -> Path:
     """An experiment directory as a started search leaves it: search.json and Tune's tuner.pkl
     (whose presence is what `Tuner.can_restore` checks; it is not read here)."""
-    from simpo_ray.records import SearchRecord
-    from simpo_ray.space import load_space
+    from simpo_ray.search.records import SearchRecord
+    from simpo_ray.search.plan import load
 
     exp = tmp_path / "results" / name
     exp.mkdir(parents=True)
-    SearchRecord.from_space(load_space(space), space, name).write(exp)
+    SearchRecord.from_space(load(space), space, name).write(exp)
     (exp / "tuner.pkl").write_bytes(b"")
     return exp
 
@@ -767,7 +773,7 @@ def test_resume_with_another_space_is_refused_naming_what_differs(tmp_path, caps
     A change in num_samples only (the budget) is accepted with a note."""
     import ray
 
-    import simpo_ray.cluster as cluster_mod
+    import simpo_ray.infra.cluster as cluster_mod
     from simpo_ray.cli import tune_main
 
     def refuse(*args, **kwargs):

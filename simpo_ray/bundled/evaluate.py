@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from simpo_ray import generation
+from simpo_ray.data.prompts import prompt_ids
+from simpo_ray.train import generation
 
 from . import task
 
@@ -11,10 +12,10 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
                      batch_size: int = 64, synced: bool = False, system_turn: bool = False) -> list[str]:
     """Greedy assistant answers for user ``prompts`` (chat template + generation prompt), with
     other special tokens kept (a stray "<|user|>" makes an answer wrong); see
-    `simpo_ray.generation.generate`. ``system_turn``: an empty system turn goes first, as the
+    `simpo_ray.train.generation.generate`. ``system_turn``: an empty system turn goes first, as the
     training data's prompts have it (`tokens.inserts_system_turn`, the reference's rule)."""
     rows = [{"prompt": p, "turns": [{"role": "user", "content": p}], "text": None} for p in prompts]
-    ids = [generation.prompt_ids(tokenizer, r, system_turn=system_turn, max_prompt_length=10**9) for r in rows]
+    ids = [prompt_ids(tokenizer, r, system_turn=system_turn, max_prompt_length=10**9) for r in rows]
     answers = generation.generate(model, tokenizer, ids, max_new_tokens=max_new_tokens or task.MAX_ANSWER_TOKENS,
                                   batch_size=batch_size, synced=synced, keep_special_tokens=True)
     return [a.text for a in answers]

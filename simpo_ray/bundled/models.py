@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
-from simpo_ray.cache import build_once, cache_dir
+from simpo_ray.data.cache import build_once, cache_dir
 
 from . import task
 from .tokenizer import CHARS, CHAT_TEMPLATE, SPECIALS, build_tokenizer
@@ -166,7 +166,7 @@ def build_model(size: str, out_dir: Path, *, log=print) -> None:
 
 def ensure_model(size: str) -> Path:
     """Path of the built ``bundled:<size>`` model, building it once per cache (process-safe,
-    see `simpo_ray.cache.build_once`)."""
+    see `simpo_ray.data.cache.build_once`)."""
     if size not in LADDER:
         raise ValueError(f"unknown bundled model size {size!r}; allowed: {list(LADDER)}")
     final = cache_dir() / "models" / f"{size}-{recipe_hash(size)}"

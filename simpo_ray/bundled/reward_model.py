@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForSequenceClassification
 
-from simpo_ray.cache import build_once, cache_dir
+from simpo_ray.data.cache import build_once, cache_dir
 
 from . import task
 from .models import _threads, ensure_model, optimise, recipe_hash

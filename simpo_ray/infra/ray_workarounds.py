@@ -1,0 +1,442 @@
+"""Workarounds for Ray 2.60 (Train V2, run inside Tune trials), kept in one place to be removed.
+
+Each is a defect or an unwanted default of this Ray version, not part of the tool's logic: the
+orphan placement-group reaper, restoring the caller's SIGINT handler after `fit()`, quieting
+Train's per-report log lines and Ray's console noise, turning off Train's print patch, and
+ending the agents a SIGKILLed driver's cluster leaves behind (keeping a private cluster on
+127.0.0.1 is in `simpo_ray.infra.loopback`). Why each is needed and how it was measured:
+docs/ray-runtime-notes.md; each says when it can go.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import threading
+from collections.abc import Iterator
+
+import psutil
+
+from simpo_ray.errors import one_line
+
+logger = logging.getLogger(__name__)
+
+# Environment for the Ray processes a driver starts (set before `ray.init`): Train V2's print
+# patch routes worker prints through a logger that echoes them again (every line twice).
+PRINT_PATCH_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+# The reaper below was written against this Ray version's GCS tables and Train V2 internals.
+WRITTEN_FOR_RAY = "2.60."
+FORCE_REAPER_ENV = "SIMPO_RAY_FORCE_PG_REAPER"  # "1": run the reaper on another Ray version too
+
+_warned: set[str] = set()
+_reaper_stop: threading.Event | None = None
+
+
+def _warn_once(kind: str, message: str, *args) -> None:
+    """A logging warning, once per process for each kind of failure."""
+    if kind not in _warned:
+        _warned.add(kind)
+        logger.warning(message, *args)
+
+
+# ---------------------------------------------------------------- logs, print patch, SIGINT
+
+
+def disable_print_patch() -> None:
+    """Set `PRINT_PATCH_ENV` (explicit user values win) before the driver starts Ray."""
+    for key, value in PRINT_PATCH_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def quiet_train_logs() -> None:
+    """Keep Ray Train's per-report INFO lines (a full metrics dict per report) off the console."""
+    import ray.train.v2._internal.execution.context as train_context
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)  # it logs by file name
+
+
+# ---------------------------------------------------------------- console noise
+#
+# Ray prints on the driver's console (1) every "worker died" message the raylet publishes for
+# this job, as red "(raylet) A worker died or was killed ... SIGTERM" lines, also for the
+# processes Tune, Train and this module end on purpose when a trial stops, and (2) with
+# `log_to_driver` (the train CLI) the output of Train's PlacementGroupCleaner actors, which
+# cannot work without a dashboard and die with a `ConnectionError: Found multiple active Ray
+# instances` traceback when another Ray cluster runs on the machine. `quiet_ray_console` drops
+# those and turns any other raylet message into one line saying what happened and where to look.
+# REMOVE with the orphan reaper (the cleaner's part) and when Ray stops reporting intended
+# terminations as system errors.
+_EXPECTED_EXIT = re.compile(r"The process receives a SIGTERM|killed by `ray\.kill`|intended", re.I)
+_QUIET_ACTORS = ("PlacementGroupCleaner",)
+
+
+def ray_console_filter(data: dict) -> dict | None:
+    """What Ray's console printer gets for one batch of lines: None to drop it, or the batch
+    with Ray's own error messages made one line each."""
+    if data.get("actor_name") in _QUIET_ACTORS:
+        logger.debug("dropped %d line(s) of %s", len(data.get("lines", [])), data.get("actor_name"))
+        return None
+    if data.get("pid") != "raylet":
+        return data
+    lines = []
+    for line in data.get("lines", []):
+        if _EXPECTED_EXIT.search(line):
+            logger.debug("raylet (expected): %s", line)
+            continue
+        lines.append(_one_line_ray_error(line))
+    return {**data, "lines": lines} if lines else None
+
+
+def _one_line_ray_error(line: str) -> str:
+    detail = re.search(r"Worker exit type: (\S+) Worker exit detail: ([^.]*)", line)
+    what = line.split(". ")[0].strip()
+    if detail:
+        what += f" ({detail.group(1)}: {detail.group(2).strip()})"
+    return (f"[simpo-ray] Ray: {what[:300]}. If a trial failed, its error is in trials.csv; Ray's "
+            "logs are in the session's logs/ directory (simpo_ray.infra.cluster.ray_temp_dir()).")
+
+
+def quiet_ray_console() -> None:
+    """Install `ray_console_filter` in front of Ray's console printer (before `ray.init`: the
+    driver binds the printer when it connects). Idempotent."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_simpo_ray_filter", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        kept = ray_console_filter(data)
+        if kept is not None:
+            original(kept, ignore_prefix)
+
+    print_to_stdstream._simpo_ray_filter = True
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+class _TuneEndHints(logging.Filter):
+    """Drops Tune's end-of-run lines that our summary replaces: "Experiment has been interrupted
+    ... Resume experiment with: Tuner.restore(path=..., trainable=...)" (a Python call; the
+    summary prints the command that resumes) and "Trials did not complete: [...]" (trials.csv
+    has each trial's status and error)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not message.startswith(("Experiment has been interrupted", "Trials did not complete"))
+
+
+def quiet_tune_end_hints() -> None:
+    """Install `_TuneEndHints` on Tune's run logger (idempotent). REMOVE if Tune lets the caller
+    word these lines."""
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if not any(isinstance(f, _TuneEndHints) for f in tune_logger.filters):
+        tune_logger.addFilter(_TuneEndHints())
+
+
+@contextlib.contextmanager
+def sigint_handler_kept() -> Iterator[None]:
+    """Put back the caller's SIGINT handler when the block (a Train `fit()`) ends.
+
+    In the main thread, Train V2's `fit()` installs a SIGINT handler whose closure holds the
+    controller actor's handle and is never removed: the TrainController process then outlives
+    the run, and Ctrl-C keeps going to a finished run.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- orphan placement-group reaper
+#
+# When Tune stops a trial early it kills the trial actor and with it the Train controller; the
+# controller's worker placement group then stays reserved until the driver exits, and the
+# detached PlacementGroupCleaner that Train starts for each run lives on too (one process per
+# trial ever run). Train's cleaner notices a dead controller only through the State API
+# (`ray.util.state.get_actor`), which needs the dashboard. This reaper reads the GCS tables
+# instead, acts only on this job's placement groups and cleaners, and is switched on only
+# where no dashboard runs (ray minimal, or `include_dashboard=False`).
+#
+# REMOVE when Ray's own cleaner no longer needs the State API (or every cluster this tool
+# supports runs a dashboard). The leak is ray-project/ray issue #54305; PR #58515 added Train's
+# PlacementGroupCleaner for it, checking the controller through the State API; as of Ray 2.60
+# (and the open PR #65447 that shares one cleaner across runs) it still does.
+
+
+def state_api_available() -> bool:
+    """Whether this cluster serves the dashboard's HTTP API, which Ray's State API (and so Ray's
+    own PlacementGroupCleaner) needs. The head publishes its URL as `webui:url` in the GCS store,
+    empty when no HTTP server runs (ray minimal, or `include_dashboard=False`). (The `dashboard`
+    key is no sign: the minimal dashboard process publishes it without serving anything.)"""
+    from ray._private import ray_constants
+    from ray.experimental import internal_kv
+
+    try:
+        url = internal_kv._internal_kv_get("webui:url", namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    except Exception as e:  # noqa: BLE001 - any GCS failure means "cannot tell": assume none
+        _warn_once("dashboard-kv", "could not read the dashboard URL from the GCS (%s); "
+                   "assuming Ray's State API is unavailable", one_line(e, with_type=True))
+        return False
+    return bool(url)
+
+
+def reaper_needed() -> bool:
+    """True where Ray's own cleaner cannot work (no dashboard) and the Ray version is the one
+    the reaper was written for (or `SIMPO_RAY_FORCE_PG_REAPER=1`)."""
+    import ray
+
+    if state_api_available():
+        logger.info("this Ray cluster has a dashboard: Ray Train's own PlacementGroupCleaner "
+                    "frees stopped trials' workers; the orphan reaper stays off")
+        return False
+    if ray.__version__.startswith(WRITTEN_FOR_RAY):
+        return True
+    if os.environ.get(FORCE_REAPER_ENV) == "1":
+        _warn_once("version-forced", "orphan placement-group reaper forced on Ray %s (written for "
+                   "%sx)", ray.__version__, WRITTEN_FOR_RAY)
+        return True
+    _warn_once("version", "orphan placement-group reaper disabled: written for Ray %sx, this is "
+               "Ray %s; early-stopped trials may keep their workers' resources (set %s=1 to force "
+               "it, or run the cluster with a dashboard)", WRITTEN_FOR_RAY, ray.__version__,
+               FORCE_REAPER_ENV)
+    return False
+
+
+def is_orphan_placement_group(pg, dead_actor_ids: set[str], job_id: str) -> bool:
+    """Whether a GCS `PlacementGroupTableData` is a leaked group of job `job_id` (hex): not
+    removed yet, not detached, created by an actor (not by a driver), and that actor is dead by
+    the group's own flag or by the actor table (`dead_actor_ids`: hex actor ids).
+
+    The GCS's `creator_actor_dead` flag alone is not enough: it was seen still False for groups
+    whose TrainController the actor table listed as DEAD (docs/ray-runtime-notes.md §1).
+    """
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    if pg.creator_job_id.hex() != job_id:  # another job's group: never ours to remove
+        return False
+    if pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached:
+        return False
+    # Driver-created groups (Tune's trial groups) have a nil creator actor: they die with the job.
+    if not pg.creator_actor_id or ray.ActorID(pg.creator_actor_id).is_nil():
+        return False
+    return bool(pg.creator_actor_dead) or pg.creator_actor_id.hex() in dead_actor_ids
+
+
+def reap_orphan_placement_groups() -> int:
+    """Remove this job's orphaned placement groups and end this job's orphaned
+    PlacementGroupCleaner actors; return how many were removed or ended."""
+    import ray
+    from ray._private.state import actors, state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job_id = ray.get_runtime_context().get_job_id()
+    table = actors()
+    dead = {actor_id for actor_id, a in table.items() if a.get("State") == "DEAD"}
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if not is_orphan_placement_group(pg, dead, job_id):
+            continue
+        try:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+        except Exception as e:  # noqa: BLE001 - e.g. raced with Train's own cleanup; retried next tick
+            _warn_once("remove-pg", "could not remove orphaned placement group %s: %s",
+                       pg.placement_group_id.hex(), one_line(e, with_type=True))
+    return removed + _end_orphan_cleaners(table, job_id)
+
+
+def _end_orphan_cleaners(table: dict, job_id: str) -> int:
+    """End this job's PlacementGroupCleaner actors whose owner (the controller) is dead.
+
+    The cleaner is detached and unnamed: no handle can be had for `ray.kill` (the core worker's
+    `kill_actor` fails without one, and `get_actor_handle` aborts the process). It runs on the
+    head node (where this driver runs), so its process gets SIGTERM after checking that it
+    really is that actor's Ray worker; the raylet's "worker died ... SIGTERM" message about it
+    is kept off the console by `quiet_ray_console`.
+    """
+    import ray
+
+    alive = {(a["Address"].get("IPAddress"), a["Address"].get("Port"))
+             for a in table.values() if a["State"] == "ALIVE"}
+    here = ray.get_runtime_context().get_node_id()
+    ended = 0
+    for a in table.values():
+        if (a["ActorClassName"] != "PlacementGroupCleaner" or a["State"] != "ALIVE"
+                or a.get("JobID") != job_id):
+            continue
+        owner = (a["OwnerAddress"].get("IPAddress"), a["OwnerAddress"].get("Port"))
+        if owner in alive or a["Address"].get("NodeID") != here or not a.get("Pid"):
+            continue
+        try:
+            proc = psutil.Process(int(a["Pid"]))
+            if "PlacementGroupCleaner" not in " ".join(proc.cmdline()):
+                continue
+            proc.send_signal(signal.SIGTERM)
+            ended += 1
+        except psutil.NoSuchProcess:
+            continue  # it ended by itself
+        except (psutil.Error, OSError) as e:
+            _warn_once("end-cleaner", "could not end an orphaned PlacementGroupCleaner (pid %s): %s",
+                       a.get("Pid"), one_line(e, with_type=True))
+    return ended
+
+
+# ---------------------------------------------------------------- leftovers of a killed driver
+#
+# After SIGKILL of a driver that started a private cluster, its gcs_server and raylet exit, but
+# its DashboardAgent and RuntimeEnvAgent outlive it for a minute or more: they block for 60 s
+# at a time publishing an error to the dead GCS, ignoring SIGTERM meanwhile. A search started
+# next must not depend on (or share the machine with) them. Private clusters keep their
+# sessions under their own root (`cluster.ray_temp_dir()`), so the processes of a session whose
+# raylet and gcs_server are gone can be told apart from any live cluster's and SIGKILLed.
+# REMOVE when Ray's agents exit by themselves once their raylet is gone (check: the test
+# `test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts` finds no agent alive
+# right after the driver's SIGKILL).
+_RAY_SCRIPTS = ("/ray/_private/workers/", "/ray/dashboard/", "/ray/_private/runtime_env/agent/",
+                "/ray/autoscaler/_private/monitor.py", "/ray/_private/log_monitor.py")
+_SESSION_OWNERS = ("raylet", "gcs_server")
+
+
+def _ray_process_info(proc, root: str) -> tuple[str, str] | None:
+    """(session dir under `root`, kind) of one of Ray's own processes of a session under
+    `root`, or None. Kind: the process name (raylet, gcs_server) or its command."""
+    try:
+        cmdline = proc.cmdline()
+        name = proc.name()
+    except (psutil.Error, OSError) as e:  # gone, or not ours to read
+        logger.debug("skipping pid %s: %s", proc.pid, one_line(e, with_type=True))
+        return None
+    text = " ".join(cmdline)
+    if not (name in _SESSION_OWNERS or text.startswith("ray::") or any(s in text for s in _RAY_SCRIPTS)):
+        return None
+    pattern = re.compile(re.escape(root.rstrip("/")) + r"/(session_[^/\s]+)")
+    found = pattern.search(text)
+    if found is None:
+        try:
+            found = pattern.search(" ".join(f.path for f in proc.open_files()))
+        except (psutil.Error, OSError) as e:
+            logger.debug("skipping pid %s (open files): %s", proc.pid, one_line(e, with_type=True))
+            return None
+    if found is None:
+        return None
+    return found.group(1), (name if name in _SESSION_OWNERS else text[:60])
+
+
+def end_dead_session_processes(root: str, *, wait_s: float = 5.0) -> list[str]:
+    """SIGKILL this user's Ray processes of sessions under `root` whose raylet and gcs_server
+    are both gone; returns what was ended ("<session> <kind> pid <n>"). A session with a live
+    raylet or gcs_server (a running cluster, or one being started) is never touched, and only
+    Ray's own processes are (raylet, gcs_server, `ray::` workers and agents, Ray's scripts):
+    never a driver."""
+    if not os.path.isdir(root):
+        return []
+    me = os.getpid()
+    uid = os.getuid()
+    sessions: dict[str, list] = {}
+    live: set[str] = set()
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me or proc.uids().real != uid:
+                continue
+        except (psutil.Error, OSError) as e:
+            logger.debug("skipping pid %s (owner): %s", proc.pid, one_line(e, with_type=True))
+            continue
+        info = _ray_process_info(proc, root)
+        if info is None:
+            continue
+        session, kind = info
+        sessions.setdefault(session, []).append((proc, kind))
+        if kind in _SESSION_OWNERS:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    live.add(session)
+            except (psutil.Error, OSError) as e:  # ended meanwhile: not live
+                logger.debug("pid %s ended while checked: %s", proc.pid, one_line(e, with_type=True))
+    ended, victims = [], []
+    for session, procs in sessions.items():
+        if session in live:
+            continue
+        for proc, kind in procs:
+            try:
+                proc.kill()
+                victims.append(proc)
+                ended.append(f"{session} {kind} pid {proc.pid}")
+            except psutil.NoSuchProcess:
+                continue
+            except Exception as e:  # noqa: BLE001
+                _warn_once("end-dead-session", "could not end a leftover Ray process (pid %s): %s",
+                           proc.pid, one_line(e, with_type=True))
+    if victims:
+        psutil.wait_procs(victims, timeout=wait_s)
+        logger.info("ended %d process(es) left by dead Ray sessions under %s", len(victims), root)
+    return ended
+
+
+def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
+    """Run `reap_orphan_placement_groups` every `interval_s` in a daemon thread of this driver,
+    when `reaper_needed()`; returns the event that stops it (None when not started). A reaper
+    started earlier in this process is stopped first."""
+    global _reaper_stop
+    import ray
+
+    if _reaper_stop is not None:
+        _reaper_stop.set()
+        _reaper_stop = None
+    if not reaper_needed():
+        return None
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s) and ray.is_initialized():
+            try:
+                reap_orphan_placement_groups()
+            except Exception as e:  # noqa: BLE001 - keep reaping; each kind is logged once
+                _warn_once(f"reap-{type(e).__name__}", "orphan placement-group reaper: %s "
+                           "(continuing)", one_line(e, with_type=True))
+
+    threading.Thread(target=loop, name="simpo-ray-pg-reaper", daemon=True).start()
+    _reaper_stop = stop
+    return stop
+
+
+# ---------------------------------------------------------------- Ray's node address
+#
+# `ray.init(_node_ip_address="127.0.0.1")` alone is not enough: Ray turns 127.0.0.1 into the
+# machine's external address (`services.resolve_ip_for_localhost`) unless
+# `ray_constants.ENABLE_RAY_CLUSTER` is False, which the env var below sets in every Ray process
+# (read at `import ray`; the raylet, GCS, agents and workers inherit it). Then gcs_server, the
+# raylet, the agents, the driver's and every worker's gRPC servers bind 127.0.0.1 (the C++
+# servers bind localhost only when node_ip_address is 127.0.0.1).
+# REMOVE when `ray.init` has a supported way to keep a local cluster on loopback.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+@contextlib.contextmanager
+def loopback_only() -> Iterator[None]:
+    """Within the block (the `ray.init` of a private cluster), Ray resolves this node to 127.0.0.1."""
+    from ray._private import ray_constants
+
+    saved_env = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False  # ray is already imported here: its copy of the env var
+    try:
+        yield
+    finally:  # the processes started have it; later joins of other clusters must not
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,129 @@
+"""A search's plan before anything runs: the space loaded and resolved (`load`: the pure
+loader's `SearchSpace`, then its start points and warm start, `resolve`), where its results go
+(`storage_root`, `experiment_path`), the memory plan of one trial, and `dry_run`'s description.
+No Ray is started unless an address is given."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from simpo_ray.errors import UserError
+from simpo_ray.io import Storage
+from simpo_ray.infra import cluster
+from simpo_ray.search.points import add_points
+from simpo_ray.search.space import SearchSpace, load_space
+from simpo_ray.transfer.warm_start import apply_warm_start
+
+
+def load(space_path: str | os.PathLike, *, task=None, model_type=None, allow_out_of_range=False,
+         num_samples=None, seed=None, scheduler=None, sampler=None, max_concurrent=None, overrides=None,
+         warm_start=None, warm_start_narrow=None):
+    """The validated space with command-line values applied on top of the YAML's (`warm_start`:
+    finished-search directories added after the space's `search.warm_start`)."""
+    flat = dict(overrides or {})
+    for key, value in (("num_samples", num_samples), ("seed", seed), ("scheduler", scheduler),
+                       ("sampler", sampler), ("max_concurrent", max_concurrent),
+                       ("warm_start_narrow", warm_start_narrow)):
+        if value is not None:
+            flat[f"search.{key}"] = value
+    return resolve(load_space(space_path, task=task, model_type=model_type,
+                              allow_out_of_range=allow_out_of_range, overrides=flat or None,
+                              warm_start=tuple(warm_start or ())))
+
+
+def resolve(space: SearchSpace) -> SearchSpace:
+    """The search's planning step on a loaded space (`load_space` reads nothing but the YAML):
+    its start points (the documented default first, then references and `extra`,
+    `search.add_points`) or, when `search.warm_start` names finished searches, the warm start
+    (`transfer.warm_start.apply_warm_start`: reads them from disk, may narrow the ranges, adds
+    the transferred point, keeps same-size trials for the searcher). Idempotent."""
+    if space.resolved:
+        return space
+    model = space.trial_config().model_name_or_path
+    if space.search.warm_start:
+        apply_warm_start(space, space.search.points_to_evaluate, model)
+    else:
+        add_points(space, space.search.points_to_evaluate, model)
+    n = space.search.num_samples
+    if n < len(space.points_to_evaluate):
+        space.notes.append(f"search.num_samples {n} is below the {len(space.points_to_evaluate)} "
+                           f"points to evaluate; only the first {n} run")
+    space.resolved = True
+    return space
+
+
+def loaded(space: SearchSpace | str | os.PathLike, load_options: dict[str, Any]) -> SearchSpace:
+    """`space` resolved when already loaded (then `load_options` must be unset), else `load(space, ...)`."""
+    if not isinstance(space, SearchSpace):
+        return load(space, **load_options)
+    given = sorted(k for k, v in load_options.items() if v not in (None, False))
+    if given:
+        raise TypeError(f"{', '.join(given)}: pass these to tune.load(), not with a loaded SearchSpace")
+    return resolve(space)
+
+
+def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_path=None, name=None,
+            **load_options) -> str:
+    """Validate the space against the cluster and describe the plan; starts no trial.
+
+    Without an address (or RAY_ADDRESS) it inspects this machine (no Ray started), so a laptop
+    can check a 70B space before booking the cluster it needs.
+    """
+    from simpo_ray.search.describe import describe_space
+    from simpo_ray.search.estimate import estimate_gpu_hours
+
+    space = loaded(space, load_options)
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        target, where = cluster.init_ray(address, reap_orphans=False), f"Ray cluster at {address}"
+    else:
+        target, where = cluster.ClusterInfo.local(), "this machine; pass --address to check a cluster"
+    lines = [describe_space(space), ""]
+    for note in space.notes:
+        lines.append(f"note: {note}")
+    if space.warm is not None:  # transfer.describe: trials handed over, trends, the predicted point
+        lines += space.warm.lines
+    lines.append(f"cluster ({where}): {target.cpus:g} CPU, {target.gpus:g} GPU on {len(target.nodes)} node(s)")
+    try:
+        slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
+        lines.append(f"concurrency: {slots} trial(s) at once; {space.search.num_samples} trials in "
+                     f"about {-(-space.search.num_samples // slots)} wave(s) before early stopping")
+    except UserError as e:
+        lines.append(f"does not fit this cluster: {e}")
+    try:
+        plan = memory_plan(space)
+        lines.append(f"memory per GPU: {plan.summary()}; model shape from {plan.shape.source}"
+                     if plan else "memory per GPU: not planned (no resources.gpu_memory_gb)")
+    except UserError as e:
+        lines.append(f"memory: does not fit: {e}")
+    est = estimate_gpu_hours(space)
+    if space.resources.gpus_per_worker > 0:
+        lines.append(
+            f"estimate: {est['steps_per_trial']} steps and {est['tokens_per_trial']:.3g} tokens per trial; "
+            f"{est['gpu_hours_per_trial']:.3g} GPU-hours per trial ({est['wall_hours_per_trial']:.3g} h on "
+            f"{est['gpus_per_trial']} GPUs); search: at most {est['gpu_hours_upper_bound']:.3g} GPU-hours, "
+            f"about {est['gpu_hours_asha_estimate']:.3g} with {space.search.scheduler}")
+        lines.append(f"  assumptions: {est['assumptions']}")
+    else:
+        lines.append(f"estimate: {est['steps_per_trial']} steps per trial on CPU (no GPU-hours)")
+    lines.append(f"results would go to {experiment_path(storage_path, name or space.name)}")
+    return "\n".join(lines)
+
+
+def storage_root(storage_path: str | None) -> str:
+    """Where searches are stored: `storage_path` (a local dir, made absolute, or a URI), default ./results."""
+    return Storage(storage_path or "results").root
+
+
+def experiment_path(storage_path: str | None, name: str) -> str:
+    return Storage(storage_root(storage_path)).path(name)
+
+
+def memory_plan(space: SearchSpace):
+    """The memory plan of one trial of `space` (`memory.plan_for`): None on CPU-only spaces;
+    `UserError` (one line, before any Ray process) when no strategy fits `gpu_memory_gb`."""
+    from simpo_ray.train.memory import plan_for
+
+    return plan_for(space.default_config(), space.resources,
+                    space.estimate.params_billion if space.estimate else None)

@@ -1,0 +1,219 @@
+"""The hyperparameter search: a space, Optuna proposing trials, an early-stopping scheduler, a `Tuner`.
+
+Each trial is one SimPO training run built by `simpo_ray.infra.launch.make_trainer`, started from a
+Tune function trainable; `run_search` runs (or resumes) a whole search and `dry_run` describes
+its plan. The command line (`python -m simpo_ray.tune`) is in `simpo_ray.cli`. No tensors here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+from simpo_ray.infra import cluster, ray_workarounds
+from simpo_ray.errors import UserError
+from simpo_ray.infra.history import history_callback
+from simpo_ray.search.lock import ExperimentLock
+from simpo_ray.search.objectives import describe as describe_objective
+from simpo_ray.search.records import BUDGET_KEYS, SearchRecord, space_differences
+from simpo_ray.search.plan import experiment_path, loaded, memory_plan, storage_root
+from simpo_ray.search.results import TRIAL_HISTORY, finish
+from simpo_ray.search.searcher import DivergenceStopper, make_reporter, make_scheduler, make_searcher
+from simpo_ray.search.space import SearchSpace
+
+
+def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, name=None, address=None,
+               resume=False, prepared=None, verbose: int = 1, num_samples=None, seed=None, scheduler=None,
+               sampler=None, max_concurrent=None, task=None, model_type=None, overrides=None,
+               allow_out_of_range=False, warm_start=None, warm_start_narrow=None,
+               resume_command: str | None = None) -> Path:
+    """Run (or resume) a search; returns the experiment directory with the results tables.
+
+    `space`: a loaded `SearchSpace`, or a space file loaded here with the load options
+    (`num_samples` ... `warm_start_narrow`, as `load`). A warm-started space (`space.warm`)
+    hands its same-size trials to the searcher as completed trials (`make_searcher`). `prepared`: the `launch.check_inputs`
+    result for the space's default config when the caller already has it. `resume_command`:
+    the command line printed to continue the search if it is interrupted (default: one built
+    from these arguments).
+
+    The experiment is locked for the whole search (`simpo_ray.search.lock`): a second search of the
+    same storage path and name is refused with one line naming the holder. A `--resume` whose
+    space resolves differently from the one recorded in search.json is refused too.
+    """
+    load_options = dict(task=task, model_type=model_type, allow_out_of_range=allow_out_of_range,
+                        num_samples=num_samples, seed=seed, scheduler=scheduler, sampler=sampler,
+                        max_concurrent=max_concurrent, overrides=overrides, warm_start=warm_start,
+                        warm_start_narrow=warm_start_narrow)
+    space = loaded(space, load_options)
+    name = name or space.name
+    cluster.check_writable(storage_root(storage_path))
+    if resume_command is None:
+        resume_command = _resume_command(space.source, storage_path, name, address, load_options)
+    if resume:  # checked again under the lock; here so that a mistyped name creates nothing
+        _check_resumable(experiment_path(storage_path, name))
+    with ExperimentLock(experiment_path(storage_path, name)):
+        return _search(space, storage_path=storage_path, name=name, address=address, resume=resume,
+                       prepared=prepared, verbose=verbose, resume_command=resume_command)
+
+
+def _resume_command(space_file: str, storage_path: str | None, name: str, address: str | None,
+                    load_options: dict[str, Any]) -> str:
+    """`python -m simpo_ray.tune ... --resume` with the options that make the same space."""
+    args = ["python", "-m", "simpo_ray.tune", "--space", space_file, "--storage-path",
+            storage_root(storage_path), "--name", name]
+    if address:
+        args += ["--address", address]
+    for key, value in load_options.items():
+        if key == "overrides" or value in (None, False) or (isinstance(value, (list, tuple)) and not value):
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        args += [flag] + ([] if value is True else [*map(str, value)] if isinstance(value, (list, tuple))
+                          else [str(value)])
+    text = shlex.join(args + ["--resume"])
+    return text + ("  (with the same overrides)" if load_options.get("overrides") else "")
+
+
+def _search(space: SearchSpace, *, storage_path, name: str, address, resume: bool, prepared, verbose: int,
+            resume_command: str) -> Path:
+    """`run_search` once the experiment is locked."""
+    from ray import tune
+
+    from simpo_ray.infra.launch import prepare_run
+
+    space_file = space.source
+    root = storage_root(storage_path)
+    exp_path = experiment_path(storage_path, name)
+    record = _check_storage(exp_path, resume=resume, record=SearchRecord.from_space(space, space_file, name),
+                            verbose=verbose)
+    memory_plan(space)  # a trial that cannot fit its GPUs is refused before Ray starts
+    # Tune's legacy reporter prints one compact table of the key metrics; the new output engine
+    # prints every reported metric of every trial (dozens of lines per report).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    target = cluster.init_ray(address or os.environ.get("RAY_ADDRESS"), log_to_driver=False,
+                              configure_logging=False)
+    slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
+    _say(verbose, f"[simpo-ray] search '{name}': {space.search.num_samples} trials, {slots} at a time, "
+                  f"objective {describe_objective(space.search)}, scheduler {space.search.scheduler}")
+    if space.warm is not None and not resume:  # a resumed searcher keeps the trials it was given
+        _say(verbose, f"[simpo-ray] {space.warm.summary()}")
+    _say(verbose, "[simpo-ray] preparing data and model once for all trials ...")
+    t0 = time.perf_counter()
+    run = prepare_run(space.default_config(), prepared)
+    _say(verbose, f"[simpo-ray] {run.num_train} training pairs, {run.num_eval} held-out pairs "
+                  f"ready in {time.perf_counter() - t0:.1f}s")
+    trainable = trial_trainable(space, run.data, exp_path)
+    record.write(exp_path)  # state: running (a finished or interrupted search says so at the end)
+    if resume:
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=False,
+                                   restart_errored=False, resume_unfinished=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=space.search.objective, mode=space.search.mode,
+                search_alg=make_searcher(space), scheduler=make_scheduler(space),
+                num_samples=space.search.num_samples, max_concurrent_trials=slots,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=root, stop=DivergenceStopper(),
+                progress_reporter=make_reporter(space), verbose=verbose,
+                failure_config=tune.FailureConfig(max_failures=0),
+            ),
+        )
+    ray_workarounds.quiet_tune_end_hints()  # our summary words the end (and how to resume)
+    grid = tuner.fit()
+    return finish(grid, space, exp_path, record, verbose=verbose, resume_command=resume_command)
+
+
+def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
+                    train_loop: Callable[[dict], None] | None = None):
+    """The Tune function trainable: one `launch.make_trainer` run per trial, reports forwarded to Tune.
+
+    The trial driver requests no CPU or GPU (only `cluster.DRIVER_MEMORY_BYTES` of logical
+    memory): Train reserves the workers' resources in its own placement group, so a driver's CPU
+    would only starve them (docs/ray-runtime-notes.md §1). The tokenised data (`data`, object
+    store references) reaches trials through `tune.with_parameters`, never through the trial
+    config, so nothing large is saved with the experiment state. The Train run is named after
+    the trial, so a rerun trial resumes from its latest checkpoint. `train_loop`: tests only.
+    """
+    from ray import tune
+
+    train_storage = f"{exp_path}/train_runs"
+    keep = space.search.checkpoint_keep
+    max_failures = space.search.max_failures
+    # Retention: the `checkpoint_keep` best checkpoints by the search objective, plus the latest
+    # (Ray Train never deletes the latest: a restarted worker resumes from it).
+    score, order = space.search.objective, space.search.mode
+    plan = memory_plan(space)  # the strategy every trial uses (refused before Ray starts if none fits)
+    strategy = plan.strategy if plan else None
+
+    def simpo_trial(params: dict, data=None) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from simpo_ray.infra.launch import make_trainer
+
+        for key, value in cluster.TRAIN_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        trainer = make_trainer(
+            space.trial_config(params, save_total_limit=keep, output_dir=None), data, space.resources,
+            storage_path=train_storage, name=f"train-{tune.get_context().get_trial_id()}",
+            max_failures=max_failures,
+            callbacks=[TuneReportCallback(), history_callback(
+                f"{exp_path}/" + TRIAL_HISTORY.format(trial_id=tune.get_context().get_trial_id()))],
+            checkpoint_score_attribute=score, checkpoint_score_order=order, train_loop=train_loop,
+            strategy=strategy,
+        )
+        trainer.fit()
+
+    trainable = tune.with_parameters(simpo_trial, data=data)
+    return tune.with_resources(trainable, tune.PlacementGroupFactory(
+        [{"CPU": 0, "memory": cluster.DRIVER_MEMORY_BYTES}]))
+
+
+def _say(verbose: int, text: str) -> None:
+    if verbose:
+        print(text, flush=True)
+
+
+def _check_storage(exp_path: str, *, resume: bool, record: SearchRecord, verbose: int = 1) -> SearchRecord:
+    """Refuse a resume without a search, a silent overwrite, or a resume with another space;
+    return the record to keep: `record` for a new search, the stored one for a resume."""
+    from ray import tune
+
+    if resume:
+        _check_resumable(exp_path)
+    elif tune.Tuner.can_restore(exp_path):
+        raise UserError(f"a search already exists at {exp_path}; pass --resume to continue it, "
+                        "or --name to start a new one")
+    if not resume:
+        return record
+    stored = SearchRecord.load(exp_path)
+    if not stored.space:
+        _say(verbose, "[simpo-ray] note: cannot check that the space is the one this search started with "
+                      "(its search.json is of schema version 1, which did not record it)")
+    else:
+        diffs = space_differences(stored.space, record.space)
+        budget = [d for d in diffs if d.split(":")[0] in BUDGET_KEYS]
+        other = [d for d in diffs if d not in budget]
+        if other:
+            more = f" (and {len(other) - 3} more)" if len(other) > 3 else ""
+            raise UserError(f"--resume: the space differs from the one search '{stored.name}' started with "
+                            f"({stored.space_file}): {'; '.join(other[:3])}{more}; resume with that space "
+                            "and the same options, or pass --name to start a new search")
+        for d in budget:
+            _say(verbose, f"[simpo-ray] note: {d} is not applied: a resumed search keeps the budget it "
+                          "started with (Ray Tune restores its searcher and settings as saved)")
+    return dataclasses.replace(stored, state="running")
+
+
+def _check_resumable(exp_path: str) -> None:
+    from ray import tune
+
+    if not tune.Tuner.can_restore(exp_path):
+        raise UserError(f"--resume: {exp_path} holds no search to resume (check --storage-path and --name)")

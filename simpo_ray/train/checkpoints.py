@@ -1,0 +1,128 @@
+"""A run's checkpoints, for both strategies: every rank's shards of model and optimizer through
+`torch.distributed.checkpoint` (resharded to any worker count on load), the scheduler and
+counters as JSON, each rank's RNG state as a tensor, and the export of any checkpoint to a plain
+Hugging Face directory. DCP's pickled `.metadata` is read with a restricted unpickler."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from simpo_ray.config import TrainConfig, load_train_config
+from simpo_ray.errors import UserError
+
+STATE_FILE = "trainer_state.json"      # scheduler state and counters (rank 0), plain JSON
+CONFIG_FILE = "train_config.yaml"      # the run's config, for export
+RNG_FILE = "rng_state_{rank}.pt"       # each rank's torch RNG state (a tensor)
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, counters: dict[str, Any],
+                    cfg: TrainConfig, rank: int) -> None:
+    """Every rank writes its shards of model and optimizer (DCP) into `directory`; rank 0 adds the
+    scheduler, counters and config as JSON/YAML, and each rank its RNG state. No pickled objects
+    beyond DCP's own metadata, which is read back with a restricted unpickler."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    torch.save(torch.get_rng_state(), directory / RNG_FILE.format(rank=rank))
+    if rank == 0:
+        (directory / STATE_FILE).write_text(json.dumps(
+            {"scheduler": scheduler.state_dict(), "counters": counters}, indent=1))
+        (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+
+
+def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict[str, Any]:
+    """Restore what `save_checkpoint` wrote (resharding to this run's workers); returns the counters."""
+    check_metadata(directory)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    saved = json.loads((directory / STATE_FILE).read_text())
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = directory / RNG_FILE.format(rank=rank)
+    if rng.exists():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    return saved["counters"]
+
+
+def export_pretrained(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """A plain Hugging Face model directory (`save_pretrained`, with the tokenizer) from a
+    checkpoint of any strategy and worker count; the full state dict is gathered once, here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from simpo_ray.train.model import load_tokenizer, resolve_model_path
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in a summary
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / CONFIG_FILE).is_file() or not (checkpoint / ".metadata").is_file():
+        raise UserError(f"{checkpoint}: not a simpo-ray checkpoint (no {CONFIG_FILE} or .metadata)")
+    check_metadata(checkpoint)
+    cfg = load_train_config(checkpoint / CONFIG_FILE)
+    path = resolve_model_path(cfg.model_name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True)
+    model.load_state_dict(state["model"])
+    if cfg.bf16:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    load_tokenizer(cfg).save_pretrained(out_dir)
+    return out_dir
+
+
+def check_metadata(directory: Path) -> None:
+    """`UserError` (one line) unless the checkpoint's DCP metadata reads with the restricted unpickler."""
+    try:
+        SafeFileSystemReader(str(directory)).read_metadata()
+    except (pickle.UnpicklingError, EOFError, OSError, AttributeError, ValueError) as e:
+        raise UserError(f"{directory}/.metadata: not a readable simpo-ray checkpoint: {e}") from None
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` only: its dataclasses, torch sizes/dtypes, builtin containers."""
+
+    ALLOWED_PREFIXES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "collections")
+    ALLOWED = {("torch", "Size"), ("torch", "device"), ("builtins", "set"), ("builtins", "frozenset"),
+               ("builtins", "slice"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED or module.startswith(self.ALLOWED_PREFIXES) or (
+                module == "torch" and name in _DTYPE_NAMES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
+                                     "simpo-ray checkpoint never holds; refusing to load it")
+
+
+_DTYPE_NAMES = {str(d).removeprefix("torch.") for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """`FileSystemReader` whose metadata is read with `_MetadataUnpickler` instead of `pickle.load`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata

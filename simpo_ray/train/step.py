@@ -1,0 +1,103 @@
+"""The pieces of one training step that every worker runs: bf16 autocast over fp32 master
+weights, gradient sync only on the last accumulation micro-batch, the SimPO objective of a
+batch, the divergence check, agreement across ranks, and the running mean of step metrics.
+No Ray here (`bench/gpu_check.py` runs these on a GPU without it)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from simpo_ray.config import TrainConfig
+from simpo_ray.train.logps import simpo_objective
+
+
+class DivergenceCheck:
+    """Whether an optimizer step is healthy: finite loss and gradient norm, the loss not above
+    `divergence_loss_threshold`, nor above `divergence_factor` x its level over the first 10 steps."""
+
+    EARLY_STEPS = 10
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.threshold = cfg.divergence_loss_threshold
+        self.factor = cfg.divergence_factor
+        self.early_losses: list[float] = []  # the scale an explosion is judged against
+
+    def healthy(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        if self.threshold is not None:
+            ok &= loss <= self.threshold
+        if len(self.early_losses) < self.EARLY_STEPS:
+            self.early_losses.append(float(loss))
+        elif self.factor is not None:
+            reference = max(sum(self.early_losses) / self.EARLY_STEPS, 1.0)
+            ok &= loss <= self.factor * reference
+        return ok
+
+
+def autocast(cfg: TrainConfig, device, strategy: str = "ddp"):
+    """bf16 compute over fp32 master weights when `bf16: true` (the reference trainer's mixed
+    precision); under FSDP its MixedPrecisionPolicy casts the gathered parameters instead."""
+    if not cfg.bf16 or strategy == "fsdp":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def gradient_sync(policy, strategy: str, sync: bool):
+    """No gradient all-reduce (DDP) / reduce-scatter (FSDP) on accumulation micro-batches."""
+    if strategy == "fsdp":
+        policy.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return policy.no_sync() if (not sync and hasattr(policy, "no_sync")) else contextlib.nullcontext()
+
+
+def pair_fields(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    keys = ("chosen_input_ids", "chosen_attention_mask", "chosen_labels",
+            "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
+    return {k: batch[k] for k in keys}
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum())
+
+
+def objective_for(out: dict[str, torch.Tensor], objective: dict[str, Any]):
+    return simpo_objective(out, **objective)
+
+
+def all_ranks(flag: torch.Tensor) -> bool:
+    """True only when `flag` holds on every worker (a tiny all-reduce; keeps ranks in step)."""
+    value = flag.to(torch.float32).reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
+
+
+class MetricWindow:
+    """Pair-weighted sums of the per-batch metrics since the last report."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.pairs = 0.0
+        self.tokens = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor], *, tokens: int) -> None:
+        n = float(metrics["n_pairs"])
+        for name, value in metrics.items():
+            if name != "n_pairs":
+                self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
+        self.pairs += n
+        self.tokens += tokens
+
+    def reduce(self, world: int) -> dict[str, float]:
+        names = sorted(self.sums)
+        vec = torch.tensor([self.sums[n] for n in names] + [self.pairs, self.tokens], dtype=torch.float64)
+        if world > 1 and dist.is_initialized():
+            dist.all_reduce(vec)
+        pairs = max(vec[-2].item(), 1.0)
+        reduced = {name: vec[i].item() / pairs for i, name in enumerate(names)}
+        reduced["tokens"] = vec[-1].item()
+        return reduced
