@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from analysis.diagnose import trial_flags
 from analysis.load import Results, slug
+from analysis.report import recommendations
 from simpo_ray.search.objectives import non_dominated
 from analysis.quality import BASELINE_LENGTH, GEN_LENGTH, WIN, WIN_LC
 from analysis.tables import best_trial, guide, top_trials
@@ -210,8 +211,6 @@ def objective_vs_length(results: Results, size: str) -> Figure | None:
 def cross_size(results: Results) -> Figure:
     """Per parameter: the recommended value (dot) and robust range (bar) of each size, smallest
     first, over the guide's range (grey band) and default (x): how the optimum moves with size."""
-    from analysis.report import recommendations
-
     rec = recommendations(results)
     sizes = results.sizes
     fig = Figure(figsize=(3.4 * len(PARAMS), 3.6), layout="constrained")

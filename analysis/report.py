@@ -36,7 +36,9 @@ from analysis.tables import (MIN_TOP, TOP_FRAC, best_trial, cross_size_display, 
 from analysis import extrapolate
 from analysis.diagnose import LENGTH_RULE
 from analysis.quality import pareto_markdown, quality_columns
+from simpo_ray.errors import UserError
 from simpo_ray.guide import PARAMS
+from simpo_ray.config import FIELDS, from_dict
 from simpo_ray.search.records import RANKED_STATUSES, STATUSES
 
 MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer finished trials says nothing
@@ -222,9 +224,6 @@ def export_config(results: Results, size: str) -> tuple[str | None, str]:
     this takes its keys, sets every searched parameter to the best trial's value (they agree)
     and validates the result with `simpo_ray.config.from_dict`. Returns (yaml text or None, a note).
     """
-    from simpo_ray.config import FIELDS, from_dict
-    from simpo_ray.errors import UserError
-
     best = best_trial(results, size)
     exp = results.experiment(best["experiment"])
     origin = "best_config.yaml"
@@ -292,8 +291,6 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         md_table(cross_size_display(tables["cross_size"])), "",
         "![cross_size](plots/cross_size.png)", "",
     ]
-    from analysis import extrapolate  # it formats with this module's helpers
-
     out += extrapolate.markdown(tables)
     for size in results.sizes:
         info = size_info(results, size)

@@ -117,13 +117,16 @@ def make_trainer(cfg: TrainConfig, data: dict[str, Any], resources: Resources, *
 
 
 def final_metrics(result) -> dict[str, Any]:
-    """The last report of a run made by `run_training`.
+    """The metrics of the last report of a run made by `run_training` (without the history's
+    `checkpoint_path` note: `result.checkpoint` says where the checkpoint is).
 
     Train V2's `Result.metrics` is the last *checkpointed* report, so a run that ended with a
     report without checkpoint (a divergence) would show older metrics, or none.
     """
     rows = read_history(Path(result.path) / HISTORY_FILE)
-    return rows[-1] if rows else dict(result.metrics or {})
+    if not rows:
+        return dict(result.metrics or {})
+    return {k: v for k, v in rows[-1].items() if k != "checkpoint_path"}
 
 
 def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_worker: float = 1,

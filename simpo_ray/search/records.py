@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from simpo_ray.errors import UserError
+from simpo_ray.config import TrainConfig
 from simpo_ray.guide import PARAMS
 from simpo_ray.io import Storage
 
@@ -264,8 +265,6 @@ def resolved_space(space) -> dict[str, Any]:
                        ("tpe_multivariate", None), ("tpe_startup_trials", None)):
         if search.get(key) == unset:  # as a record from before these keys has it: absent
             search.pop(key)
-    from simpo_ray.config import TrainConfig
-
     default = TrainConfig.__dataclass_fields__
     for key in LATER_BASE_KEYS:  # at their defaults, as a record from before them has them: absent
         if key in base and base[key] == default[key].default:

@@ -24,7 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from simpo_ray.errors import one_line
+from simpo_ray.errors import UserError, one_line
+from simpo_ray.search.objectives import final_column, pareto_front
 from simpo_ray.guide import PARAMS
 from simpo_ray.infra.history import read_history
 from simpo_ray.io import Storage, write_csv_atomic, write_text_atomic
@@ -249,8 +250,6 @@ def _mark_pareto_front(trials: pd.DataFrame, search) -> str:
     objective) and its summary line; "" for one objective."""
     if not search.objectives or trials.empty:
         return ""
-    from simpo_ray.search.objectives import final_column, pareto_front
-
     pairs = [(final_column(m, search.objective), mode) for m, mode in zip(search.objectives, search.modes)]
     for column, _ in pairs:
         if column not in trials:
@@ -351,7 +350,6 @@ def export_best(checkpoint: str, out: Path) -> str:
     import shutil
     import tempfile
 
-    from simpo_ray.errors import UserError, one_line
     from simpo_ray.train.checkpoints import export_pretrained
 
     if Storage(checkpoint).is_remote:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from simpo_ray.transfer import finished, trends as transfer
 from simpo_ray.errors import UserError
+from simpo_ray.search.points import add_points
 from simpo_ray.transfer.model_size import format_count
 
 if TYPE_CHECKING:
@@ -54,8 +55,6 @@ class WarmStart:
 
 def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> WarmStart:
     """Apply `space.search.warm_start` to `space` (module docstring); sets and returns `space.warm`."""
-    from simpo_ray.search.points import add_points
-
     try:
         searches = finished.load_finished(space.search.warm_start)
     except UserError as e:
