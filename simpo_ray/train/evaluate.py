@@ -27,8 +27,11 @@ def is_bundled_task(cfg: TrainConfig) -> bool:
 def setup_line(cfg: TrainConfig, strategy: str, world: int, device: torch.device) -> str:
     precision = "bf16 compute over fp32 master weights" if cfg.bf16 else "fp32"
     how = f"{strategy} over {world} worker(s)" + (", CPU offload" if strategy == "fsdp" and cfg.fsdp_cpu_offload else "")
+    sharded = ("; gradients reduce-scattered every micro-batch (kept sharded)"
+               if strategy == "fsdp" and cfg.gradient_accumulation_steps > 1 else "")
     return (f"[simpo-ray] {how} on {device.type}; precision {precision}; gradient checkpointing "
-            f"{'on' if cfg.gradient_checkpointing else 'off'}; dropout {'off' if cfg.disable_dropout else 'on'}")
+            f"{'on' if cfg.gradient_checkpointing else 'off'}; dropout {'off' if cfg.disable_dropout else 'on'}"
+            f"{sharded}")
 
 
 class Evaluator:

@@ -2,7 +2,7 @@
 
 Counts weights, gradients and AdamW state (fp32 master weights, as the trainer keeps them), the
 FSDP all-gather buffers, and activations of the concatenated chosen+rejected forward, from the
-model's config and the batch shape. Method and measured error: docs/design.md ("Memory plan").
+model's config and the batch shape. Method and measured error: docs/design.md ("Memory plan"); on a GPU: docs/benchmarks.md.
 """
 
 from __future__ import annotations

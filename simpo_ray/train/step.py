@@ -47,9 +47,13 @@ def autocast(cfg: TrainConfig, device, strategy: str = "ddp"):
 
 
 def gradient_sync(policy, strategy: str, sync: bool):
-    """No gradient all-reduce (DDP) / reduce-scatter (FSDP) on accumulation micro-batches."""
+    """DDP: no gradient all-reduce on accumulation micro-batches (`no_sync`), one at the last.
+    FSDP: gradients are reduce-scattered after every micro-batch, so each worker only ever holds
+    its shard of them (the SimPO reference's ZeRO-3 does the same). FSDP2's no-sync accumulation
+    (`set_requires_gradient_sync(False)`) would save those collectives but keeps unsharded fp32
+    gradients of the whole model on every GPU until the last micro-batch (4 bytes x all
+    parameters: +51 GB per GPU for a 14B model), which is what the memory plan cannot afford."""
     if strategy == "fsdp":
-        policy.set_requires_gradient_sync(sync)
         return contextlib.nullcontext()
     return policy.no_sync() if (not sync and hasattr(policy, "no_sync")) else contextlib.nullcontext()
 
