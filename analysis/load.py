@@ -4,7 +4,7 @@ One search = one directory holding `search.json` (read as `simpo_ray.search.reco
 `trials.csv`, `curves.csv` and `best_config.yaml`. `load_results(paths)` takes such directories
 or folders of them and returns the trials (one row each) and the learning curves (long format).
 Trials rank by `simpo_ray.search.records.ranked`. Every problem with the input is a one-line `UserError`;
-what is read is checked first (`analysis.validate`), and an experiment whose tables are partial
+what is read is checked first (`simpo_ray.search.validate`), and an experiment whose tables are partial
 (an interrupted or unfinished search) says so in `Experiment.partial`.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from analysis import validate
 from simpo_ray import guide
 from simpo_ray.search import records
 from simpo_ray.errors import UserError
 from simpo_ray.transfer.model_size import short_name
 from simpo_ray.guide import PARAMS
+from simpo_ray.search import validate
 from simpo_ray.search.records import SearchRecord
 
 # Rows of the cross-size table: the bundled CPU ladder first (smallest model first), then the
@@ -161,39 +161,14 @@ def find_experiments(paths: list[str | Path]) -> list[Path]:
     return found
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype={"trial_id": str})
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
-
-
-TRIALS_COLUMNS = ("trial_id", "status", "is_default", "steps", "objective_value", "best_objective")
-
-
 def load_experiment(path: Path) -> Experiment:
     """Read one experiment directory, checking that it is what `simpo_ray.tune` writes."""
-    search_file, trials_file = path / "search.json", path / "trials.csv"
+    search_file = path / "search.json"
     if not search_file.is_file():
         raise UserError(f"{path}: search.json missing: not a simpo_ray result directory")
     search = SearchRecord.read(search_file)
-    if not trials_file.is_file():
-        raise UserError(f"{path}: trials.csv missing: the search has not finished or did not start")
-    validate.check_file_end(trials_file)
-    trials = _read_csv(trials_file)
-    missing = [c for c in TRIALS_COLUMNS if c not in trials.columns]
-    if trials.columns.size and missing:
-        raise UserError(f"{trials_file}: not a simpo_ray results table (no column {', '.join(missing)})")
-    if trials.empty:
-        raise UserError(f"{trials_file}: no trials recorded")
-    validate.check_trials(trials_file, trials, search)
-    curves_file = path / "curves.csv"
-    if curves_file.is_file():
-        validate.check_file_end(curves_file)
-    curves = _read_csv(curves_file) if curves_file.is_file() else pd.DataFrame()
-    validate.check_curves(curves_file, curves, trials)
+    trials = validate.read_trials(path, search)
+    curves = validate.read_curves(path, trials)
     best_config = None
     if (path / "best_config.yaml").is_file():
         try:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 
 from simpo_ray.errors import UserError, one_line
+from simpo_ray.io import check_name
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
@@ -91,6 +92,8 @@ def _train(args: argparse.Namespace) -> int:
     from simpo_ray.config import load_train_config
 
     cfg = load_train_config(args.config)
+    if args.name is not None:
+        check_name(args.name)
     check_flag_ranges(args, {"num_workers": 1, "max_failures": 0, "cpus_per_worker": 0, "gpus_per_worker": 0})
     resources = launch.run_resources(cfg, args.num_workers, args.cpus_per_worker, args.gpus_per_worker)
     storage_path = os.path.abspath(os.path.expanduser(args.storage_path or os.path.join(os.getcwd(), "results")))
@@ -98,6 +101,8 @@ def _train(args: argparse.Namespace) -> int:
     # Ray process for a mistake in the input.
     cluster.check_writable(storage_path)
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        cluster.check_address(address)  # in seconds, before the data is prepared
     if not address:
         cluster.check_fits(cluster.ClusterInfo.local(), resources)
     prepared = launch.check_inputs(cfg)
@@ -204,6 +209,8 @@ def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
     from simpo_ray.search.records import SearchRecord
     from simpo_ray.search.run import run_search
 
+    if args.name is not None:
+        check_name(args.name)
     if args.dry_run and args.resume:
         raise UserError("--dry-run and --resume conflict: a dry run starts nothing to resume")
     check_flag_ranges(args, {"num_samples": 1, "max_concurrent": 1})
@@ -219,7 +226,9 @@ def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
     # data and plans the trials): a bad model path, bad data or a trial that cannot fit is one
     # error line, with no Ray process started and no Ray log line printed.
     cluster.check_writable(plan.storage_root(args.storage_path))
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        cluster.check_address(args.address or os.environ["RAY_ADDRESS"])  # in seconds, before the data
+    else:
         cluster.check_fits(cluster.ClusterInfo.local(), space.resources)
     prepared = launch.check_inputs(space.default_config())
     local = run_search(space, storage_path=args.storage_path, name=args.name, address=args.address,

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from simpo_ray.errors import ConfigError
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -50,6 +53,20 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "item"):
         return x.item()
     return str(x)
+
+
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    """`name` when it is one safe path component under the storage path (letters, digits, '.',
+    '_', '-'; starting with a letter or digit; at most 128 characters), else one-line `UserError`:
+    an experiment or run name never reaches outside its storage path (`../x`, `/abs`, `a/b`) nor
+    splits a line of output."""
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise ConfigError(f"{what}: {name!r} is not allowed; a name is one path component of letters, "
+                        "digits, '.', '_' and '-', starting with a letter or digit (at most 128 characters)")
+    return name
 
 
 class Storage:
@@ -99,6 +116,9 @@ class Storage:
             write_text_atomic(self.path(rel), text)
             return
         fs, path = self._fs(rel)
+        parent = path.rsplit("/", 1)[0]
+        if parent and parent != path:
+            fs.create_dir(parent, recursive=True)  # a filesystem needs it; an object store ignores it
         with fs.open_output_stream(path) as f:
             f.write(text.encode())
 

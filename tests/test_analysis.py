@@ -641,3 +641,32 @@ def test_a_report_from_an_interrupted_search_says_it_is_partial(tmp_path):
     # A finished search's report says nothing of the kind.
     out2 = analyse([intact_search(tmp_path / "t")], tmp_path / "out2")
     assert "Partial results" not in (out2 / "recommendations.md").read_text()
+
+
+def test_text_in_a_learning_curves_metric_is_refused(tmp_path):
+    """Every metric column of curves.csv is a number or empty, not only `step`."""
+    from analysis.load import load_results
+    from simpo_ray.errors import UserError
+
+    d = intact_search(tmp_path / "s")
+    curves = pd.read_csv(d / "curves.csv", dtype={"trial_id": str})
+    curves["eval/success_rate"] = curves["eval/success_rate"].astype(object)
+    curves.loc[3, "eval/success_rate"] = "abc"
+    curves.to_csv(d / "curves.csv", index=False)
+    with pytest.raises(UserError, match=r"curves.csv: row 5 \(trial \w+\): eval/success_rate is 'abc', not a number"):
+        load_results([d])
+
+
+@pytest.mark.parametrize("case, edit, needle", [DAMAGE[1], DAMAGE[5]], ids=["objective-abc", "row-missing"])
+def test_the_warm_start_refuses_what_analysis_refuses(tmp_path, case, edit, needle):
+    """One validator: a trials.csv the analysis refuses is refused by the warm start too (it
+    used to drop an 'abc' row for a wrong reason and use a table missing rows)."""
+    from simpo_ray.errors import UserError
+    from simpo_ray.transfer.finished import load_finished
+
+    d = intact_search(tmp_path / "s")
+    assert len(load_finished([d])[0].trials) == 6
+    _edit_trials(d, edit)
+    with pytest.raises(UserError, match=needle) as info:
+        load_finished([d])
+    assert str(info.value).startswith(f"{d / 'trials.csv'}: ")

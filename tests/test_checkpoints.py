@@ -62,8 +62,56 @@ def test_export_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
 
 
 class _Exploit:
+    marker = "/tmp/simpo-ray-pwned"
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/simpo-ray-pwned",))
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(autouse=True)
+def _no_marker():
+    if os.path.exists(_Exploit.marker):
+        os.remove(_Exploit.marker)
+    yield
+    assert not os.path.exists(_Exploit.marker), "a checkpoint ran code"
+
+
+def _dotted_global_metadata() -> bytes:
+    """A pickle (protocol 4) whose STACK_GLOBAL names a module DCP's metadata lives in and the
+    dotted attribute path `os.system` under it: a prefix allow-list lets it through, and pickle
+    resolves it to os.system through `torch.distributed.checkpoint.filesystem.os`."""
+    import pickletools  # noqa: F401  (documents the opcodes below)
+
+    mod, name, cmd = (b"torch.distributed.checkpoint.filesystem", b"os.system", f"touch {_Exploit.marker}".encode())
+    return (b"\x80\x04" + b"\x8c" + bytes([len(mod)]) + mod + b"\x8c" + bytes([len(name)]) + name + b"\x93"
+            + b"\x8c" + bytes([len(cmd)]) + cmd + b"\x85" + b"R" + b".")
+
+
+def _gadget_checkpoint(tmp_path, checkpoint, where: str):
+    """A copy of `checkpoint` rewritten by DCP with a pickled gadget where a real checkpoint has
+    plain data (`optim`: the learning rate in param_groups) or a tensor (`model`: a weight)."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path, model = checkpoint
+    bad = tmp_path / f"bad-{where}"
+    shutil.copytree(path, bad)
+    for f in bad.glob("*.distcp"):
+        f.unlink()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)  # as the real checkpoint's run
+    model(torch.randint(0, 51, (2, 8))).logits.sum().backward()
+    optimizer.step()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if where == "optim":
+        optim_sd["param_groups"][0]["lr"] = _Exploit()
+    else:
+        model_sd["model.norm.weight"] = _Exploit()
+    with pytest.warns(UserWarning):
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(bad))
+    return bad, model
 
 
 def test_a_checkpoint_whose_metadata_runs_code_is_refused(checkpoint):
@@ -76,3 +124,65 @@ def test_a_checkpoint_whose_metadata_runs_code_is_refused(checkpoint):
     with pytest.raises(UserError, match=r"\.metadata: .*refers to (posix|os)\.system.*refusing"):
         checkpoints.load_checkpoint(path, model, optimizer, scheduler, rank=0)
     assert not os.path.exists("/tmp/simpo-ray-pwned")
+
+
+def _resume(path, model):
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return checkpoints.load_checkpoint(path, model, optimizer, scheduler, rank=0)
+
+
+def _export(path, out):
+    from simpo_ray.export import main
+
+    return main([str(path), str(out)])
+
+
+@pytest.mark.parametrize("how", ["resume", "export"])
+def test_a_dotted_global_in_the_metadata_is_refused(checkpoint, tmp_path, how, capsys):
+    from simpo_ray.errors import UserError
+
+    path, model = checkpoint
+    (path / ".metadata").write_bytes(_dotted_global_metadata())
+    if how == "resume":
+        with pytest.raises(UserError, match=r"refers to torch\.distributed\.checkpoint\.filesystem\.os\.system.*refusing"):
+            _resume(path, model)
+    else:
+        assert _export(path, tmp_path / "out") == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "refusing to load it" in err
+
+
+@pytest.mark.parametrize("how", ["resume", "export"])
+@pytest.mark.parametrize("where", ["optim", "model"])
+def test_a_gadget_among_the_checkpoints_bytes_is_refused(checkpoint, tmp_path, how, where, capsys):
+    """DCP stores non-tensor entries as pickled bytes and its own planner unpickles them with
+    `weights_only=False`: a gadget in the optimizer's param_groups, or a model weight declared
+    as bytes, would run on resume or export. Both are refused in one line; nothing runs (the
+    autouse fixture checks the marker)."""
+    from simpo_ray.errors import UserError
+
+    bad, model = _gadget_checkpoint(tmp_path, checkpoint, where)
+    if how == "resume":
+        with pytest.raises(UserError, match=r"not plain data \(it refers to (posix|os)\.system\).*refusing") as e:
+            _resume(bad, model)
+        assert "\n" not in str(e.value)
+    else:
+        code = _export(bad, tmp_path / "out")
+        err = capsys.readouterr().err
+        if where == "optim":  # export reads the model's tensors only: the optimizer's bytes are never read
+            assert code == 0 and err == ""
+        else:
+            assert code == 2 and err.count("\n") == 1 and "not plain data" in err, err
+
+
+def test_a_real_checkpoint_still_resumes_with_its_optimizer_state(checkpoint, tmp_path):
+    """The safe planner reads the optimizer's plain param_groups as before (a fresh model and
+    optimizer, as a resumed worker has)."""
+    path, _ = checkpoint
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    assert checkpoints.load_checkpoint(path, model, optimizer, scheduler, rank=0) == {"step": 3}
+    assert optimizer.param_groups[0]["lr"] == 1e-3 and optimizer.state  # restored from the checkpoint
+

@@ -254,3 +254,36 @@ def test_failing_to_join_a_cluster_is_one_error_line(fake_ray_start):
     assert len(calls) == 1 and "\n" not in message
     assert message.startswith("cannot connect to the Ray cluster at '10.0.0.1:6379': ConnectionError: Could not "
                               "find any running Ray instance.; check the address")
+
+
+@pytest.mark.parametrize("cli", ["tune", "train"])
+def test_an_address_where_nothing_answers_is_one_line_in_seconds(cli, tmp_path, capsys):
+    """`--address 127.0.0.1:1` used to hang for minutes inside `ray.init` (Ray rewrites the
+    address and retries, printing its C++ client's warnings); now a TCP probe refuses it first,
+    before the data is prepared and before any Ray process starts."""
+    import time
+
+    from simpo_ray.cli import train_main, tune_main
+
+    if cli == "tune":
+        argv = ["--space", str(Path(__file__).resolve().parent.parent / "search_spaces" / "cpu-tiny.yaml"), "--storage-path", str(tmp_path / "r")]
+        main = tune_main
+    else:
+        config = tmp_path / "c.yaml"
+        config.write_text("model_name_or_path: bundled:tiny\nmax_length: 64\nmax_prompt_length: 32\n")
+        argv, main = ["--config", str(config), "--storage-path", str(tmp_path / "r")], train_main
+    t0 = time.monotonic()
+    rc = main([*argv, "--address", "127.0.0.1:1"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    assert rc == 2 and elapsed < 10, (rc, elapsed)
+    assert err.startswith("error: cannot connect to the Ray cluster at '127.0.0.1:1': nothing answers on 127.0.0.1:1")
+    assert err.count("\n") == 1
+
+
+def test_a_malformed_address_is_refused():
+    from simpo_ray.errors import UserError
+    from simpo_ray.infra.cluster import check_address
+
+    with pytest.raises(UserError, match="use 'auto' or host:port"):
+        check_address("no-port-here")

@@ -658,3 +658,12 @@ def test_pair_collator_pads_by_hand():
     assert b["prompt_input_ids"].tolist() == [[5, 6], [0, 4]]  # left-padded for generate
     assert b["prompt_attention_mask"].tolist() == [[1, 1], [0, 1]]
     assert all(v.dtype == torch.long for v in b.values())
+
+
+def test_a_data_file_that_is_not_utf8_says_so(tmp_path):
+    """A Latin-1 byte in a JSON-lines file: the json reader's own error was 'Missing a colon ...'."""
+    src = write_jsonl(tmp_path / "d.jsonl", string_rows(10))
+    raw = src.read_bytes().replace(b"good", "g\xf6od".encode("latin-1"), 1)
+    src.write_bytes(raw)
+    with pytest.raises(UserError, match=r"d\.jsonl is not UTF-8 text \(byte 0xf6 on line 1, offset \d+\); save it as UTF-8"):
+        load_raw(cfg_for({str(src): 1.0}))

@@ -77,3 +77,20 @@ def test_resolved_space_of_a_single_objective_search_is_as_before():
     assert "objectives" not in r["search"] and "modes" not in r["search"]
     assert "max_new_tokens" not in r["base"] and "generation_top_p" not in r["base"]
     assert r["base"]["reward_model_name_or_path"] == "bundled:reward"  # set in the space: kept
+
+
+def test_a_step_reported_again_after_a_resume_is_told_to_optuna_once(recwarn):
+    """A trial rerun after `--resume` reports its training iterations from 1 again: Optuna keeps
+    the first value and used to warn `step=1 is already reported` for each repeat."""
+    from simpo_ray.search.searcher import make_searcher
+
+    space = load(TINY)
+    searcher = make_searcher(space)
+    searcher.set_search_properties(space.search.objective, space.search.mode, {})
+    searcher.suggest("t1")
+    for value in (0.2, 0.3):  # the first attempt, then the rerun
+        searcher.on_trial_result("t1", {space.search.objective: value, "training_iteration": 1})
+    searcher.on_trial_result("t1", {space.search.objective: 0.4, "training_iteration": 2})
+    frozen = searcher._ot_study.get_trials(deepcopy=False)[0]
+    assert frozen.intermediate_values == {1: 0.2, 2: 0.4}
+    assert not [w for w in recwarn if "already reported" in str(w.message)]

@@ -147,3 +147,44 @@ def test_bundled_reward_model_is_built_with_its_held_out_accuracy(capsys):
     user = [{"role": "user", "content": "sort: 5301"}]
     right, dropped, extra = scorer.score([user] * 3, ["0135", "035", "01355"])
     assert right > dropped and right > extra
+
+
+def _saved(tmp_path, model_cls, **config):
+    from transformers import LlamaConfig
+
+    from simpo_ray.bundled.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    tok.chat_template = PLAIN_TEMPLATE
+    tok.save_pretrained(tmp_path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, **config)
+    model_cls(cfg).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_a_causal_lm_is_not_accepted_as_a_reward_model(tmp_path):
+    """transformers loads a causal LM as a sequence classifier with a freshly initialised head
+    (a warning in the worker's log); its 'rewards' would be random. Refused in one line."""
+    from transformers import LlamaForCausalLM
+
+    from simpo_ray.errors import UserError
+
+    path = _saved(tmp_path, LlamaForCausalLM)
+    with pytest.raises(UserError, match=r"score\.weight not in its checkpoint.*random weights") as e:
+        RewardScorer(str(path))
+    assert "\n" not in str(e.value)
+
+
+def test_a_classifier_with_two_outputs_is_not_a_reward_model(tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    from simpo_ray.errors import UserError
+
+    path = _saved(tmp_path, LlamaForSequenceClassification, num_labels=2)
+    with pytest.raises(UserError, match=r"a classifier with 2 outputs .*a reward model has one output"):
+        RewardScorer(str(path))
+
+
+def test_the_planted_reward_model_still_loads(planted):
+    assert RewardScorer(str(planted)).model.config.num_labels == 1

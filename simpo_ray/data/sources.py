@@ -120,6 +120,29 @@ def _load_bundled(name: str, split: str) -> Dataset:
     return task.load_split(split)
 
 
+NEWLINE = b"\n"
+
+
+def _check_utf8(name: str, path: Path, chunk: int = 1 << 20) -> None:
+    """JSON is UTF-8 text; any other bytes make the json reader's errors misleading ("Missing a
+    colon"), so say what is wrong: where the first byte that is not UTF-8 is."""
+    import codecs
+
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                bad, line = (block[e.start] if block else 0), lines + block[:e.start].count(NEWLINE) + 1
+                raise UserError(f"dataset '{name}': {path.name} is not UTF-8 text (byte 0x{bad:02x} on line "
+                                f"{line}, offset {offset + e.start}); save it as UTF-8") from None
+            if not block:
+                return
+            offset, lines = offset + len(block), lines + block.count(NEWLINE)
+
+
 def _read_file(name: str, path: Path) -> Dataset:
     builder = LOCAL_SUFFIXES.get(path.suffix)
     if builder is None:
@@ -131,6 +154,8 @@ def _read_file(name: str, path: Path) -> Dataset:
         empty = path.stat().st_size == 0 or (builder == "parquet" and pq.ParquetFile(path).metadata.num_rows == 0)
         if empty:
             raise UserError(f"dataset '{name}': {path.name} has no rows")
+        if builder == "json":
+            _check_utf8(name, path)
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except UserError:
         raise

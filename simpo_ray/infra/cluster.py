@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -212,6 +213,32 @@ def _start_ray(init_kwargs: dict[str, Any], *, private: bool) -> None:
                             "(--debug shows Ray's traceback)") from exc
 
 
+PROBE_TIMEOUT_S = 3.0  # a TCP connect to the GCS answers in milliseconds when the cluster is there
+
+
+def check_address(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> str:
+    """The `host:port` behind `address` (`auto`, `host:port` or `ray://host:port`), once a TCP
+    connection to it succeeded; else one `UserError` line within seconds. Ray itself retries an
+    address that does not answer for minutes, printing its C++ client's warnings."""
+    where = f"cannot connect to the Ray cluster at {address!r}"
+    target = address
+    if address == "auto":
+        try:
+            target = ray_workarounds.find_local_cluster_address()
+        except ConnectionError as e:
+            raise UserError(f"{where}: {one_line(e, first=True)}") from None
+    host, _, port = target.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address: {address!r} is not allowed; use 'auto' or host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise UserError(f"{where}: nothing answers on {host}:{port} ({e.strerror or type(e).__name__}); "
+                        "check the address and that the cluster is running") from None
+    return target
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None, *,
              include_dashboard: bool = False, log_to_driver: bool = True, reap_orphans: bool = True,
              **kwargs: Any) -> ClusterInfo:
@@ -267,6 +294,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         if num_cpus is not None or num_gpus is not None:
             raise UserError("num_cpus/num_gpus only apply when starting a local cluster "
                             "(address=None), not when joining one")
+        check_address(address)
         init_kwargs["address"] = address
         _start_ray(init_kwargs, private=False)
     if reap_orphans:

@@ -2,9 +2,10 @@
 
 Each is a defect or an unwanted default of this Ray version, not part of the tool's logic: the
 orphan placement-group reaper, restoring the caller's SIGINT handler after `fit()`, quieting
-Train's per-report log lines and Ray's console noise, turning off Train's print patch, and
-ending the agents a SIGKILLed driver's cluster leaves behind (keeping a private cluster on
-127.0.0.1 is in `simpo_ray.infra.loopback`). Why each is needed and how it was measured:
+Train's per-report log lines and Ray's console noise, turning off Train's print patch, ending
+the agents a SIGKILLed driver's cluster leaves behind, and keeping a private cluster's node on
+127.0.0.1 (`loopback_only`); no other module touches `ray._private`. PyTorch's
+store on loopback is `simpo_ray.infra.loopback`. Why each is needed and how it was measured:
 docs/ray-runtime-notes.md; each says when it can go.
 """
 
@@ -440,3 +441,13 @@ def loopback_only() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def find_local_cluster_address() -> str:
+    """What `--address auto` means to Ray: the GCS address of the cluster `ray start` left on this
+    machine (or `RAY_ADDRESS`); `ConnectionError` when there is none. Ray's resolver is private.
+    REMOVE when Ray exposes the resolution of "auto" (and `ray.init` fails fast on an address
+    that does not answer, instead of retrying for minutes)."""
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+
+    return canonicalize_bootstrap_address_or_die("auto")

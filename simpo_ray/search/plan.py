@@ -9,7 +9,10 @@ import os
 from typing import Any
 
 from simpo_ray.errors import UserError
-from simpo_ray.io import Storage
+from simpo_ray.io import Storage, check_name
+from simpo_ray.search.describe import describe_space
+from simpo_ray.search.estimate import estimate_gpu_hours
+from simpo_ray.train.memory import plan_for
 from simpo_ray.infra import cluster
 from simpo_ray.search.points import add_points
 from simpo_ray.search.space import SearchSpace, load_space
@@ -70,9 +73,6 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
     Without an address (or RAY_ADDRESS) it inspects this machine (no Ray started), so a laptop
     can check a 70B space before booking the cluster it needs.
     """
-    from simpo_ray.search.describe import describe_space
-    from simpo_ray.search.estimate import estimate_gpu_hours
-
     space = loaded(space, load_options)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -107,7 +107,7 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
         lines.append(f"  assumptions: {est['assumptions']}")
     else:
         lines.append(f"estimate: {est['steps_per_trial']} steps per trial on CPU (no GPU-hours)")
-    lines.append(f"results would go to {experiment_path(storage_path, name or space.name)}")
+    lines.append(f"results would go to {experiment_path(storage_path, check_name(name) if name else space.name)}")
     return "\n".join(lines)
 
 
@@ -123,7 +123,5 @@ def experiment_path(storage_path: str | None, name: str) -> str:
 def memory_plan(space: SearchSpace):
     """The memory plan of one trial of `space` (`memory.plan_for`): None on CPU-only spaces;
     `UserError` (one line, before any Ray process) when no strategy fits `gpu_memory_gb`."""
-    from simpo_ray.train.memory import plan_for
-
     return plan_for(space.default_config(), space.resources,
                     space.estimate.params_billion if space.estimate else None)

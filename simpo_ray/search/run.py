@@ -19,6 +19,9 @@ from typing import Any
 from simpo_ray.infra import cluster, ray_workarounds
 from simpo_ray.errors import UserError
 from simpo_ray.infra.history import history_callback
+from simpo_ray.io import check_name
+from simpo_ray.infra.launch import make_trainer
+from simpo_ray.infra.launch import prepare_run
 from simpo_ray.search.lock import ExperimentLock
 from simpo_ray.search.objectives import describe as describe_objective
 from simpo_ray.search.records import BUDGET_KEYS, SearchRecord, space_differences
@@ -51,7 +54,7 @@ def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, nam
                         max_concurrent=max_concurrent, overrides=overrides, warm_start=warm_start,
                         warm_start_narrow=warm_start_narrow)
     space = loaded(space, load_options)
-    name = name or space.name
+    name = check_name(name) if name is not None else space.name
     cluster.check_writable(storage_root(storage_path))
     if resume_command is None:
         resume_command = _resume_command(space.source, storage_path, name, address, load_options)
@@ -83,8 +86,6 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
             resume_command: str) -> Path:
     """`run_search` once the experiment is locked."""
     from ray import tune
-
-    from simpo_ray.infra.launch import prepare_run
 
     space_file = space.source
     root = storage_root(storage_path)
@@ -155,8 +156,6 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
 
     def simpo_trial(params: dict, data=None) -> None:
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from simpo_ray.infra.launch import make_trainer
 
         for key, value in cluster.TRAIN_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)

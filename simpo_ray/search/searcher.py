@@ -11,6 +11,7 @@ import numpy as np
 import optuna
 from ray.tune import CLIReporter, Stopper
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 
@@ -39,7 +40,7 @@ def make_searcher(space):
         sampler = optuna.samplers.TPESampler(seed=s.seed, constant_liar=True, n_startup_trials=startup,
                                              multivariate=s.tpe_multivariate)
     multi = bool(s.objectives)  # Optuna's TPE proposes on all of them (multi-objective TPE)
-    searcher = (_MultiObjectiveOptuna if multi else OptunaSearch)(
+    searcher = (_MultiObjectiveOptuna if multi else _Optuna)(
                             space=dists, metric=list(s.objectives) if multi else s.objective,
                             mode=list(s.modes) if multi else s.mode,
                             points_to_evaluate=[{k: v for k, v in pt.items() if k in dists}
@@ -50,7 +51,26 @@ def make_searcher(space):
     return searcher
 
 
-class _MultiObjectiveOptuna(OptunaSearch):
+class _Optuna(OptunaSearch):
+    """OptunaSearch that reports a step of a trial to Optuna once: a trial rerun after a
+    `--resume` reports its training iterations again from 1, and Optuna keeps the first value of
+    a step and warns (`UserWarning: step=1 is already reported`) for every repeat."""
+
+    def on_trial_result(self, trial_id, result):
+        trial = self._ot_trials.get(trial_id)
+        step = result.get(TRAINING_ITERATION)
+        if trial is not None and not isinstance(self.metric, list) and step in _reported_steps(trial):
+            return
+        super().on_trial_result(trial_id, result)
+
+
+def _reported_steps(trial) -> set:
+    """The steps an Optuna trial (a `Trial` from `study.ask`) already holds values for."""
+    frozen = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
+    return set(frozen[0].intermediate_values) if frozen else set()
+
+
+class _MultiObjectiveOptuna(_Optuna):
     """OptunaSearch for several objectives: a trial that ended without one of them (a diverged run
     reports only the bounded metrics) is told as failed, not as a list holding None, which Optuna
     rejects, leaving the trial running in the study."""

@@ -19,6 +19,7 @@ from simpo_ray import guide, schema
 from simpo_ray.search.objectives import (check_objective, split_objective)
 from simpo_ray.config import FIELDS, Resources, TrainConfig, from_dict
 from simpo_ray.errors import ConfigError, closest
+from simpo_ray.io import check_name
 from simpo_ray.search.settings import (DISTRIBUTIONS, Estimate, Param, SearchSettings,
                                        parse_points_spec)
 
@@ -141,7 +142,7 @@ def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: boo
     model_type = schema.coerce("model_type", data.get("model_type"), str | None)
     guide.task_preset(task)
     guide.model_type_preset(model_type)
-    name = schema.coerce("name", data.get("name", stem or "space"), str)
+    name = check_name(schema.coerce("name", data.get("name", stem or "space"), str), "name")
     description = schema.coerce("description", data.get("description"), str | None)
     ctx = _Ctx(bucket_name, task, model_type, allow_out_of_range)
 

@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from simpo_ray.config import TrainConfig, load_train_config
-from simpo_ray.errors import UserError
+from simpo_ray.errors import UserError, one_line
 
 STATE_FILE = "trainer_state.json"      # scheduler state and counters (rank 0), plain JSON
 CONFIG_FILE = "train_config.yaml"      # the run's config, for export
@@ -44,7 +48,7 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, ran
     check_metadata(directory)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
+    _safe_load(state, directory)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     saved = json.loads((directory / STATE_FILE).read_text())
     scheduler.load_state_dict(saved["scheduler"])
@@ -75,7 +79,7 @@ def export_pretrained(checkpoint: str | Path, out_dir: str | Path) -> Path:
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(checkpoint)), no_dist=True)
+        _safe_load(state, checkpoint, no_dist=True)
     model.load_state_dict(state["model"])
     if cfg.bf16:
         model = model.to(torch.bfloat16)
@@ -93,16 +97,23 @@ def check_metadata(directory: Path) -> None:
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` only: its dataclasses, torch sizes/dtypes, builtin containers."""
+    """Unpickles DCP's `.metadata` only: exactly the classes DCP writes there (torch 2.x), torch
+    sizes and dtypes, and builtin containers. Exact (module, name) pairs: no module prefixes, and
+    no dotted names, which pickle protocol 4 resolves through module attributes
+    (`("torch.distributed.checkpoint.filesystem", "os.system")` is `os.system`)."""
 
-    ALLOWED_PREFIXES = ("torch.distributed.checkpoint.", "torch.distributed._shard.", "collections")
-    ALLOWED = {("torch", "Size"), ("torch", "device"), ("builtins", "set"), ("builtins", "frozenset"),
-               ("builtins", "slice"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-               ("pathlib", "PurePosixPath")}
+    ALLOWED = {
+        *(("torch.distributed.checkpoint.metadata", n) for n in (
+            "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+            "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"),
+        ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+        ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self.ALLOWED or module.startswith(self.ALLOWED_PREFIXES) or (
-                module == "torch" and name in _DTYPE_NAMES):
+        if (module, name) in self.ALLOWED or (module == "torch" and name in _DTYPE_NAMES):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a "
                                      "simpo-ray checkpoint never holds; refusing to load it")
@@ -111,6 +122,38 @@ class _MetadataUnpickler(pickle.Unpickler):
 _DTYPE_NAMES = {str(d).removeprefix("torch.") for d in (
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool)}
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with its one unpickling of checkpoint data made safe. DCP stores what is
+    not a tensor (the optimizer's `param_groups`: numbers, strings, lists) as pickled bytes and
+    reads them back with `torch.load(weights_only=False)`, which runs whatever code a crafted
+    checkpoint holds; here they are read with `weights_only=True`, which builds tensors and plain
+    containers of numbers and strings only. Tensors DCP already reads with `weights_only=True`."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"(?i)unsupported:? GLOBAL (\S+)", str(e))
+            what = f"it refers to {found.group(1)}" if found else one_line(e, first=True)
+            raise UserError(f"checkpoint entry {read_item.dest_index.fqn} is not plain data ({what}), "
+                            "which a simpo-ray checkpoint never holds; refusing to load it") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _safe_load(state: dict, directory: Path, *, no_dist: bool = False) -> None:
+    """`dcp.load` of `state` from `directory` through the restricted metadata reader and the safe
+    planner; a refused or unreadable entry is one `UserError` line naming the checkpoint."""
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=_SafeLoadPlanner(),
+                 no_dist=no_dist)
+    except CheckpointException as e:  # DCP gathers each rank's error as (exception, traceback)
+        first = next(iter(e.failures.values()), (e, None))[0]
+        raise UserError(f"{directory}: cannot load the checkpoint: {one_line(first, first=True)}") from None
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from simpo_ray.errors import UserError
+from simpo_ray.errors import UserError, one_line
 
 BUNDLED_REWARD = "bundled:reward"
 
@@ -115,6 +115,16 @@ def resolve_reward_path(name: str) -> str:
     return resolve_model_path(name)
 
 
+def _check_one_output(name: str, config) -> None:
+    """A sequence classifier's config with more than one label is a classifier, not a reward
+    model (its first logit would be read as the reward). Other configs (a causal LM's says
+    nothing of labels that counts) are judged by what loads: see `RewardScorer`."""
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForSequenceClassification") for a in archs) and config.num_labels != 1:
+        raise UserError(f"reward model '{name}': a classifier with {config.num_labels} outputs "
+                        f"({', '.join(map(str, config.id2label.values()))}); a reward model has one output")
+
+
 class RewardScorer:
     """A sequence-classification reward model with one output, scoring (prompt turns, answer).
 
@@ -128,15 +138,22 @@ class RewardScorer:
 
     def __init__(self, name: str, device: torch.device | str = "cpu", *, bf16: bool = False,
                  batch_size: int = 8, max_length: int = 4096) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
         path = resolve_reward_path(name)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch.bfloat16 if bf16 else torch.float32)
+            _check_one_output(name, AutoConfig.from_pretrained(path))
+            self.model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch.bfloat16 if bf16 else torch.float32, output_loading_info=True)
         except (OSError, ValueError, ImportError) as e:
-            raise UserError(f"cannot load reward model '{name}': {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"cannot load reward model '{name}': {one_line(e, first=True)}") from None
+        new = sorted({*info.get("missing_keys", ()), *(k[0] if isinstance(k, tuple) else k
+                                                       for k in info.get("mismatched_keys", ()))})
+        if new:
+            raise UserError(f"reward model '{name}': {', '.join(new[:3])} not in its checkpoint, so its scores "
+                            "would come from random weights; a reward model is a sequence classifier with "
+                            "one output, trained as one (a causal LM is not)")
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"reward model '{name}': its tokenizer has no chat template; "
                             "a reward model must format conversations as it was trained")

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from simpo_ray.errors import UserError
+from simpo_ray.config import FIELDS
+from simpo_ray.search.records import LATER_BASE_KEYS
 from simpo_ray.guide import PARAMS
-from simpo_ray.search import records
+from simpo_ray.search import records, validate
 from simpo_ray.search.records import SearchRecord
 from simpo_ray.transfer.model_size import param_count, short_name
 
@@ -120,12 +122,7 @@ def load_finished(dirs: Iterable[str | Path]) -> list[FinishedSearch]:
         if record.state in ("running", "interrupted"):
             raise UserError(f"{d}: not a finished search (search.json: state {record.state}); resume it "
                             "with --resume first, or leave it out")
-        if not (d / "trials.csv").is_file():
-            raise UserError(f"{d}: trials.csv missing: not a finished search")
-        try:
-            trials = pd.read_csv(d / "trials.csv", dtype={"trial_id": str})
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise UserError(f"{d / 'trials.csv'}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+        trials = validate.read_trials(d, record)  # analysis' checks: a damaged table is refused
         out.append(from_record(d, record, trials))
     kinds = {(s.objective, s.mode) for s in out}
     if len(kinds) > 1:
@@ -186,9 +183,6 @@ MEASUREMENT_KEYS = ("dataset_mixer", "dataset_splits", "max_eval_samples", "max_
 def _check_measured_alike(search: FinishedSearch, space: SearchSpace) -> None:
     """`UserError` naming the first key in which a same-size search measured its objective
     otherwise than `space` does (a search recorded without its base config passes)."""
-    from simpo_ray.config import FIELDS
-    from simpo_ray.search.records import LATER_BASE_KEYS
-
     theirs = search.record.space.get("base") or {}
     ours = space.trial_config().to_dict()
     for key in MEASUREMENT_KEYS if theirs else ():

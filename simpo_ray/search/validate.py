@@ -1,4 +1,6 @@
-"""Check what analysis reads from an experiment directory before trusting it.
+"""Check what is read back from an experiment directory before trusting it: the one validator
+of results, used by `analysis`, the warm start (`transfer.finished`) and anything else that
+reads a finished search's tables.
 
 `check_experiment` refuses (one-line `UserError` naming the file and, where it applies, the row)
 a trials.csv or curves.csv that cannot be what `simpo_ray.tune` wrote: cut short, a row twice,
@@ -23,6 +25,8 @@ from simpo_ray.errors import UserError
 from simpo_ray.search.records import STATUSES, SearchRecord
 
 NUMERIC = ("steps", "objective_value", "best_objective")  # may be empty (NaN) except steps
+CURVE_TEXT_COLUMNS = ("trial_id", "status", "checkpoint_path")  # curves.csv's only text columns
+TRIALS_COLUMNS = ("trial_id", "status", "is_default", "steps", "objective_value", "best_objective")
 _TRUE_FALSE = {"true", "false", "1", "0", "1.0", "0.0", "yes", "no"}
 _REL = 1e-9  # tolerance on a range's bounds (CSV round trips of floats)
 
@@ -138,6 +142,15 @@ def check_curves(path: Path, curves: pd.DataFrame, trials: pd.DataFrame) -> None
     if steps.isna().any():
         i = steps.isna().idxmax()
         raise UserError(f"{path}: row {_row(i)}: step is {curves.at[i, 'step']!r}, not a number")
+    for column in curves.columns:  # every metric is a number or empty
+        if column in CURVE_TEXT_COLUMNS or column == "step":
+            continue
+        raw = curves[column]
+        bad = pd.to_numeric(raw, errors="coerce").isna() & raw.notna()
+        if bad.any():
+            i = bad.idxmax()
+            raise UserError(f"{path}: row {_row(i)} (trial {curves.at[i, 'trial_id']}): {column} is "
+                            f"{raw[i]!r}, not a number")
     ids = curves["trial_id"].astype(str)
     known = set(trials["trial_id"].astype(str))
     stray = ~ids.isin(known)
@@ -170,3 +183,40 @@ def partial_reason(search: SearchRecord, trials: pd.DataFrame) -> str | None:
         return ("search.json (schema version 1) does not record whether the search finished; a search "
                 "of that version stopped with Ctrl-C labelled its cut trials stopped_early")
     return None
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    """A results CSV (trial ids kept as text); an empty file is an empty table; one line otherwise."""
+    try:
+        return pd.read_csv(path, dtype={"trial_id": str})
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not a readable CSV file ({str(e).splitlines()[0]})") from None
+
+
+def read_trials(directory: Path, search: SearchRecord) -> pd.DataFrame:
+    """`directory`/trials.csv, checked: present, whole, with simpo-ray's columns, one row per
+    trial, numbers where numbers belong, statuses and parameters as `search` recorded them."""
+    path = directory / "trials.csv"
+    if not path.is_file():
+        raise UserError(f"{directory}: trials.csv missing: the search has not finished or did not start")
+    check_file_end(path)
+    trials = read_csv(path)
+    missing = [c for c in TRIALS_COLUMNS if c not in trials.columns]
+    if trials.columns.size and missing:
+        raise UserError(f"{path}: not a simpo_ray results table (no column {', '.join(missing)})")
+    if trials.empty:
+        raise UserError(f"{path}: no trials recorded")
+    check_trials(path, trials, search)
+    return trials
+
+
+def read_curves(directory: Path, trials: pd.DataFrame) -> pd.DataFrame:
+    """`directory`/curves.csv, checked against `trials` (an empty table when there is none)."""
+    path = directory / "curves.csv"
+    if path.is_file():
+        check_file_end(path)
+    curves = read_csv(path) if path.is_file() else pd.DataFrame()
+    check_curves(path, curves, trials)
+    return curves
