@@ -29,9 +29,9 @@ SPACES = ("1b-3b", "7b", "8b-13b", "13b-30b", "70b")
 
 def trial_costs(name: str) -> dict:
     from simpo_ray.train.memory import reward_params
-    from simpo_ray.search.plan import load
+    from simpo_ray.search.plan import load as load_space
 
-    space = load(REPO / "search_spaces" / f"{name}.yaml")
+    space = load_space(REPO / "search_spaces" / f"{name}.yaml")
     cfg, e, r = space.default_config(), space.estimate, space.resources
     gpus = r.num_workers
     flops_s = e.peak_tflops * 1e12 * e.mfu * gpus

@@ -19,7 +19,7 @@ Not inside `wall`: teardown after the last report (fit() returning, actor reuse)
 the search wall time against the sum of trial walls / concurrency.
 
 Baseline (a fresh subprocess, no Ray): the same pieces as train.py's worker loop (load_model,
-PolicyLogps, simpo_objective, AdamW, get_scheduler, train.evaluate every eval_steps) for the
+PolicyLogps, simpo_objective, AdamW, get_scheduler, the workers' Evaluator every eval_steps) for the
 space's default point, timed by phase; several trials in one process, as a plain Optuna loop
 would run them (imports paid once).
 
@@ -51,17 +51,16 @@ def baseline_worker(args) -> dict:
     torch.set_num_threads(1)
     from transformers import get_scheduler
 
-    from simpo_ray.config import from_dict
     from simpo_ray.data.collate import PairCollator
     from simpo_ray.data.prepare import load_prepared, prepare_datasets
     from simpo_ray.train.logps import PolicyLogps, simpo_objective
     from simpo_ray.train.model import load_model, load_tokenizer
-    from simpo_ray.search.plan import load
-    from simpo_ray.train.loop import evaluate
+    from simpo_ray.search.plan import load as load_space
+    from simpo_ray.train.evaluate import Evaluator
 
     t_import = time.perf_counter() - t_proc
-    space = load(str(REPO / "search_spaces" / "cpu-tiny.yaml"), overrides={"base.max_steps": args.max_steps})
-    cfg = from_dict(space.trial_config(space.points_to_evaluate[0]))
+    space = load_space(str(REPO / "search_spaces" / "cpu-tiny.yaml"), overrides={"base.max_steps": args.max_steps})
+    cfg = space.trial_config(space.points_to_evaluate[0])
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
     trials = []
@@ -84,7 +83,10 @@ def baseline_worker(args) -> dict:
         startup = time.perf_counter() - t0
         evals = []
         te = time.perf_counter()
-        evaluate(policy, policy, tokenizer, eval_ds, collator, cfg, objective, "cpu", 0, 1)
+        # The workers' evaluator (held-out pairs and generation), on one process.
+        evaluate = Evaluator(policy, policy, tokenizer, eval_ds, collator, cfg, objective, torch.device("cpu"), 0, 1,
+                             "ddp", prepared.prompt_rows(cfg.generation_eval_samples), {"step": 0})
+        evaluate()
         evals.append(time.perf_counter() - te)
         train_time, step = 0.0, 0
         while step < total:
@@ -102,7 +104,7 @@ def baseline_worker(args) -> dict:
                 train_time += time.perf_counter() - ts
                 if step % cfg.eval_steps == 0 or step == total:
                     te = time.perf_counter()
-                    result = evaluate(policy, policy, tokenizer, eval_ds, collator, cfg, objective, "cpu", 0, 1)
+                    result = evaluate(step, step == total)
                     evals.append(time.perf_counter() - te)
                 if step >= total:
                     break

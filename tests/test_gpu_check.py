@@ -51,4 +51,4 @@ def test_gpu_check_dry_run(tmp_path):
     table = [line for line in proc.stdout.splitlines() if line.startswith("| tiny-llama |")]
     assert len(table) == 4 and len(set(table)) == 2, proc.stdout
     assert all("n/a (cpu)" in line for line in table), proc.stdout
-    assert result["header"]["project_modules"].keys() == {"memory", "loss", "logps", "parallel"}
+    assert result["header"]["project_modules"].keys() == {"memory", "loss", "logps", "parallel", "model", "step"}

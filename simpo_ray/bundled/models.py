@@ -160,6 +160,9 @@ def build_model(size: str, out_dir: Path, *, log=print) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # a bar on stderr would garble one-line errors
     model.save_pretrained(out_dir)
+    if not (out_dir / "config.json").is_file():  # transformers skips the save on a rank other than 0
+        raise RuntimeError(f"save_pretrained wrote no model into {out_dir} (built on a rank other than 0 of a "
+                           "process group?); build bundled models in the driver (launch.check_inputs)")
     log(f"[simpo_ray] built bundled:{size} in {time.perf_counter() - t0:.1f}s "
         f"(SFT loss {loss:.3f})", flush=True)
 

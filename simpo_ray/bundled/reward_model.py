@@ -90,6 +90,9 @@ def build_reward_model(out_dir: Path, *, log=print) -> None:
         loss = train_reward_model(model, tokenizer, **train)
         accuracy = pair_accuracy(model, tokenizer, task.load_split("test_prefs"))
     model.save_pretrained(out_dir)
+    if not (out_dir / "config.json").is_file():  # transformers skips the save on a rank other than 0
+        raise RuntimeError(f"save_pretrained wrote no model into {out_dir} (built on a rank other than 0 of a "
+                           "process group?); build bundled models in the driver (launch.check_inputs)")
     tokenizer.save_pretrained(out_dir)
     (out_dir / META_FILE).write_text(json.dumps({"heldout_pair_accuracy": accuracy, "train_loss": loss,
                                                  "recipe": RECIPE}, indent=1))
