@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -113,8 +114,13 @@ def quiet_ray_console() -> None:
 
     def print_to_stdstream(data, ignore_prefix: bool):
         kept = ray_console_filter(data)
-        if kept is not None:
-            original(kept, ignore_prefix)
+        if kept is None:
+            return
+        if data.get("pid") == "raylet":  # our one line each, without Ray's "(raylet)" prefix
+            for line in kept["lines"]:
+                print(line, file=sys.stderr, flush=True)
+            return
+        original(kept, ignore_prefix)
 
     print_to_stdstream._simpo_ray_filter = True
     ray_worker.print_to_stdstream = print_to_stdstream
