@@ -44,6 +44,26 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def _ray_leak_check(request):
+    """After each test on the shared cluster: whatever it left holding CPUs, actors or placement
+    groups is cleared and the test errors, naming the leak, instead of the next test waiting
+    for resources that never come back."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray_helpers import clear_cluster, leftovers
+
+    left = leftovers(timeout_s=60)
+    if left:
+        clear_cluster()
+        pytest.fail(f"{request.node.nodeid} left the shared Ray cluster holding: {'; '.join(left)}")
+
+
 # The fast tier (`pytest -m "not slow"`) must not start Ray, a subprocess or a process group:
 # a test that does is refused here, naming the mark it needs, so the tier stays fast by
 # construction rather than by convention.

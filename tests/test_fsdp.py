@@ -109,31 +109,33 @@ def test_sharded_checkpoint_resumes_exactly_on_one_worker(runs, tmp_path):
 
 
 def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_cluster, tmp_path):
-    import psutil
+    from ray_helpers import live_train_worker_pids
 
     from simpo_ray.infra.launch import final_metrics, run_training
 
     cfg = TrainConfig(**{**COMMON, "max_steps": 40, "eval_steps": 4, "save_total_limit": 2},
                       per_device_train_batch_size=4, parallel="fsdp")
     killed: dict = {}
+    done = threading.Event()
 
     def kill_one_worker_after_a_checkpoint():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
+        while not done.wait(0.05):
             if any(r["step"] >= 4 for r in _history(tmp_path / "killed")):
-                workers = [p for p in psutil.Process().children(recursive=True)
-                           if "RayTrainWorker" in " ".join(p.cmdline())]
-                if workers:
+                workers = live_train_worker_pids()  # this run's two, by Ray's own actor table
+                if len(workers) == 2:
                     killed["after"] = _history(tmp_path / "killed")[-1]["step"]
-                    os.kill(workers[-1].pid, signal.SIGKILL)
+                    os.kill(workers[-1], signal.SIGKILL)
                     return
-            time.sleep(0.05)
+                killed.setdefault("seen", workers)
 
     watcher = threading.Thread(target=kill_one_worker_after_a_checkpoint, daemon=True)
     watcher.start()
-    result = run_training(cfg, num_workers=2, storage_path=str(tmp_path), name="killed", max_failures=1)
-    watcher.join(timeout=5)
-    assert "after" in killed and killed["after"] < 40
+    try:
+        result = run_training(cfg, num_workers=2, storage_path=str(tmp_path), name="killed", max_failures=1)
+    finally:
+        done.set()  # never let the watcher outlive the test (it would kill the next test's workers)
+        watcher.join(timeout=5)
+    assert "after" in killed and killed["after"] < 40, killed
     assert result.error is None, result.error
     final = final_metrics(result)
     assert final["status"] == "completed" and final["step"] == 40 and final["restarts"] == 1

@@ -17,6 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from ray_helpers import live_train_worker_pids
+
 from simpo_ray.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,21 +252,6 @@ def test_history_with_a_line_cut_by_a_crash_is_still_readable(tmp_path):
 # ------------------------------------------------------------------------------ Train fault tolerance
 
 
-def _my_train_workers() -> list:
-    """RayTrainWorker processes of THIS test session's Ray cluster (descendants of this process:
-    the local raylet is our child, its workers our grandchildren) — never another user's."""
-    import psutil
-
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
-
-
 @pytest.mark.slow
 def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tmp_path):
     import threading
@@ -276,23 +263,26 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tm
     run_dir = tmp_path / "killed"
     killed: dict = {}
 
+    done = threading.Event()
+
     def kill_after_first_checkpoint():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
+        while not done.wait(0.05):
             rows = _history(run_dir)
             if any(r["step"] >= every for r in rows):  # the first checkpointed report is in
-                workers = _my_train_workers()
+                workers = live_train_worker_pids()
                 if len(workers) == 1:
-                    killed["pid"], killed["after_step"] = workers[0].pid, rows[-1]["step"]
-                    os.kill(workers[0].pid, signal.SIGKILL)
+                    killed["pid"], killed["after_step"] = workers[0], rows[-1]["step"]
+                    os.kill(workers[0], signal.SIGKILL)
                     return
-                killed.setdefault("ambiguous", [w.pid for w in workers])
-            time.sleep(0.05)
+                killed.setdefault("ambiguous", workers)
 
     watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     watcher.start()
-    result = run_training(cfg, num_workers=1, storage_path=str(tmp_path), name="killed", max_failures=1)
-    watcher.join(timeout=5)
+    try:
+        result = run_training(cfg, num_workers=1, storage_path=str(tmp_path), name="killed", max_failures=1)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
 
     assert "pid" in killed, f"no worker was killed: {killed}"
     assert killed["after_step"] < max_steps, "the run finished before the kill; make it longer"
@@ -329,19 +319,24 @@ def test_worker_failure_beyond_max_failures_is_an_error(ray_cluster, tmp_path):
     cfg = TrainConfig(**BASE, max_steps=60, eval_steps=4)
     run_dir = tmp_path / "fatal"
 
-    def kill_once():
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if _history(run_dir):
-                workers = _my_train_workers()
-                if len(workers) == 1:
-                    os.kill(workers[0].pid, signal.SIGKILL)
-                    return
-            time.sleep(0.05)
+    done = threading.Event()
 
-    threading.Thread(target=kill_once, daemon=True).start()
-    with pytest.raises(ray.train.TrainingFailedError, match="RayTrainWorker"):
-        run_training(cfg, num_workers=1, storage_path=str(tmp_path), name="fatal", max_failures=0)
+    def kill_once():
+        while not done.wait(0.05):
+            if _history(run_dir):
+                workers = live_train_worker_pids()
+                if len(workers) == 1:
+                    os.kill(workers[0], signal.SIGKILL)
+                    return
+
+    watcher = threading.Thread(target=kill_once, daemon=True)
+    watcher.start()
+    try:
+        with pytest.raises(ray.train.TrainingFailedError, match="RayTrainWorker"):
+            run_training(cfg, num_workers=1, storage_path=str(tmp_path), name="fatal", max_failures=0)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
     assert max(r["step"] for r in _history(run_dir)) < 60
     _assert_cluster_clean()
 
