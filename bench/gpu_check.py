@@ -98,6 +98,7 @@ def _project() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         disable_dropout=model.disable_dropout, enable_checkpointing=model.enable_checkpointing,
         autocast=step.autocast, gradient_sync=step.gradient_sync, all_ranks=step.all_ranks,
+        forward_backward=step.forward_backward, zero_grad=step.zero_grad,
         ModelShape=memory.ModelShape, Batch=memory.Batch, plan=memory.plan, GB=memory.GB,
         IGNORE_INDEX=loss.IGNORE_INDEX,
         PolicyLogps=logps.PolicyLogps, simpo_objective=logps.simpo_objective,
@@ -293,12 +294,9 @@ def train_steps(policy, strategy: str, batches: list[dict], device, *, bf16: boo
         t0 = time.perf_counter()
         step_loss = 0.0
         for micro, batch in enumerate(batches):
-            sync = micro == accum - 1
-            with P.gradient_sync(policy, strategy, sync):
-                with P.autocast(types.SimpleNamespace(bf16=bf16), device, strategy):
-                    out = policy(**batch)
-                loss, metrics = P.simpo_objective(out, **OBJECTIVE)
-                (loss / accum).backward()
+            # step.forward_backward: the loop's micro-batch (gradient sync on the last only)
+            loss, metrics = P.forward_backward(policy, batch, types.SimpleNamespace(
+                bf16=bf16, gradient_accumulation_steps=accum), OBJECTIVE, device, strategy, micro == accum - 1)
             # step.MetricWindow.add reads every metric to the host after each micro-batch.
             values = {name: float(v) for name, v in metrics.items()}
             step_loss += values["loss"] / accum
@@ -306,7 +304,7 @@ def train_steps(policy, strategy: str, batches: list[dict], device, *, bf16: boo
         # step.DivergenceCheck.healthy + all_ranks, on the last micro-batch's loss
         healthy.append(P.all_ranks(torch.isfinite(metrics["loss"]) & torch.isfinite(norm)))
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        P.zero_grad(optimizer, strategy)  # step.zero_grad: in place under DDP (bucket views), freed under FSDP
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -321,6 +319,33 @@ def train_steps(policy, strategy: str, batches: list[dict], device, *, bf16: boo
         print(f"    {label}: {dt:.2f} s, loss {step_loss:.4f}, grad norm {norms[-1]:.3g}", file=sys.stderr, flush=True)
     return {"step_times_s": times, "losses": losses, "grad_norms": norms, "healthy": all(healthy),
             "optimizer": optimizer}
+
+
+GB_ = 1e9
+
+
+def trace_arms(shapes: list[str], strategies: list[str], batch: dict) -> dict:
+    """`train.trace.trace_step` of every arm (world 1, fake tensors on the CPU): the peak bytes the
+    project's trace predicts for the step measured below. Its batch is the padded worst case
+    (every position of every sequence a label), so it may exceed the measured peak slightly."""
+    from simpo_ray.config import TrainConfig
+    from simpo_ray.train.trace import trace_step
+
+    out = {}
+    for shape in shapes:
+        config = _llama_config(shape, batch["max_length"])
+        for strategy in strategies:
+            cfg = TrainConfig(model_name_or_path="unused", parallel=strategy,
+                              per_device_train_batch_size=batch["per_device_train_batch_size"],
+                              gradient_accumulation_steps=batch["gradient_accumulation_steps"],
+                              max_length=batch["max_length"], max_prompt_length=batch["max_prompt_length"],
+                              bf16=bool(batch["bf16"]), gradient_checkpointing=bool(batch["gradient_checkpointing"]),
+                              learning_rate=LEARNING_RATE, max_grad_norm=MAX_GRAD_NORM, **OBJECTIVE)
+            t = trace_step(cfg, config, world=1, strategy=strategy)
+            out[shape, strategy] = t.peak
+            print(f"  {shape} {strategy}: traced {t.peak / GB_:.2f} GB in {t.seconds:.0f} s ({t.phase})",
+                  file=sys.stderr, flush=True)
+    return out
 
 
 def _plan(config, name: str, strategy: str, batch: dict, gpu: bool):
@@ -416,7 +441,7 @@ def run_arm(shape: str, strategy: str, batch: dict, device, args, deadline: floa
 
 COLUMNS = ["shape", "strategy", "params (B)", "micro x seq x accum", "peak alloc GB", "peak reserved GB",
            "non-torch GB", "plan GB", "plan parts GB (state / gather / act / logps chunk / overhead)",
-           "alloc / plan w/o overhead", "device / plan", "step s", "tokens/s", "MFU", "loss first -> last",
+           "alloc / plan w/o overhead", "traced GB", "alloc / trace", "device / plan", "step s", "tokens/s", "MFU", "loss first -> last",
            "elapsed s"]
 
 
@@ -449,14 +474,14 @@ def format_row(r: dict, cuda: bool) -> str:
         else:
             what = f"error: {r['error']}".replace("|", "/")
         cells = [r["model"], r["strategy"], _num(r.get("params_b")), batch, _num(r.get("peak_allocated_gb")),
-                 _num(r.get("peak_reserved_gb")), "", _num(r["plan_total_gb"]), plan_parts, what, "", "", "", "", "",
-                 _num(r["elapsed_s"])]
+                 _num(r.get("peak_reserved_gb")), "", _num(r["plan_total_gb"]), plan_parts, what,
+                 _num(r.get("trace_gb")), "", "", "", "", "", "", _num(r["elapsed_s"])]
         return "| " + " | ".join(cells) + " |"
     mem = (lambda key: _num(r.get(key))) if cuda else (lambda key: na)
     losses = r["losses"]
     cells = [r["model"], r["strategy"], _num(r["params_b"]), batch, mem("peak_allocated_gb"), mem("peak_reserved_gb"),
              mem("non_torch_gb"), _num(r["plan_total_gb"]), plan_parts, mem("alloc_over_plan_wo_overhead"),
-             mem("device_over_plan"), _num(r["step_s"]), _num(r["tokens_per_s"]),
+             _num(r.get("trace_gb")), mem("alloc_over_trace"), mem("device_over_plan"), _num(r["step_s"]), _num(r["tokens_per_s"]),
              f"{r['mfu']:.1%}" if cuda else na, f"{losses[0]:.4f} -> {losses[-1]:.4f}", _num(r["elapsed_s"])]
     return "| " + " | ".join(cells) + " |"
 
@@ -538,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-budget", type=float, default=300.0,
                    help="seconds: no arm starts after this, and an arm stops timing steps near it (default 300)")
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
+    p.add_argument("--no-trace", action="store_true",
+                   help="skip the fake-tensor trace of each arm (train.trace, on the CPU, before the arms)")
     p.add_argument("--ddp-bucket-view", choices=("on", "off"), default="on",
                    help="DDP's gradient_as_bucket_view (on: as the project builds DDP; off: DDP's default)")
     args = p.parse_args(argv)
@@ -580,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     _project()  # fail before the process group if the project's modules cannot be imported
+    traces = {} if args.no_trace else trace_arms(shapes, strategies, batch)
     backend = _init_process_group(device)
     rows: list[dict] = []
     failed = False
@@ -597,6 +625,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(format_row(rows[-1], cuda), flush=True)
                     continue
                 row = run_arm(shape, strategy, batch, device, args, deadline)
+                if (shape, strategy) in traces:
+                    row["trace_gb"] = traces[shape, strategy] / GB_
+                    if row.get("peak_allocated_gb"):
+                        row["alloc_over_trace"] = row["peak_allocated_gb"] / row["trace_gb"]
                 rows.append(row)
                 failed |= row["status"] == "error"
                 print(format_row(row, cuda), flush=True)

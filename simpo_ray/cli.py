@@ -191,8 +191,50 @@ def _tune_parser() -> argparse.ArgumentParser:
                    help="continue the interrupted search at --storage-path/--name (finished trials are kept)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate the space against the cluster and print the plan; start no trial")
+    p.add_argument("--trace-memory", action="store_true",
+                   help="run the workers' own training step at the space's real size under fake tensors "
+                        "(no GPU, no storage; about a minute) and print its per-GPU peak beside the plan; "
+                        "a space whose traced peak does not fit is refused")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p
+
+
+def trace_memory(space) -> str:
+    """`--trace-memory`: the traced step of one trial of `space` (`train.trace`) beside its plan;
+    `UserError` when the strategy the run would use does not fit the trial's GPUs by the trace."""
+    from simpo_ray.train import memory
+    from simpo_ray.train.trace import size, trace_run
+
+    cfg, res = space.default_config(), space.resources
+    params_billion = space.estimate.params_billion if space.estimate else None
+    print(f"tracing the training step of {cfg.model_name_or_path} on {res.num_workers} worker(s) under fake "
+          "tensors...", file=sys.stderr, flush=True)
+    traces, config, source = trace_run(cfg, res, params_billion)
+    shape = memory.ModelShape.from_config(config, source)
+    batch = memory.Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16, cfg.gradient_checkpointing)
+    chosen = memory.decide_strategy(cfg, res, params_billion, shape=shape)
+    gb = res.gpu_memory_gb
+    lines = [f"memory trace (model shape from {source}; {traces[0].micro_batches} of the "
+             f"{cfg.gradient_accumulation_steps} micro-batches per step traced, every sequence {cfg.max_length} tokens):"]
+    refused = None
+    for t in traces:
+        planned = memory.plan(shape, batch, strategy=t.strategy, world=res.num_workers, gpu=gb is not None,
+                              cpu_offload=cfg.fsdp_cpu_offload, reward_params=memory.reward_params(cfg))
+        overhead = planned.parts["overhead"]
+        verdict = ""
+        if gb is not None:
+            need = t.peak + overhead
+            ok = need <= memory.FIT_MARGIN * gb * memory.GB
+            verdict = (f"; with {overhead / memory.GB:.0f} GB CUDA overhead {need / memory.GB:.1f} GB of "
+                       f"{gb:g} GB: {'fits' if ok else 'does NOT fit'} (plans may use {memory.FIT_MARGIN:.0%})")
+            if not ok and t.strategy == chosen:
+                refused = f"{t.strategy} needs {need / memory.GB:.1f} GB per GPU by the trace"
+        mark = " (the run's strategy)" if t.strategy == chosen else ""
+        lines.append(f"  {t.summary()}{mark}; plan {size(planned.total - overhead)} without overhead{verdict}")
+    if refused:
+        raise UserError(f"{cfg.model_name_or_path} does not fit the trial's {gb:g} GB GPUs: {refused}; use more "
+                        "workers per trial, fsdp_cpu_offload: true or a smaller per_device_train_batch_size")
+    return "\n".join(lines)
 
 
 def tune_main(argv: list[str] | None = None) -> int:
@@ -221,7 +263,11 @@ def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
                       warm_start_narrow=args.warm_start_narrow)
     if args.dry_run:
         print(plan.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name))
+        if args.trace_memory:
+            print(trace_memory(space))
         return 0
+    if args.trace_memory:
+        print(trace_memory(space), flush=True)
     # Check what needs no Ray before Ray starts (run_search starts it before it prepares the
     # data and plans the trials): a bad model path, bad data or a trial that cannot fit is one
     # error line, with no Ray process started and no Ray log line printed.

@@ -28,27 +28,30 @@ if "SIMPO_RAY_CACHE" not in os.environ:
     os.environ["SIMPO_RAY_CACHE"] = tempfile.mkdtemp(prefix="simpo-ray-test-cache-")
 
 
+def _start_ray():
+    from simpo_ray.infra.cluster import init_ray, ray_env_defaults
+
+    ray_env_defaults()
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    return init_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A local 2-CPU Ray cluster shared by the tests that need one (started on first use)."""
     import ray
 
-    from simpo_ray.infra.cluster import init_ray, ray_env_defaults
-
     if ray.is_initialized():
         ray.shutdown()
-    ray_env_defaults()
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    info = init_ray(num_cpus=2, log_to_driver=False, configure_logging=False)
-    yield info
+    yield _start_ray()
     ray.shutdown()
 
 
 @pytest.fixture(autouse=True)
 def _ray_leak_check(request):
-    """After each test on the shared cluster: whatever it left holding CPUs, actors or placement
-    groups is cleared and the test errors, naming the leak, instead of the next test waiting
-    for resources that never come back."""
+    """After each test on the shared cluster: a test that left CPUs or placement groups held
+    errors, naming them, and the cluster is restarted, instead of the next test waiting for
+    resources that never come back (a search would wait forever)."""
     yield
     if "ray_cluster" not in request.fixturenames:
         return
@@ -56,12 +59,14 @@ def _ray_leak_check(request):
 
     if not ray.is_initialized():
         return
-    from ray_helpers import clear_cluster, leftovers
+    from ray_helpers import leftovers
 
     left = leftovers(timeout_s=60)
     if left:
-        clear_cluster()
-        pytest.fail(f"{request.node.nodeid} left the shared Ray cluster holding: {'; '.join(left)}")
+        ray.shutdown()
+        _start_ray()
+        pytest.fail(f"{request.node.nodeid} left the shared Ray cluster holding: {'; '.join(left)} "
+                    "(the cluster was restarted)")
 
 
 # The fast tier (`pytest -m "not slow"`) must not start Ray, a subprocess or a process group:

@@ -25,8 +25,7 @@ from simpo_ray.infra import ray_workarounds
 from simpo_ray.config import Resources, TrainConfig, from_dict
 from simpo_ray.errors import UserError
 from simpo_ray.train.evaluate import BOUNDED_EVAL_METRICS, Evaluator, log_line, progress_line, setup_line
-from simpo_ray.train.step import (DivergenceCheck, MetricWindow, all_ranks, autocast, batch_tokens, gradient_sync,
-                                  objective_for, pair_fields)
+from simpo_ray.train.step import DivergenceCheck, MetricWindow, all_ranks, batch_tokens, forward_backward, zero_grad
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -115,11 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             t0 = time.perf_counter()
             sync = (micro + 1) % cfg.gradient_accumulation_steps == 0
-            with gradient_sync(policy, strategy, sync):
-                with autocast(cfg, device, strategy):
-                    out = policy(**pair_fields(batch))
-                loss, metrics = objective_for(out, objective)
-                (loss / cfg.gradient_accumulation_steps).backward()
+            loss, metrics = forward_backward(policy, batch, cfg, objective, device, strategy, sync)
             window.add(metrics, tokens=batch_tokens(batch))
             log.add(metrics, tokens=batch_tokens(batch))
             micro += 1
@@ -135,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 return
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            zero_grad(optimizer, strategy)
             state["step"] += 1
             state["train_time_s"] += time.perf_counter() - t0
             done = state["step"] >= total_steps

@@ -7,7 +7,6 @@ model's config and the batch shape. Method and measured error: docs/design.md ("
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,6 @@ GB = 1e9
 GPU_OVERHEAD_BYTES = 2.0 * GB
 # The plan must leave this share of a GPU free (allocator slack, eval, spikes).
 FIT_MARGIN = 0.9
-
-# Public configs of the spaces' model families, used when a model's own config cannot be read
-# (no network at planning time): (name, layers, hidden, intermediate, vocab, kv_dim, tied).
-REFERENCE_SHAPES = (
-    ("Llama-3.2-1B", 16, 2048, 8192, 128256, 512, True),
-    ("Llama-3.2-3B", 28, 3072, 8192, 128256, 1024, True),
-    ("Mistral-7B", 32, 4096, 14336, 32000, 1024, False),
-    ("Llama-3-8B", 32, 4096, 14336, 128256, 1024, False),
-    ("Qwen2.5-14B", 48, 5120, 13824, 152064, 1024, False),
-    ("Qwen2.5-32B", 64, 5120, 27648, 152064, 1024, False),
-    ("Llama-3.1-70B", 80, 8192, 28672, 128256, 1024, False),
-)
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -69,15 +55,6 @@ class ModelShape:
                    vocab=int(c.vocab_size), kv_dim=kv_heads * head_dim,
                    tied=bool(getattr(c, "tie_word_embeddings", False)), source=source)
 
-    @classmethod
-    def from_params(cls, params_billion: float, why: str) -> ModelShape:
-        """The reference family shape closest in size, scaled to `params_billion`."""
-        shapes = [cls(*row[1:], source=row[0]) for row in REFERENCE_SHAPES]
-        ref = min(shapes, key=lambda s: abs(math.log(s.total_params / (params_billion * 1e9))))
-        return cls(ref.layers, ref.hidden, ref.intermediate, ref.vocab, ref.kv_dim, ref.tied,
-                   source=f"estimate.params_billion {params_billion:g} with {ref.source}'s shape ({why})",
-                   params=params_billion * 1e9)
-
 
 @dataclass(frozen=True)
 class Batch:
@@ -85,6 +62,16 @@ class Batch:
     seq_len: int              # max_length (the padded worst case)
     bf16: bool
     gradient_checkpointing: bool
+
+
+# The moments of a step that can be its peak, and the transient parts each holds (the other
+# parts are held throughout).
+MOMENTS = {
+    "forward/backward": ("gather_buffers", "activations", "logps_chunk"),
+    "end of the backward": ("head_gradients",),   # the embedding's and head's gradients
+    "optimizer step": ("optimizer_step",),         # foreach AdamW's temporaries
+}
+TRANSIENT = tuple(k for parts in MOMENTS.values() for k in parts)
 
 
 @dataclass(frozen=True)
@@ -96,8 +83,15 @@ class MemoryPlan:
     shape: ModelShape
 
     @property
+    def peak_moment(self) -> str:
+        return max(MOMENTS, key=lambda m: sum(self.parts[k] for k in MOMENTS[m]))
+
+    @property
     def total(self) -> float:
-        return sum(self.parts.values())
+        """The resident parts, plus the transient parts of the moment that holds the most."""
+        p = self.parts
+        resident = sum(v for k, v in p.items() if k not in TRANSIENT)
+        return resident + sum(p[k] for k in MOMENTS[self.peak_moment])
 
     @property
     def state(self) -> float:
@@ -110,11 +104,16 @@ class MemoryPlan:
         p = self.parts
         shard = f" over {self.world} workers" if self.strategy == "fsdp" else ""
         off = ", params+optimizer offloaded to CPU" if self.cpu_offload else ""
-        return (f"parallel={self.strategy}{shard}{off}: ~{self.total / GB:.1f} GB per GPU "
-                f"(weights+grads+AdamW {self.state / GB:.1f} GB, all-gather buffers "
+        where = self.peak_moment
+        buffers = "all-gather and reduce-scatter buffers" if self.strategy == "fsdp" else "bf16 weight copies"
+        return (f"parallel={self.strategy}{shard}{off}: ~{self.total / GB:.1f} GB per GPU, peak in the {where} "
+                f"(weights+grads+AdamW {self.state / GB:.1f} GB; forward/backward: {buffers} "
                 f"{p['gather_buffers'] / GB:.1f} GB, activations {p['activations'] / GB:.1f} GB, "
-                f"log-prob chunk {p['logps_chunk'] / GB:.2f} GB, CUDA overhead {p['overhead'] / GB:.1f} GB"
-                + (f", reward model {p['reward_model'] / GB:.1f} GB" if p.get("reward_model") else "") + ")")
+                f"log-prob chunk {p['logps_chunk'] / GB:.2f} GB; "
+                + (f"end of the backward: embedding and head gradients {p['head_gradients'] / GB:.1f} GB; "
+                   if p["head_gradients"] else "") + f"optimizer step temporaries "
+                f"{p['optimizer_step'] / GB:.1f} GB; CUDA overhead {p['overhead'] / GB:.1f} GB"
+                + (f"; reward model {p['reward_model'] / GB:.1f} GB" if p.get("reward_model") else "") + ")")
 
 
 def activation_bytes(shape: ModelShape, batch: Batch, *, sharded_bf16: bool) -> tuple[float, float]:
@@ -152,18 +151,28 @@ def plan(shape: ModelShape, batch: Batch, *, strategy: str, world: int,
     compute = 2 if batch.bf16 else 4
     parts = {
         "weights": 4 * n / shards * on_device,
-        "grads": 4 * n / shards * on_device,
+        "grads": 4 * n / shards * on_device,       # FSDP: reduce-scattered every micro-batch; DDP: bucket views
         "optimizer": 8 * n / shards * on_device,   # AdamW exp_avg + exp_avg_sq, fp32
         "gather_buffers": 0.0,
+        # foreach AdamW's sqrt(exp_avg_sq) for every local parameter at once
+        "optimizer_step": 4 * n / shards * on_device,
     }
+    head = shape.vocab * shape.hidden
     if strategy == "fsdp":
-        # Unsharded: the root (embeddings, head) for the whole step, and two decoder layers at a
-        # time (the current one and the prefetched next), each with a full-size gradient before
-        # its reduce-scatter.
-        parts["gather_buffers"] = (shape.embedding_params * (compute + 4)
-                                   + 2 * shape.layer_params * (compute + 4))
-    elif batch.bf16:
-        parts["gather_buffers"] = compute * n  # autocast's bf16 copies of the weights
+        # Unsharded in compute precision: the root (embeddings, head) for the whole forward and
+        # backward, and the head's gradient until the root's reduce-scatter at the end of the
+        # backward; per decoder layer in the backward, its parameters, its gradients in compute
+        # precision and the fp32 input of their reduce-scatter.
+        parts["gather_buffers"] = (shape.embedding_params * compute + head * compute
+                                   + shape.layer_params * (2 * compute + 4))
+        # The root's reduce-scatter at the end: its gradients, and their fp32 reduce-scatter input.
+        parts["head_gradients"] = shape.embedding_params * (compute + 4)
+    else:
+        # autocast's bf16 copies of the weights (its cache, for the forward)
+        parts["gather_buffers"] = compute * n if batch.bf16 else 0.0
+        # The embedding's gradient (fp32, dense), the head's cast to fp32, and for tied weights
+        # their sum, before DDP copies it into its bucket.
+        parts["head_gradients"] = (3 if shape.tied else 2) * 4 * head
     kept, recompute = activation_bytes(shape, batch, sharded_bf16=strategy == "fsdp")
     parts["activations"] = kept + recompute
     # logits, log-softmax and their gradient for one chunk, fp32
@@ -206,27 +215,20 @@ def choose(shape: ModelShape, batch: Batch, *, parallel: str, world: int, gpu_me
 
 
 def shape_for(cfg: Any, params_billion: float | None = None, *, local_files_only: bool = True) -> ModelShape:
-    """The model's shape from its config: a bundled or local model's, else the Hub cache's
-    (no download unless `local_files_only=False`); failing both, `params_billion` (a space's
-    estimate) with a reference shape."""
-    from simpo_ray.train.model import BUNDLED_PREFIX, resolve_model_path
+    """The model's shape from its config (`reference_models.config_for`: its own when bundled,
+    local or in the hub cache, no download unless `local_files_only=False`; else the public
+    config of its family; else the family closest to `params_billion`, a space's estimate)."""
+    from simpo_ray.train.reference_models import config_for
 
-    name = cfg.model_name_or_path
     try:
-        from transformers import AutoConfig
+        config, source = config_for(cfg.model_name_or_path, params_billion=params_billion,
+                                    trust_remote_code=cfg.trust_remote_code, local_files_only=local_files_only)
+    except KeyError:
+        from simpo_ray.errors import UserError
 
-        local = name.startswith(BUNDLED_PREFIX) or Path(name).expanduser().is_dir()
-        path = resolve_model_path(name) if local else name
-        config = AutoConfig.from_pretrained(path, local_files_only=local_files_only,
-                                            trust_remote_code=cfg.trust_remote_code)
-        return ModelShape.from_config(config, f"the config of {name}")
-    except (OSError, ValueError) as e:
-        if params_billion is None:
-            from simpo_ray.errors import UserError
-
-            raise UserError(f"cannot read the config of {name} to plan memory ({str(e).splitlines()[0]}); "
-                            "give estimate.params_billion in the space") from None
-        return ModelShape.from_params(params_billion, "its config could not be read offline")
+        raise UserError(f"cannot read the config of {cfg.model_name_or_path} to plan memory; "
+                        "give estimate.params_billion in the space") from None
+    return ModelShape.from_config(config, source)
 
 
 def plan_for(cfg: Any, resources: Any, params_billion: float | None = None, *,

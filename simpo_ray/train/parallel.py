@@ -40,21 +40,23 @@ def build_policy(cfg: TrainConfig, strategy: str, device: torch.device, rank: in
         return policy, getattr(policy, "module", policy)
     if strategy != "fsdp":
         raise ValueError(f"unknown strategy {strategy!r}")
-    policy = PolicyLogps(_empty_model(cfg))
+    policy = PolicyLogps(empty_model(cfg))
     shard(policy, cfg, device, world)
     _fill_from_rank0(policy.model, cfg, rank)
     return policy, policy
 
 
-def _empty_model(cfg: TrainConfig) -> nn.Module:
-    """The model's architecture with parameters on the meta device (buffers real: rotary tables)."""
+def empty_model(cfg: TrainConfig, config=None) -> nn.Module:
+    """The model's architecture with parameters on the meta device (buffers real: rotary tables);
+    `config`: the transformers config to build (default: the model's own)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from simpo_ray.train.model import disable_dropout, enable_checkpointing, resolve_model_path
 
-    path = resolve_model_path(cfg.model_name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    if config is None:
+        path = resolve_model_path(cfg.model_name_or_path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
@@ -74,13 +76,14 @@ def _empty_model(cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def shard(policy: nn.Module, cfg: TrainConfig, device: torch.device, world: int) -> None:
+def shard(policy: nn.Module, cfg: TrainConfig, device: torch.device, world: int, mesh=None) -> list[nn.Module]:
     """`fully_shard` each decoder layer, then the root (embeddings, final norm, head), over all
-    workers; materialise the local shards on `device` (CPU with `fsdp_cpu_offload`)."""
+    workers (`mesh`: default, a 1-D mesh of `world` on `device`); materialise the local shards on
+    `device` (CPU with `fsdp_cpu_offload`). Returns the decoder layers, in order."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = mesh if mesh is not None else init_device_mesh(device.type, (world,))
     kwargs = {
         "mesh": mesh,
         "mp_policy": (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -105,6 +108,7 @@ def shard(policy: nn.Module, cfg: TrainConfig, device: torch.device, world: int)
     from torch.distributed.fsdp import register_fsdp_forward_method
 
     register_fsdp_forward_method(policy, "generate")
+    return layers
 
 
 def _fill_from_rank0(model: nn.Module, cfg: TrainConfig, rank: int) -> None:
