@@ -3,7 +3,7 @@ history replayed; blocks grouped by size, as stacks cannot be recorded from the 
 
     PYTHONPATH=. python3 bench/gpu_peak_blocks.py 1b     # or 3b; needs a GPU
 """
-import collections, sys, types
+import collections, sys
 sys.path.insert(0, "bench")
 import torch, torch.distributed as dist
 import gpu_check as g

@@ -186,3 +186,26 @@ def test_a_real_checkpoint_still_resumes_with_its_optimizer_state(checkpoint, tm
     assert checkpoints.load_checkpoint(path, model, optimizer, scheduler, rank=0) == {"step": 3}
     assert optimizer.param_groups[0]["lr"] == 1e-3 and optimizer.state  # restored from the checkpoint
 
+
+
+def test_a_resume_keeps_the_checkpoints_global_batch_or_refuses_in_one_line():
+    from simpo_ray.config import TrainConfig
+    from simpo_ray.errors import UserError
+    from simpo_ray.train.checkpoints import batches_done_here, keep_recipe, recipe
+
+    written = TrainConfig(model_name_or_path="bundled:tiny", per_device_train_batch_size=4,
+                          gradient_accumulation_steps=2, num_train_epochs=1, max_steps=-1)
+    saved = {"batch_in_epoch": 6, "recipe": recipe(written, 2, 50)}  # 2 x 4 x 2 = 16 pairs a step
+    here = TrainConfig(model_name_or_path="bundled:tiny", per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2, num_train_epochs=1, max_steps=-1)
+    assert keep_recipe(saved, written, 2) == (written, 50, "")             # as written: nothing to say
+    cfg, total, note = keep_recipe(saved, here, 4)                       # 4 x 2 x 2: the same 16 pairs
+    assert cfg.gradient_accumulation_steps == 2 and total == 50 and "accumulation 2 (was 2 x 4 x 2)" in note
+    cfg, total, note = keep_recipe(saved, here, 1)                       # 1 x 2 -> accumulation 8
+    assert cfg.gradient_accumulation_steps == 8 and total == 50
+    assert note.startswith("resumed on 1 worker(s) x 2 per device: gradient accumulation 8") and "16 pairs" in note
+    assert batches_done_here(saved, cfg, 1) == 6 * 4 * 2 // 2            # 48 pairs in: 24 batches of 2
+    with pytest.raises(UserError) as err:
+        keep_recipe(saved, here, 3)                                      # 6 pairs a micro-batch: 16 % 6
+    assert "\n" not in str(err.value) and "global batch of 16 pairs" in str(err.value)
+    assert keep_recipe({"batch_in_epoch": 3}, here, 3) == (here, None, "")  # older checkpoints: as before

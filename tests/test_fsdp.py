@@ -56,7 +56,9 @@ def _checkpoint_at(run_dir: Path, step: int) -> Path:
 @pytest.fixture(scope="module")
 def runs(ray_cluster, tmp_path_factory):
     """A: 1-worker DDP; B: 2-worker FSDP (checkpoint at step 6); C: 1-worker FSDP resumed from
-    B's step-6 checkpoint. The same global batches in all three."""
+    B's step-6 checkpoint. The same global batches in all three. D: B's step 6 resumed on 1
+    worker x 4 per device (the global batch of 8 kept by accumulation 2); F: A's step 6 resumed
+    on 2 FSDP workers x 2 per device (accumulation 2)."""
     from simpo_ray.infra.launch import run_training
 
     root = tmp_path_factory.mktemp("fsdp")
@@ -68,6 +70,11 @@ def runs(ray_cluster, tmp_path_factory):
     resume = _checkpoint_at(root / "B", 6)
     out["C"] = run_training(TrainConfig(**COMMON, per_device_train_batch_size=8, parallel="fsdp"),
                             num_workers=1, storage_path=str(root), name="C", resume_from=str(resume))
+    out["D"] = run_training(TrainConfig(**COMMON, per_device_train_batch_size=4, parallel="fsdp"),
+                            num_workers=1, storage_path=str(root), name="D", resume_from=str(resume))
+    out["F"] = run_training(TrainConfig(**COMMON, per_device_train_batch_size=2, parallel="fsdp"),
+                            num_workers=2, storage_path=str(root), name="F",
+                            resume_from=str(_checkpoint_at(root / "A", 6)))
     for r in out.values():
         assert r.error is None, r.error
     return root, out
@@ -105,6 +112,19 @@ def test_sharded_checkpoint_resumes_exactly_on_one_worker(runs, tmp_path):
     assert c[0]["samples"] == 12 * 8
     pb, pc = _params(r["B"].checkpoint.path, tmp_path), _params(r["C"].checkpoint.path, tmp_path)
     assert max((pb[k] - pc[k]).abs().max().item() for k in pb) < PARAM_ATOL
+
+
+def test_resuming_on_another_worker_count_keeps_the_global_batch(runs, tmp_path):
+    """2 workers x 4 resumed on 1 worker x 4, and 1 worker x 8 resumed on 2 workers x 2: gradient
+    accumulation (1 -> 2) keeps 8 pairs per step, the data continues where it stopped, and the
+    parameters end where the uninterrupted runs' did."""
+    root, r = runs
+    for resumed, uninterrupted in (("D", "B"), ("F", "A")):
+        h = _history(root / resumed)
+        assert [x["step"] for x in h] == [12] and h[0]["samples"] == 12 * 8, h
+        p, q = _params(r[resumed].checkpoint.path, tmp_path), _params(r[uninterrupted].checkpoint.path, tmp_path)
+        assert max((p[k] - q[k]).abs().max().item() for k in p) < PARAM_ATOL, resumed
+        assert h[0]["eval/loss"] == pytest.approx(_history(root / uninterrupted)[-1]["eval/loss"], rel=LOSS_RTOL)
 
 
 def test_a_killed_fsdp_worker_resumes_from_the_sharded_checkpoint(ray_cluster, tmp_path):

@@ -8,7 +8,6 @@ import dataclasses
 import gc
 
 import pytest
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig
 

@@ -58,6 +58,66 @@ def load_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, ran
     return saved["counters"]
 
 
+def saved_counters(directory: Path) -> dict[str, Any] | None:
+    """The counters a checkpoint holds (read before anything is built, to keep its recipe); None
+    when it has none (`load_checkpoint` then says what is wrong with it)."""
+    try:
+        return json.loads((Path(directory) / STATE_FILE).read_text())["counters"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def recipe(cfg: TrainConfig, world: int, total_steps: int) -> dict[str, int]:
+    """What a resumed run must keep to train the same way: the global batch (per-device batch x
+    workers x accumulation) and the length of the learning-rate schedule."""
+    return {"world": world, "per_device": cfg.per_device_train_batch_size,
+            "accumulation": cfg.gradient_accumulation_steps, "total_steps": total_steps}
+
+
+def keep_recipe(saved: dict[str, Any] | None, cfg: TrainConfig, world: int) -> tuple[TrainConfig, int | None, str]:
+    """Resuming `saved` (a checkpoint's counters) on `world` workers with `cfg`: the config with the
+    gradient accumulation that keeps the checkpoint's global batch, the schedule length to keep
+    (None: compute it), and a line saying what changed ("" when nothing did). `UserError` in one
+    line when the global batch cannot be kept. Checkpoints from before recipes were recorded
+    resume as before."""
+    import dataclasses
+
+    from simpo_ray.errors import UserError
+
+    old = (saved or {}).get("recipe")
+    if not old:
+        return cfg, None, ""
+    global_batch = old["per_device"] * old["world"] * old["accumulation"]
+    per_step = cfg.per_device_train_batch_size * world
+    if global_batch % per_step:
+        raise UserError(
+            f"cannot resume on {world} worker(s) x {cfg.per_device_train_batch_size} pairs per device: the "
+            f"checkpoint trained with a global batch of {global_batch} pairs ({old['world']} worker(s) x "
+            f"{old['per_device']} x accumulation {old['accumulation']}), which {per_step} pairs per "
+            "micro-batch does not divide; use a per_device_train_batch_size x workers that divides it")
+    accumulation = global_batch // per_step
+    note = ""
+    if (world, cfg.per_device_train_batch_size, accumulation) != (old["world"], old["per_device"], old["accumulation"]):
+        note = (f"resumed on {world} worker(s) x {cfg.per_device_train_batch_size} per device: gradient "
+                f"accumulation {accumulation} (was {old['world']} x {old['per_device']} x "
+                f"{old['accumulation']}) keeps the global batch of {global_batch} pairs and the "
+                f"{old['total_steps']}-step schedule")
+    # max_steps given: it sets the schedule (as it did when the checkpoint was written); by epochs,
+    # the saved length, which len(loader) on another worker count would change by rounding.
+    kept = None if cfg.max_steps > 0 else old["total_steps"]
+    return dataclasses.replace(cfg, gradient_accumulation_steps=accumulation), kept, note
+
+
+def batches_done_here(counters: dict[str, Any], cfg: TrainConfig, world: int) -> int:
+    """The checkpoint's position in its epoch, in this run's per-worker batches (the same pairs:
+    every worker draws from one shuffled order, a global batch at a time)."""
+    old = counters.get("recipe")
+    if not old:
+        return counters["batch_in_epoch"]
+    pairs = counters["batch_in_epoch"] * old["per_device"] * old["world"]
+    return pairs // (cfg.per_device_train_batch_size * world)
+
+
 def export_pretrained(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """A plain Hugging Face model directory (`save_pretrained`, with the tokenizer) from a
     checkpoint of any strategy and worker count; the full state dict is gathered once, here."""

@@ -53,6 +53,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from simpo_ray.data.collate import PairCollator
 
     tokenizer = load_tokenizer(cfg)
+    saved = _saved_counters(ray.train.get_checkpoint(), config.get("resume_from"))
+    cfg, kept_steps, recipe_note = checkpoints.keep_recipe(saved, cfg, world)
     strategy = config.get("strategy") or _strategy(cfg, device, world)
     policy, bare = parallel.build_policy(cfg, strategy, device, rank, world)
     train_ds = load_shared(config["data"]["train"])
@@ -71,7 +73,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs)
+    total_steps = kept_steps or (cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs))
     from transformers import get_scheduler
 
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
@@ -83,6 +85,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         print(setup_line(cfg, strategy, world, device), flush=True)
     _resume(ray.train.get_checkpoint(), config.get("resume_from"), bare.model, optimizer, scheduler, state, rank)
+    state["batch_in_epoch"] = checkpoints.batches_done_here(state, cfg, world)
+    state["recipe"] = checkpoints.recipe(cfg, world, total_steps)
+    if recipe_note and rank == 0:
+        print(f"[simpo-ray] {recipe_note}", flush=True)
 
     objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                      label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
@@ -182,6 +188,14 @@ def _strategy(cfg: TrainConfig, device: torch.device, world: int) -> str:
     if dist.is_initialized():
         dist.all_reduce(fsdp, op=dist.ReduceOp.MAX)  # every worker must agree
     return "fsdp" if fsdp.item() > 0 else "ddp"
+
+
+def _saved_counters(checkpoint, resume_from: str | None) -> dict | None:
+    """The counters of the checkpoint this run will resume from (as `_resume` picks it), if any."""
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            return checkpoints.saved_counters(Path(ckpt_dir))
+    return checkpoints.saved_counters(Path(resume_from)) if resume_from else None
 
 
 def _resume(checkpoint, resume_from: str | None, model, optimizer, scheduler, state: dict, rank: int) -> None:
