@@ -28,40 +28,31 @@ def main(argv: list[str] | None = None) -> int:
 
     from simpo_ray.search.plan import load as load_space
     from simpo_ray.train import memory
-    from simpo_ray.train.reference_models import config_for
-    from simpo_ray.train.trace import trace_step
+    from simpo_ray.train.trace import trace_run
 
     info = machine()
     rows, out = [], []
     for name in args.spaces:
         space = load_space(REPO / "search_spaces" / f"{name}.yaml")
-        cfg, res = space.default_config(), space.resources
-        pb = space.estimate.params_billion if space.estimate else None
-        config, source = config_for(cfg.model_name_or_path, params_billion=pb)
-        shape = memory.ModelShape.from_config(config, source)
-        reward = config_for(cfg.reward_model_name_or_path)[0] if cfg.reward_model_name_or_path else None
-        batch = memory.Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16, cfg.gradient_checkpointing)
-        strategies = ("ddp", "fsdp") if cfg.parallel == "auto" else (cfg.parallel,)
-        for strategy in strategies:
-            plan = memory.plan(shape, batch, strategy=strategy, world=res.num_workers,
-                               cpu_offload=cfg.fsdp_cpu_offload, reward_params=memory.reward_params(cfg))
-            load_before = load()
-            tr = trace_step(cfg, config, world=res.num_workers, strategy=strategy, reward_config=reward)
+        res = space.resources
+        load_before = load()
+        run = trace_run(space.default_config(), res, space.estimate.params_billion if space.estimate else None)
+        for tr, plan in zip(run.traces, run.plans):
             planned = plan.total - plan.parts["overhead"]
             fits = tr.peak + memory.GPU_OVERHEAD_BYTES <= memory.FIT_MARGIN * res.gpu_memory_gb * memory.GB
-            row = {"space": name, "model": source, "strategy": strategy, "world": res.num_workers,
+            row = {"space": name, "model": run.source, "strategy": tr.strategy, "world": res.num_workers,
                    "plan_gb": planned / 1e9, "trace_gb": tr.peak / 1e9, "plan_over_trace": planned / tr.peak,
                    "fits": fits, "gpu_memory_gb": res.gpu_memory_gb,
                    "plan_parts_gb": {k: v / 1e9 for k, v in plan.parts.items()},
                    "trace_parts_gb": {k: v / 1e9 for k, v in tr.parts.items()},
                    "trace_s": tr.seconds, "ops": tr.ops, "load": [load_before, load()]}
             out.append(row)
-            rows.append([name, strategy, res.num_workers, f"{planned / 1e9:.1f}", f"{tr.peak / 1e9:.1f}",
+            rows.append([name, tr.strategy, res.num_workers, f"{planned / 1e9:.1f}", f"{tr.peak / 1e9:.1f}",
                          f"{planned / tr.peak:.2f}", "yes" if fits else "NO",
                          " / ".join(f"{tr.parts[k] / 1e9:.1f}" for k in
                                     ("parameters", "gradients", "optimizer", "reward_model", "other")),
                          f"{tr.seconds:.0f}", f"{load_before:.2f}"])
-            print(f"  {name} {strategy}: plan {planned / 1e9:.1f} GB, trace {tr.peak / 1e9:.1f} GB "
+            print(f"  {name} {tr.strategy}: plan {planned / 1e9:.1f} GB, trace {tr.peak / 1e9:.1f} GB "
                   f"({tr.seconds:.0f} s)", file=sys.stderr, flush=True)
     print(f"# memory plan vs traced step ({info['date_utc']}, torch {info['torch']}, load at start "
           f"{info['load_at_start']})\n")

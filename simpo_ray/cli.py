@@ -206,20 +206,14 @@ def trace_memory(space) -> str:
     from simpo_ray.train.trace import size, trace_run
 
     cfg, res = space.default_config(), space.resources
-    params_billion = space.estimate.params_billion if space.estimate else None
     print(f"tracing the training step of {cfg.model_name_or_path} on {res.num_workers} worker(s) under fake "
           "tensors...", file=sys.stderr, flush=True)
-    traces, config, source = trace_run(cfg, res, params_billion)
-    shape = memory.ModelShape.from_config(config, source)
-    batch = memory.Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16, cfg.gradient_checkpointing)
-    chosen = memory.decide_strategy(cfg, res, params_billion, shape=shape)
+    run = trace_run(cfg, res, space.estimate.params_billion if space.estimate else None)
     gb = res.gpu_memory_gb
-    lines = [f"memory trace (model shape from {source}; {traces[0].micro_batches} of the "
+    lines = [f"memory trace (model shape from {run.source}; {run.traces[0].micro_batches} of the "
              f"{cfg.gradient_accumulation_steps} micro-batches per step traced, every sequence {cfg.max_length} tokens):"]
     refused = None
-    for t in traces:
-        planned = memory.plan(shape, batch, strategy=t.strategy, world=res.num_workers, gpu=gb is not None,
-                              cpu_offload=cfg.fsdp_cpu_offload, reward_params=memory.reward_params(cfg))
+    for t, planned in zip(run.traces, run.plans):
         overhead = planned.parts["overhead"]
         verdict = ""
         if gb is not None:
@@ -227,9 +221,9 @@ def trace_memory(space) -> str:
             ok = need <= memory.FIT_MARGIN * gb * memory.GB
             verdict = (f"; with {overhead / memory.GB:.0f} GB CUDA overhead {need / memory.GB:.1f} GB of "
                        f"{gb:g} GB: {'fits' if ok else 'does NOT fit'} (plans may use {memory.FIT_MARGIN:.0%})")
-            if not ok and t.strategy == chosen:
+            if not ok and t.strategy == run.chosen:
                 refused = f"{t.strategy} needs {need / memory.GB:.1f} GB per GPU by the trace"
-        mark = " (the run's strategy)" if t.strategy == chosen else ""
+        mark = " (the run's strategy)" if t.strategy == run.chosen else ""
         lines.append(f"  {t.summary()}{mark}; plan {size(planned.total - overhead)} without overhead{verdict}")
     if refused:
         raise UserError(f"{cfg.model_name_or_path} does not fit the trial's {gb:g} GB GPUs: {refused}; use more "

@@ -209,3 +209,21 @@ def test_a_resume_keeps_the_checkpoints_global_batch_or_refuses_in_one_line():
         keep_recipe(saved, here, 3)                                      # 6 pairs a micro-batch: 16 % 6
     assert "\n" not in str(err.value) and "global batch of 16 pairs" in str(err.value)
     assert keep_recipe({"batch_in_epoch": 3}, here, 3) == (here, None, "")  # older checkpoints: as before
+
+
+def test_the_recipe_is_read_from_a_ray_checkpoint_without_downloading_it(tmp_path):
+    """The worker peeks at the checkpoint's counters through Ray's filesystem (one small file);
+    `as_directory` would download a remote checkpoint whole, before `_resume` downloads it again."""
+    import json
+
+    import ray.train
+
+    from simpo_ray.train.checkpoints import STATE_FILE
+    from simpo_ray.train.loop import _saved_counters
+
+    counters = {"step": 6, "batch_in_epoch": 6, "recipe": {"world": 2, "per_device": 4, "accumulation": 1,
+                                                           "total_steps": 12}}
+    (tmp_path / STATE_FILE).write_text(json.dumps({"scheduler": {}, "counters": counters}))
+    assert _saved_counters(ray.train.Checkpoint.from_directory(str(tmp_path)), None) == counters
+    assert _saved_counters(None, str(tmp_path)) == counters
+    assert _saved_counters(ray.train.Checkpoint.from_directory(str(tmp_path / "missing")), None) is None

@@ -62,8 +62,15 @@ def saved_counters(directory: Path) -> dict[str, Any] | None:
     """The counters a checkpoint holds (read before anything is built, to keep its recipe); None
     when it has none (`load_checkpoint` then says what is wrong with it)."""
     try:
-        return json.loads((Path(directory) / STATE_FILE).read_text())["counters"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return parse_counters((Path(directory) / STATE_FILE).read_text())
+    except OSError:
+        return None
+
+
+def parse_counters(text: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(text)["counters"]
+    except (ValueError, KeyError, TypeError):
         return None
 
 

@@ -191,10 +191,15 @@ def _strategy(cfg: TrainConfig, device: torch.device, world: int) -> str:
 
 
 def _saved_counters(checkpoint, resume_from: str | None) -> dict | None:
-    """The counters of the checkpoint this run will resume from (as `_resume` picks it), if any."""
+    """The counters of the checkpoint this run will resume from (as `_resume` picks it), if any.
+    Ray's checkpoint is read through its own filesystem, the small JSON file alone: `as_directory`
+    would download a remote checkpoint whole, and `_resume` downloads it once already."""
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            return checkpoints.saved_counters(Path(ckpt_dir))
+        try:
+            with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{checkpoints.STATE_FILE}") as f:
+                return checkpoints.parse_counters(f.read().decode())
+        except (OSError, UnicodeDecodeError):
+            return None
     return checkpoints.saved_counters(Path(resume_from)) if resume_from else None
 
 

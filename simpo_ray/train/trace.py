@@ -311,11 +311,19 @@ def _count_reward_model(model, device, live: LiveBytes) -> None:
         live.track(t, "reward_model")
 
 
-def trace_run(cfg: TrainConfig, resources: Any, params_billion: float | None = None,
-              strategies: tuple[str, ...] | None = None) -> tuple[list[Trace], Any, str]:
-    """Traces of one trial of `cfg` on `resources` (a `config.Resources`): the strategy the run
-    would use, or both when `parallel: auto` decides between them; and where the model's shape
-    came from: (traces, the model's config, its source)."""
+@dataclass(frozen=True)
+class TracedRun:
+    """One trial's traces beside its plans, one per strategy traced."""
+    traces: list[Trace]
+    plans: list[Any]              # memory.MemoryPlan, the same strategy as traces[i]
+    chosen: str | None            # the strategy the run would use
+    source: str                   # where the model's shape came from
+
+
+def trace_run(cfg: TrainConfig, resources: Any, params_billion: float | None = None) -> TracedRun:
+    """Traces of one trial of `cfg` on `resources` (a `config.Resources`), with the plan of each:
+    the strategy the run would use, or both when `parallel: auto` decides between them. The
+    model's shape, the reward model and the strategy come from the same sources as the plan's."""
     from simpo_ray.train import memory
     from simpo_ray.train.reference_models import config_for
 
@@ -330,9 +338,13 @@ def trace_run(cfg: TrainConfig, resources: Any, params_billion: float | None = N
             reward, _ = config_for(resolve_reward_path(name) if name == BUNDLED_REWARD else name)
         except KeyError:  # not readable offline and not a known family: planned by its size only
             reward = None
-    if strategies is None:
-        decided = memory.decide_strategy(cfg, resources, params_billion, shape=memory.ModelShape.from_config(config, source))
-        strategies = ("ddp", "fsdp") if cfg.parallel == "auto" else (decided,)
+    shape = memory.ModelShape.from_config(config, source)
+    chosen = memory.decide_strategy(cfg, resources, params_billion, shape=shape)
+    strategies = ("ddp", "fsdp") if cfg.parallel == "auto" else (chosen,)
+    batch = memory.Batch(cfg.per_device_train_batch_size, cfg.max_length, cfg.bf16, cfg.gradient_checkpointing)
+    plans = [memory.plan(shape, batch, strategy=s, world=resources.num_workers,
+                         gpu=resources.gpu_memory_gb is not None, cpu_offload=cfg.fsdp_cpu_offload,
+                         reward_params=memory.reward_params(cfg)) for s in strategies]
     traces = [trace_step(cfg, config, world=resources.num_workers, strategy=s, reward_config=reward)
               for s in strategies]
-    return traces, config, source
+    return TracedRun(traces, plans, chosen, source)
