@@ -65,8 +65,12 @@ def test_the_trace_equals_a_real_cpu_runs_allocated_bytes(strategy, bf16):
     with _PeakAfterEachOp(read) as sampler:
         real = trace_step(cfg, ONE_LAYER, world=1, strategy=strategy, fake=False)
     assert real.peak == pytest.approx(traced.peak, rel=0.01)  # the same count on real tensors
-    # The allocator also holds small non-tensor blocks (autograd nodes, gloo): within 1%.
-    assert sampler.peak - base == pytest.approx(traced.peak, rel=0.01), (sampler.peak - base, traced.peak)
+    # The allocator also holds non-tensor blocks (autograd nodes, gloo, Python objects over 512
+    # bytes): 0.1 MB alone, 1.0 MB once in the whole suite's CI run. Allowed: 1% + 1.5 MiB, which is
+    # still less than any one tensor a miss could hide (one layer's fp32 gradients are 3.1 MB, the
+    # chunk's logits 4.2 MB); below the trace only 1%: the trace may not invent bytes.
+    extra = sampler.peak - base - traced.peak
+    assert -0.01 * traced.peak <= extra <= 0.01 * traced.peak + 1.5 * 2**20, (sampler.peak - base, traced.peak)
     assert traced.parts["parameters"] > 0 and traced.parts["optimizer"] == pytest.approx(2 * traced.parts["parameters"], abs=1000)  # + step counters
 
 
