@@ -3,7 +3,8 @@
 
 Contract: a mistake in the input is one `error: ...` line on stderr and exit status 2
 (`--debug` shows the traceback), found before any Ray process starts where that is possible.
-An interrupted command (Ctrl-C) exits with status 130 (128 + SIGINT), as shells expect.
+An interrupted command (Ctrl-C) exits with status 130 (128 + SIGINT), as shells expect; a search
+stopped for another reason (the disk nearly full) writes its partial tables and exits with 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from simpo_ray.errors import UserError, one_line
+from simpo_ray.errors import SearchStopped, UserError, one_line
 from simpo_ray.io import check_name
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
@@ -31,14 +32,14 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def run_command(command: Callable[[], int], *, debug: bool) -> int:
     """`command()`'s exit status; a `UserError` becomes one `error: ...` line on stderr and
-    status 2, or with `debug` propagates (its traceback shown)."""
+    status 2 (`SearchStopped`: status 1), or with `debug` propagates (its traceback shown)."""
     try:
         return command()
-    except UserError as e:
+    except (UserError, SearchStopped) as e:
         if debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(e, UserError) else 1
     except KeyboardInterrupt:
         if debug:
             raise
@@ -232,7 +233,8 @@ def trace_memory(space) -> str:
 
 
 def tune_main(argv: list[str] | None = None) -> int:
-    """`python -m simpo_ray.tune`: 0 done, 2 bad input, 130 interrupted (partial tables written)."""
+    """`python -m simpo_ray.tune`: 0 done, 2 bad input, 130 interrupted (partial tables written),
+    1 stopped because the disk was nearly full or a write failed (partial tables written where they fit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _tune_parser().parse_args(argv)
     resume = shlex.join(["python", "-m", "simpo_ray.tune", *argv] + ([] if args.resume else ["--resume"]))

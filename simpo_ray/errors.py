@@ -10,6 +10,11 @@ class UserError(Exception):
     """A problem with the user's input. CLIs print it as one line and exit with status 2."""
 
 
+class SearchStopped(Exception):
+    """A search that stopped before its end for a reason other than Ctrl-C (a nearly full disk),
+    after writing its partial tables. CLIs print it as one line and exit with status 1."""
+
+
 class ConfigError(UserError):
     """A configuration value that is unknown, of the wrong type, or out of range."""
 

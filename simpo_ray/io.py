@@ -98,15 +98,20 @@ class Storage:
 
     def read_text(self, rel: str) -> str | None:
         """The text of `rel`, or None when there is no such file."""
+        data = self.read_bytes(rel)
+        return None if data is None else data.decode()
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The bytes of `rel`, or None when there is no such file."""
         if not self.is_remote:
             try:
-                return Path(self.path(rel)).read_text()
+                return Path(self.path(rel)).read_bytes()
             except (FileNotFoundError, NotADirectoryError):
                 return None
         fs, path = self._fs(rel)
         try:
             with fs.open_input_stream(path) as f:
-                return f.read().decode()
+                return f.read()
         except FileNotFoundError:
             return None
 

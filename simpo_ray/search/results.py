@@ -74,7 +74,7 @@ def trial_status(metrics: dict[str, Any], error: BaseException | None, tune_stat
 
 
 def saved_trial_states(exp_path: str) -> dict[str, dict[str, str]]:
-    """{trial_id: {"status", "dir"}} from Tune's latest saved experiment state (plain JSON; one
+    """{trial_id: {"status", "dir", "config"}} from Tune's latest saved experiment state (plain JSON; one
     `experiment_state-<session start>.json` per driver session, the latest last by name).
     Empty when there is none."""
     storage = Storage(exp_path)
@@ -86,7 +86,8 @@ def saved_trial_states(exp_path: str) -> dict[str, dict[str, str]]:
     for state, _ in json.loads(text).get("trial_data", []):
         state = json.loads(state) if isinstance(state, str) else state
         out[str(state["trial_id"])] = {"status": str(state.get("status")),
-                                       "dir": str(state.get("relative_logdir") or "")}
+                                       "dir": str(state.get("relative_logdir") or ""),
+                                       "config": state.get("config") or {}}
     return out
 
 
@@ -116,8 +117,10 @@ def build_tables(results: list[Any], *, objective: str, mode: str, default_point
     for result in results:
         metrics = dict(result.metrics or {})
         config = dict(result.config or {})
-        params = {k: config[k] for k in PARAMS if k in config}
         trial_id = str(metrics.get("trial_id") or by_dir.get(Path(result.path).name) or Path(result.path).name)
+        if not config:  # a trial cut before its first report: its parameters are in Tune's state
+            config = dict(tune_states.get(trial_id, {}).get("config") or {})
+        params = {k: config[k] for k in PARAMS if k in config}
         earlier = read_trial_history(exp_path, trial_id) if exp_path else None
         history = _one_row_per_step(result.metrics_dataframe, earlier)
         if history is not None and len(history) and "step" in history:

@@ -17,11 +17,12 @@ from typing import Any
 
 
 from simpo_ray.infra import cluster, ray_workarounds
-from simpo_ray.errors import UserError
+from simpo_ray.errors import SearchStopped, UserError
 from simpo_ray.infra.history import history_callback
 from simpo_ray.io import check_name
 from simpo_ray.infra.launch import make_trainer
 from simpo_ray.infra.launch import prepare_run
+from simpo_ray.search import disk
 from simpo_ray.search.lock import ExperimentLock
 from simpo_ray.search.objectives import describe as describe_objective
 from simpo_ray.search.records import BUDGET_KEYS, SearchRecord, space_differences
@@ -103,6 +104,10 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
                   f"objective {describe_objective(space.search)}, scheduler {space.search.scheduler}")
     if space.warm is not None and not resume:  # a resumed searcher keeps the trials it was given
         _say(verbose, f"[simpo-ray] {space.warm.summary()}")
+    need = disk.need(space, slots)
+    warning = disk.check(space, root, slots)  # refuses when not even one round of checkpoints fits
+    if warning:
+        _say(verbose, f"[simpo-ray] {warning}")
     _say(verbose, "[simpo-ray] preparing data and model once for all trials ...")
     t0 = time.perf_counter()
     run = prepare_run(space.default_config(), prepared)
@@ -125,11 +130,48 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
                 name=name, storage_path=root, stop=DivergenceStopper(),
                 progress_reporter=make_reporter(space), verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=[disk.DiskWatch(root, need.in_flight)] if need else None,
             ),
         )
     ray_workarounds.quiet_tune_end_hints()  # our summary words the end (and how to resume)
-    grid = tuner.fit()
-    return finish(grid, space, exp_path, record, verbose=verbose, resume_command=resume_command)
+    try:
+        grid = tuner.fit()
+        local = finish(grid, space, exp_path, record, verbose=verbose, resume_command=resume_command)
+    except OSError as e:  # a write failed although the watch did not see the disk fill (or a URI)
+        raise SearchStopped(_write_failed(e, exp_path, resume_command)) from e
+    except Exception as e:
+        if not _disk_is_full(e, root):
+            raise
+        raise SearchStopped(_write_failed(e, exp_path, resume_command)) from e
+    reason = disk.stopped(root)
+    if reason:
+        raise SearchStopped(f"{reason}; free space there (each trial's checkpoints are under "
+                            f"{exp_path}/train_runs), then resume it with: {resume_command}")
+    return local
+
+
+def _disk_is_full(error: BaseException, root: str) -> bool:
+    """Whether `error` (or one it came from) is ENOSPC, or the storage is full now: Tune reads
+    files a full disk cut short (an empty pickled error, a cut-off JSON) and fails on them."""
+    import errno
+
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    free = disk.free_bytes(root)
+    return free is not None and free < disk.MARGIN
+
+
+def _write_failed(error: BaseException, exp_path: str, resume_command: str) -> str:
+    from simpo_ray.errors import one_line
+
+    free = disk.free_bytes(exp_path)
+    where = f" ({disk.size(free)} free there)" if free is not None else ""
+    return (f"the search stopped: a write to {exp_path} failed{where}: {one_line(error, with_type=True)}. "
+            f"Every report of every trial is in {exp_path}/train_runs/train-*/history.jsonl; free space, "
+            f"then resume it with: {resume_command}")
 
 
 def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
@@ -216,3 +258,36 @@ def _check_resumable(exp_path: str) -> None:
 
     if not tune.Tuner.can_restore(exp_path):
         raise UserError(f"--resume: {exp_path} holds no search to resume (check --storage-path and --name)")
+    damaged = _damaged_tune_state(exp_path)
+    if damaged:
+        raise UserError(f"--resume: Tune's saved state {damaged}, so Tune cannot restore this search (a "
+                        f"full disk cuts files short); every trial's reports are kept in {exp_path}/train_runs/"
+                        "train-*/history.jsonl and its checkpoints beside them; start a new search with --name")
+
+
+def _damaged_tune_state(exp_path: str) -> str | None:
+    """'<file> is <what is wrong>' for the first of Tune's state files (the latest session's)
+    that is empty or, for JSON, does not parse; None when all are whole. Tune would otherwise fail
+    on them with a traceback, or restore a search with its trials missing."""
+    import json
+    import pickletools
+
+    from simpo_ray.io import Storage
+
+    storage = Storage(exp_path)
+    latest = {prefix: sorted(n for n in storage.names(prefix) if n.endswith(suffix))
+              for prefix, suffix in (("experiment_state-", ".json"), ("search_gen_state-", ".json"),
+                                     ("searcher-state-", ".pkl"))}
+    for name in ["tuner.pkl"] + [names[-1] for names in latest.values() if names]:
+        data = storage.read_bytes(name)
+        if not data:
+            return f"{storage.path(name)} is empty"
+        try:
+            if name.startswith("experiment_state-"):
+                json.loads(data)
+            else:  # pickles (search_gen_state-*.json too): walk the opcodes, executing none
+                for _ in pickletools.genops(data):
+                    pass
+        except ValueError as e:
+            return f"{storage.path(name)} is cut short or damaged ({e})"
+    return None
