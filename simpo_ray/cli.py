@@ -14,13 +14,17 @@ import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from simpo_ray.errors import SearchStopped, UserError, one_line
 from simpo_ray.io import check_name
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+_terminated: list[int] = []  # set by the SIGTERM handler of `run_command`
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -32,9 +36,17 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def run_command(command: Callable[[], int], *, debug: bool) -> int:
     """`command()`'s exit status; a `UserError` becomes one `error: ...` line on stderr and
-    status 2 (`SearchStopped`: status 1), or with `debug` propagates (its traceback shown)."""
+    status 2 (`SearchStopped`: status 1), or with `debug` propagates (its traceback shown).
+
+    SIGTERM (`kill`, a job scheduler's stop) ends the command as Ctrl-C does (a search saves its
+    state and writes its partial tables), with status 143; a second SIGTERM or Ctrl-C ends it at
+    once. (`cluster.init_ray` keeps this handler where Ray would put its own.)
+    """
+    _terminated.clear()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c) if main else None
     try:
-        return command()
+        status = command()
     except (UserError, SearchStopped) as e:
         if debug:
             raise
@@ -43,8 +55,21 @@ def run_command(command: Callable[[], int], *, debug: bool) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"error: {'terminated (SIGTERM)' if _terminated else 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        status = EXIT_INTERRUPTED
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    return EXIT_TERMINATED if _terminated and status == EXIT_INTERRUPTED else status
+
+
+def _sigterm_as_ctrl_c(signum, frame) -> None:
+    """What SIGINT does now (Tune's or Train's graceful stop, else KeyboardInterrupt)."""
+    _terminated.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored (a background job): SIGTERM still ends the command
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 def check_flag_ranges(args: argparse.Namespace, lowest: dict[str, float]) -> None:

@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from simpo_ray.errors import UserError
 from simpo_ray.search import disk
+from simpo_ray.search.searcher import DiskWatch
 from simpo_ray.train import checkpoints, memory
 from simpo_ray.config import TrainConfig
 
@@ -105,13 +106,13 @@ def test_the_check_before_a_search_refuses_warns_or_passes_by_free_space(tmpfs, 
 
 
 def test_the_watch_stops_the_search_like_ctrl_c_when_the_disk_fills(tmpfs):
-    """`DiskWatch` sends its own process SIGUSR1 (which Tune handles as Ctrl-C) once, when the free
+    """`searcher.DiskWatch` sends its own process SIGUSR1 (which Tune handles as Ctrl-C) once, when the free
     space falls below its reserve, and says why; not before."""
     path = tmpfs(48)
     got = []
     old = signal.signal(signal.SIGUSR1, lambda *a: got.append(a[0]))
     try:
-        watch = disk.DiskWatch(str(path), reserve=24 * MB, every_s=0)
+        watch = DiskWatch(str(path), reserve=24 * MB, every_s=0)
         watch.on_step_begin(0, [])
         assert not got and disk.stopped(str(path)) is None
         _fill(path, leave=8 * MB)

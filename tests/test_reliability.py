@@ -779,3 +779,67 @@ def test_a_trial_whose_run_had_ended_when_resumed_is_completed_from_its_history(
     assert curves["step"].tolist() == [0, 10, 20, 30, 40]
     assert trials.loc[0, "status"] == "completed" and trials.loc[0, "steps"] == 40
     assert trials.loc[0, "objective_value"] == 0.4
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does_with_status_143(capsys):
+    """`run_command`: SIGTERM becomes what SIGINT does at that moment (here KeyboardInterrupt),
+    one line and status 143; the previous SIGTERM handler is back afterwards."""
+    from simpo_ray.cli import run_command
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def command():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # interrupted at once
+        return 0
+
+    t0 = time.monotonic()
+    assert run_command(command, debug=False) == 143
+    assert time.monotonic() - t0 < 5
+    assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert run_command(lambda: 0, debug=False) == 0
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_training_run_in_seconds_without_rays_abort(tmp_path):
+    """`python -m simpo_ray.train` with its own Ray, SIGTERMed mid-training: Ray's C++ handler
+    (a stack dump, then abort) does not take over; the run stops as for Ctrl-C, exit 143, one
+    error line, and the processes it started are gone soon after."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "max_steps": 5000, "eval_steps": 10}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    log_path = tmp_path / "train.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "simpo_ray.train", "--config", str(config),
+                                 "--storage-path", str(tmp_path), "--name", "term"], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while not any(r["step"] >= 10 for r in _history(tmp_path / "term")):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, "training did not start in time"
+                time.sleep(0.2)
+            ours = psutil.Process(proc.pid).children(recursive=True)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            took = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out = log_path.read_text()
+    print(f"SIGTERM to exit: {took:.1f} s")
+    assert proc.returncode == 143, out[-3000:]
+    assert took < 30
+    assert "SIGTERM received" not in out and "Traceback" not in out, out[-3000:]
+    assert [line for line in out.splitlines() if line.startswith("error:")] == ["error: terminated (SIGTERM)"]
+    _, alive = psutil.wait_procs(ours, timeout=20)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.name() for p in alive]

@@ -756,14 +756,15 @@ def test_results_keep_one_report_per_step_after_a_resumed_trial_reran():
 
 def _stored_search(tmp_path: Path, space: Path, name: str = "kept") -> Path:
     """An experiment directory as a started search leaves it: search.json and Tune's tuner.pkl
-    (whose presence is what `Tuner.can_restore` checks; it is not read here)."""
+    (whose presence is what `Tuner.can_restore` checks; here a whole pickle of nothing, which
+    the resume's damage check walks but never loads)."""
     from simpo_ray.search.records import SearchRecord
     from simpo_ray.search.plan import load
 
     exp = tmp_path / "results" / name
     exp.mkdir(parents=True)
     SearchRecord.from_space(load(space), space, name).write(exp)
-    (exp / "tuner.pkl").write_bytes(b"")
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({}))
     return exp
 
 

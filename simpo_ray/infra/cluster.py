@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +265,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
 
     if ray.is_initialized():
         return ClusterInfo.from_ray()
+    # ray.init replaces SIGTERM's handler twice (a Python sys.exit, then its core worker's C++
+    # failure handler, which aborts with a stack dump); the caller's is put back below.
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     ray_env_defaults()
     # Processes that a SIGKILLed search's private cluster left behind (issue: they outlive it).
     ray_workarounds.end_dead_session_processes(ray_temp_dir())
@@ -297,6 +302,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         check_address(address)
         init_kwargs["address"] = address
         _start_ray(init_kwargs, private=False)
+    if callable(sigterm):
+        signal.signal(signal.SIGTERM, sigterm)
     if reap_orphans:
         ray_workarounds.start_orphan_reaper()
     return ClusterInfo.from_ray()

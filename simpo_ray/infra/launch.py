@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simpo_ray.infra import ray_workarounds
 from simpo_ray.infra.cluster import ClusterInfo, check_fits
 from simpo_ray.infra.history import HISTORY_FILE, history_callback, read_history
 from simpo_ray.config import Resources, TrainConfig
@@ -158,10 +157,32 @@ def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_w
                            callbacks=[history_callback(Path(storage_path) / name / HISTORY_FILE)],
                            checkpoint_score_attribute=checkpoint_score_attribute,
                            checkpoint_score_order=checkpoint_score_order, resume_from=resume_from)
-    return _fit_restoring_sigint(trainer)
+    return _fit_interruptibly(trainer)
 
 
-def _fit_restoring_sigint(trainer):
-    """`trainer.fit()`, then put back the caller's SIGINT handler (a Train V2 workaround)."""
-    with ray_workarounds.sigint_handler_kept():
-        return trainer.fit()
+def _fit_interruptibly(trainer):
+    """`trainer.fit()` in a thread, the main thread waiting on it, so that Ctrl-C and SIGTERM
+    raise KeyboardInterrupt here at once (the run's actors end with the driver: Ray ends a gone
+    driver's actors, and a private cluster shuts down at exit).
+
+    In the main thread Train V2's `fit()` installs its own SIGINT handler, which aborts the run
+    and then exits with status 1 and no message (and is never removed); from another thread it
+    installs none. Errors of the run are raised here as `fit()` raises them.
+    """
+    import threading
+
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=fit, name="simpo-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -145,23 +145,6 @@ def quiet_tune_end_hints() -> None:
         tune_logger.addFilter(_TuneEndHints())
 
 
-@contextlib.contextmanager
-def sigint_handler_kept() -> Iterator[None]:
-    """Put back the caller's SIGINT handler when the block (a Train `fit()`) ends.
-
-    In the main thread, Train V2's `fit()` installs a SIGINT handler whose closure holds the
-    controller actor's handle and is never removed: the TrainController process then outlives
-    the run, and Ctrl-C keeps going to a finished run.
-    """
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main_thread else None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 # ---------------------------------------------------------------- orphan placement-group reaper
 #
 # When Tune stops a trial early it kills the trial actor and with it the Train controller; the

@@ -8,7 +8,7 @@ together) plus small files (DCP's metadata, RNG states, trainer_state.json, the 
 - Before the search (`check`): refused in one line when the storage cannot hold one more
   checkpoint for every trial running at once (`Need.in_flight`); one warning line when it cannot
   hold what the whole search keeps (`Need.whole`).
-- While it runs (`DiskWatch`, a Tune callback in the driver): when the free space of the storage
+- While it runs (`searcher.DiskWatch`, a Tune callback in the driver, calling `low`): when the free space of the storage
   (or of the temporary directory where workers stage their checkpoints, if that is another
   file system) falls below `Need.in_flight`, the search is stopped the way Ctrl-C stops it (Tune
   saves its state, the trials that finished keep their rows, the cut ones are `interrupted`),
@@ -22,11 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import signal
 import tempfile
-import time
-
-from ray.tune import Callback
 
 from simpo_ray.errors import UserError
 from simpo_ray.io import is_uri
@@ -38,7 +34,7 @@ MARGIN = 32 * MB
 # at real size), rng_state_<rank>.pt, trainer_state.json, train_config.yaml, DCP's headers.
 CHECKPOINT_FILES = 1 * MB
 BYTES_PER_PARAM = 12  # fp32 weights + AdamW's exp_avg and exp_avg_sq
-# Why the watch stops a search: {storage root: message}, set by `DiskWatch`, read by `stopped`.
+# Why the watch stops a search: {storage root: message}, set by `low`, read by `stopped`.
 _STOPPED: dict[str, str] = {}
 
 
@@ -70,7 +66,8 @@ def need(space, slots: int) -> Need | None:
 
 
 def size(n: float) -> str:
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / MB:.1f} MB"
+    """Bytes for people, in the units the memory plan uses (GB = 1e9 bytes, MB = 1e6)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def free_bytes(path: str) -> int | None:
@@ -124,31 +121,27 @@ def check(space, root: str, slots: int) -> str | None:
     return None
 
 
-class DiskWatch(Callback):
-    """A Ray Tune callback that stops the search like Ctrl-C when a watched path's free space
-    falls below `reserve` bytes: it sends this process SIGUSR1, which Tune handles as it handles
-    SIGINT (state saved, trials stopped). Pickled with the Tuner, so a resume keeps watching."""
+def describe(space, root: str, slots: int) -> str:
+    """The dry run's line: what the search writes, and what `root` has free."""
+    n = need(space, slots)
+    if n is None:
+        return "disk: not counted (the model's size is unknown)"
+    free = free_bytes(root)
+    has = f"{root} has {size(free)} free" if free is not None else f"{root} is not measured (a URI)"
+    return (f"disk: up to {size(n.whole)} of checkpoints for the whole search ({n.what}), at least "
+            f"{size(n.in_flight)} free while it runs; {has}")
 
-    def __init__(self, root: str, reserve: int, every_s: float = 2.0) -> None:
-        self.root, self.reserve, self.every_s = root, reserve, every_s
-        self._next = 0.0
-        self._fired = False
 
-    def on_step_begin(self, iteration, trials, **info) -> None:
-        now = time.monotonic()
-        if self._fired or now < self._next:
-            return
-        self._next = now + self.every_s
-        for path in watched(self.root):
-            free = free_bytes(path)
-            if free is not None and free < self.reserve:
-                self._fired = True
-                _STOPPED[self.root] = (f"stopped before the disk filled: {path} has {size(free)} free, less "
-                                       f"than the {size(self.reserve)} the running trials' next checkpoints "
-                                       "and the search's records need")
-                print(f"[simpo-ray] {_STOPPED[self.root]}; stopping the search (resumable) ...", flush=True)
-                os.kill(os.getpid(), signal.SIGUSR1)
-                return
+def low(root: str, reserve: int) -> str | None:
+    """Why a search on `root` must stop now (a watched path has less than `reserve` bytes
+    free), remembered for `stopped`; None while there is room."""
+    for path in watched(root):
+        free = free_bytes(path)
+        if free is not None and free < reserve:
+            _STOPPED[root] = (f"stopped before the disk filled: {path} has {size(free)} free, less than the "
+                              f"{size(reserve)} the running trials' next checkpoints and the search's records need")
+            return _STOPPED[root]
+    return None
 
 
 def stopped(root: str) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from simpo_ray.errors import UserError
 from simpo_ray.io import Storage, check_name
+from simpo_ray.search import disk
 from simpo_ray.search.describe import describe_space
 from simpo_ray.search.estimate import estimate_gpu_hours
 from simpo_ray.train.memory import plan_for
@@ -85,12 +86,14 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
     if space.warm is not None:  # transfer.describe: trials handed over, trends, the predicted point
         lines += space.warm.lines
     lines.append(f"cluster ({where}): {target.cpus:g} CPU, {target.gpus:g} GPU on {len(target.nodes)} node(s)")
+    slots = 1
     try:
         slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
         lines.append(f"concurrency: {slots} trial(s) at once; {space.search.num_samples} trials in "
                      f"about {-(-space.search.num_samples // slots)} wave(s) before early stopping")
     except UserError as e:
         lines.append(f"does not fit this cluster: {e}")
+    lines.append(disk.describe(space, storage_root(storage_path), slots))
     try:
         plan = memory_plan(space)
         lines.append(f"memory per GPU: {plan.summary()}; model shape from {plan.shape.source}"

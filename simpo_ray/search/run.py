@@ -28,7 +28,7 @@ from simpo_ray.search.objectives import describe as describe_objective
 from simpo_ray.search.records import BUDGET_KEYS, SearchRecord, space_differences
 from simpo_ray.search.plan import experiment_path, loaded, memory_plan, storage_root
 from simpo_ray.search.results import TRIAL_HISTORY, finish
-from simpo_ray.search.searcher import DivergenceStopper, make_reporter, make_scheduler, make_searcher
+from simpo_ray.search.searcher import DiskWatch, DivergenceStopper, make_reporter, make_scheduler, make_searcher
 from simpo_ray.search.space import SearchSpace
 
 
@@ -130,7 +130,7 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
                 name=name, storage_path=root, stop=DivergenceStopper(),
                 progress_reporter=make_reporter(space), verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[disk.DiskWatch(root, need.in_flight)] if need else None,
+                callbacks=[DiskWatch(root, need.in_flight)] if need else None,
             ),
         )
     ray_workarounds.quiet_tune_end_hints()  # our summary words the end (and how to resume)

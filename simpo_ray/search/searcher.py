@@ -1,15 +1,19 @@
 """The searcher and the schedulers of a search: Optuna's TPE or random sampler over the space
 (`make_searcher`), ASHA / asynchronous HyperBand / median stopping / FIFO (`make_scheduler`),
-the divergence stopper, and the progress table Tune prints (`make_reporter`). No tensors."""
+the divergence stopper, the disk watch, and the progress table Tune prints (`make_reporter`).
+No tensors."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import time
 from typing import Any
 
 import numpy as np
 import optuna
-from ray.tune import CLIReporter, Stopper
+from ray.tune import Callback, CLIReporter, Stopper
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
@@ -158,3 +162,27 @@ def make_reporter(space):
         parameter_columns={"learning_rate": "lr", "beta": "beta", "gamma_beta_ratio": "g/b", "sft_weight": "sft"},
         max_report_frequency=30, sort_by_metric=True, max_progress_rows=12,
     )
+
+
+class DiskWatch(Callback):
+    """Stops the search like Ctrl-C once `disk.low(root, reserve)` (checked every `every_s`
+    seconds of Tune's loop): it sends this process SIGUSR1, which Tune handles as it handles
+    SIGINT (state saved, trials stopped). Pickled with the Tuner, so a resume keeps watching."""
+
+    def __init__(self, root: str, reserve: int, every_s: float = 2.0) -> None:
+        self.root, self.reserve, self.every_s = root, reserve, every_s
+        self._next = 0.0
+        self._fired = False
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        from simpo_ray.search import disk
+
+        now = time.monotonic()
+        if self._fired or now < self._next:
+            return
+        self._next = now + self.every_s
+        reason = disk.low(self.root, self.reserve)
+        if reason:
+            self._fired = True
+            print(f"[simpo-ray] {reason}; stopping the search (resumable) ...", flush=True)
+            os.kill(os.getpid(), signal.SIGUSR1)
