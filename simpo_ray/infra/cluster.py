@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simpo_ray.infra import loopback, ray_workarounds
+from simpo_ray.infra import guard, loopback, ray_workarounds
 from simpo_ray.errors import UserError, one_line
 from simpo_ray.io import is_uri
 
@@ -295,6 +295,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
             init_kwargs.setdefault("dashboard_host", LOOPBACK)
         with ray_workarounds.loopback_only():
             _start_ray(init_kwargs, private=True)
+        # Its agents outlive a SIGKILLed driver by a minute unless ended (infra/guard.py).
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+        guard.start(ray_temp_dir(), os.path.basename(session_dir))
     else:
         if num_cpus is not None or num_gpus is not None:
             raise UserError("num_cpus/num_gpus only apply when starting a local cluster "
