@@ -29,6 +29,9 @@ class TrainConfig:
     attn_implementation: str | None = None
     bf16: bool = False
     gradient_checkpointing: bool = False
+    # HF TrainingArguments' key: here `torch.compile` of the per-chunk log-prob head (the
+    # vocabulary-bound part of the step), one graph per chunk size, eager if compiling fails.
+    torch_compile: bool = False
     # The reference trainer turns dropout off (`disable_dropout: true`): SimPO's log-prob
     # comparisons are then deterministic, and a resumed run equals an uninterrupted one.
     disable_dropout: bool = True

@@ -373,3 +373,68 @@ def test_total_loss_matches_trl_cpo_simpo(tmp_path, label_smoothing):
     # the SimPO part alone is non-trivial (not dominated by the SFT term)
     losses, _, _ = simpo_loss(out["chosen_logps"], out["rejected_logps"], beta=beta, gamma_beta_ratio=gamma_beta_ratio)
     assert losses.mean().item() > 0.1
+
+
+# ------------------------------------------------------------------ torch_compile of the head
+
+def _head_case(seed: int, length: int, vocab: int = 1000, hidden: int = 48):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(3, length, hidden, generator=g, requires_grad=True)
+    w = (0.1 * torch.randn(vocab, hidden, generator=g)).requires_grad_()
+    labels = torch.randint(0, vocab, (3, length), generator=g)
+    labels[:, : length // 3] = -100  # prompts
+    labels[1, -2:] = -100  # padding
+    return h, w, labels
+
+
+def _logps_and_grads(h, w, labels, compile):
+    from simpo_ray.train.loss import token_logps
+
+    total, n = token_logps(h, w, labels, chunk_size=16, compile=compile)
+    (total.sum() * 0.01).backward()
+    out = (total.detach().clone(), n, h.grad.clone(), w.grad.clone())
+    h.grad, w.grad = None, None
+    return out
+
+
+@pytest.mark.slow  # inductor compiles C++ in worker processes
+def test_the_compiled_head_gives_the_eager_values_and_gradients_and_compiles_once():
+    """`torch_compile` of the per-chunk head: log-probs and the gradients of hidden states and
+    head weight equal the eager path to 1e-5 (fp32) over lengths whose last chunk is partial;
+    a second batch length compiles no new graph (the last chunk is padded to the chunk size)."""
+    from torch._dynamo.utils import counters
+
+    for seed, length in ((0, 37), (1, 50)):
+        h, w, labels = _head_case(seed, length)
+        eager = _logps_and_grads(h, w, labels, compile=False)
+        graphs = counters["stats"]["unique_graphs"]
+        fused = _logps_and_grads(h, w, labels, compile=True)
+        for a, b in zip(eager, fused):
+            assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-5), (a - b).abs().max()
+        if seed == 1:
+            assert counters["stats"]["unique_graphs"] == graphs  # nothing recompiled for the new length
+    from simpo_ray.train.loss import _head_logps, compiled
+
+    assert counters["stats"]["unique_graphs"] >= 1 and not compiled(_head_logps).failed  # it did compile
+
+
+def test_a_head_that_fails_to_compile_runs_eagerly_with_one_line(capsys):
+    """A compiler that raises (a backend that fails, as a missing C++ toolchain would): the
+    values are the eager ones, one `[simpo-ray] torch_compile: ...` line on stderr, and later
+    calls go straight to the eager function."""
+    from simpo_ray.train.loss import CompiledHead, _chunked_label_logps, _head_logps
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    head = CompiledHead(_head_logps, backend=no_compiler)
+    h, w, labels = _head_case(2, 37)
+    args = (w, None, 1.0, None)
+    want, _ = _chunked_label_logps(h.detach(), labels, 16, _head_logps, *args)
+    got, _ = _chunked_label_logps(h.detach(), labels, 16, head, *args)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6) and head.failed
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[simpo-ray] torch_compile: compiling the log-prob head failed")
+    assert "no C++ compiler here" in err[0] and err[0].endswith("it runs eagerly")
+    _chunked_label_logps(h.detach(), labels, 16, head, *args)
+    assert capsys.readouterr().err == ""

@@ -277,10 +277,11 @@ def _session_processes(root: str, session: str) -> dict[int, str]:
 
 
 def test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts():
-    """SIGKILL a driver that started a private cluster: its raylet and gcs_server exit, but its
-    agents live on (about a minute; removal condition of the workaround: they no longer do).
-    The start of the next cluster (`end_dead_session_processes`, which init_ray runs) ends them,
-    and it never touches a live session."""
+    """SIGKILL a driver that started a private cluster, and its guard (infra/guard.py, which
+    would end the leftovers itself): its raylet and gcs_server exit, but its agents live on
+    (about a minute; removal condition of the workaround: they no longer do). The start of the
+    next cluster (`end_dead_session_processes`, which init_ray runs) ends them, and it never
+    touches a live session."""
     import os
     import signal
     import tempfile
@@ -301,6 +302,9 @@ def test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts():
         assert end_dead_session_processes(root) == []  # a live session: untouched
         assert _session_processes(root, session).keys() == before.keys()
     finally:
+        for child in psutil.Process(driver.pid).children():
+            if "simpo_ray.infra.guard" in " ".join(child.cmdline()):
+                child.kill()
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait()
     left = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import signal
 import time
@@ -599,7 +600,7 @@ def test_a_second_search_on_a_locked_experiment_is_refused_naming_the_holder(tmp
         assert f"host {socket.gethostname()}, PID {holder.pid}, since 20" in message
         assert "--name" in message
         # A --resume is refused the same way (it must not restore a search that is running).
-        (storage / "busy" / "tuner.pkl").write_bytes(b"")  # what Tune's can_restore looks for
+        (storage / "busy" / "tuner.pkl").write_bytes(pickle.dumps({}))  # what Tune's can_restore looks for
         with pytest.raises(UserError, match="in use by another search"):
             run_search(TINY_SPACE, storage_path=str(storage), name="busy", resume=True, verbose=0)
         (storage / "busy" / "tuner.pkl").unlink()
@@ -794,7 +795,12 @@ def test_sigterm_ends_a_command_as_ctrl_c_does_with_status_143(capsys):
         return 0
 
     t0 = time.monotonic()
-    assert run_command(command, debug=False) == 143
+    # What SIGINT does in a fresh process (an in-process Tune run earlier may have left its own).
+    sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert run_command(command, debug=False) == 143
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     assert time.monotonic() - t0 < 5
     assert capsys.readouterr().err == "error: terminated (SIGTERM)\n"
     assert signal.getsignal(signal.SIGTERM) is before

@@ -296,8 +296,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
         with ray_workarounds.loopback_only():
             _start_ray(init_kwargs, private=True)
         # Its agents outlive a SIGKILLed driver by a minute unless ended (infra/guard.py).
-        session_dir = ray._private.worker._global_node.get_session_dir_path()
-        guard.start(ray_temp_dir(), os.path.basename(session_dir))
+        node = getattr(ray._private.worker, "_global_node", None)
+        if node is not None:
+            guard.start(ray_temp_dir(), os.path.basename(node.get_session_dir_path()))
     else:
         if num_cpus is not None or num_gpus is not None:
             raise UserError("num_cpus/num_gpus only apply when starting a local cluster "

@@ -60,7 +60,7 @@ def run_search(space: SearchSpace | str | os.PathLike, *, storage_path=None, nam
     if resume_command is None:
         resume_command = _resume_command(space.source, storage_path, name, address, load_options)
     if resume:  # checked again under the lock; here so that a mistyped name creates nothing
-        _check_resumable(experiment_path(storage_path, name))
+        _check_resumable(experiment_path(storage_path, name), whole=False)
     with ExperimentLock(experiment_path(storage_path, name)):
         return _search(space, storage_path=storage_path, name=name, address=address, resume=resume,
                        prepared=prepared, verbose=verbose, resume_command=resume_command)
@@ -135,7 +135,7 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
         )
     ray_workarounds.quiet_tune_end_hints()  # our summary words the end (and how to resume)
     try:
-        grid = tuner.fit()
+        grid = _fit(tuner)
         local = finish(grid, space, exp_path, record, verbose=verbose, resume_command=resume_command)
     except OSError as e:  # a write failed although the watch did not see the disk fill (or a URI)
         raise SearchStopped(_write_failed(e, exp_path, resume_command)) from e
@@ -148,6 +148,23 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
         raise SearchStopped(f"{reason}; free space there (each trial's checkpoints are under "
                             f"{exp_path}/train_runs), then resume it with: {resume_command}")
     return local
+
+
+def _fit(tuner):
+    """`tuner.fit()`, then the caller's SIGINT and SIGUSR1 handlers back: Tune installs its own
+    for the run and removes them only when one fires, so after a run that ended by itself a
+    Ctrl-C (or SIGTERM, which does what SIGINT does) during the summary and the best model's
+    export would only set Tune's finished event and be ignored."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1)} if main else {}
+    try:
+        return tuner.fit()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _disk_is_full(error: BaseException, root: str) -> bool:
@@ -253,12 +270,14 @@ def _check_storage(exp_path: str, *, resume: bool, record: SearchRecord, verbose
     return dataclasses.replace(stored, state="running")
 
 
-def _check_resumable(exp_path: str) -> None:
+def _check_resumable(exp_path: str, *, whole: bool = True) -> None:
+    """`UserError` unless `exp_path` holds a search Tune can restore; `whole`: and its state
+    files are whole (checked under the lock: a running search may be rewriting them)."""
     from ray import tune
 
     if not tune.Tuner.can_restore(exp_path):
         raise UserError(f"--resume: {exp_path} holds no search to resume (check --storage-path and --name)")
-    damaged = _damaged_tune_state(exp_path)
+    damaged = _damaged_tune_state(exp_path) if whole else None
     if damaged:
         raise UserError(f"--resume: Tune's saved state {damaged}, so Tune cannot restore this search (a "
                         f"full disk cuts files short); every trial's reports are kept in {exp_path}/train_runs/"

@@ -46,9 +46,11 @@ class PolicyLogps(nn.Module):
     and raises ``NotImplementedError`` if they do not (an unsupported head transform).
     """
 
-    def __init__(self, model: nn.Module, *, chunk_size: int | None = None, verify: bool = True):
+    def __init__(self, model: nn.Module, *, chunk_size: int | None = None, verify: bool = True,
+                 compile: bool = False):
         super().__init__()
         self.model = model
+        self.compile = compile  # `token_logps(compile=...)`: the per-chunk head through torch.compile
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.chunk_size = chunk_size or logps_chunk_tokens(config.vocab_size)
         self._verified = not verify
@@ -91,6 +93,7 @@ class PolicyLogps(nn.Module):
             chunk_size=self.chunk_size,
             logit_scale=self.logit_scale,
             softcap=self.softcap,
+            compile=self.compile,
         )
 
     @torch.no_grad()

@@ -6,9 +6,17 @@ Reward", arXiv:2405.14734.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+try:  # raised through the function when checkpoint's recomputation stops early (not an error)
+    from torch.utils.checkpoint import _StopRecomputationError
+except ImportError:  # pragma: no cover - other torch versions
+    class _StopRecomputationError(Exception):
+        pass
 
 from simpo_ray.data.collate import IGNORE_INDEX
 from simpo_ray.errors import UserError
@@ -77,9 +85,52 @@ def _head_logps(hidden, targets, weight, bias, logit_scale, softcap):
     return _log_softmax_at(logits, targets)
 
 
+class CompiledHead:
+    """`torch.compile` of a per-chunk function, with one shape per chunk size (`dynamic=False`;
+    the caller pads the last chunk, so a batch of any length compiles nothing new) and a fall
+    back: if a compiled call raises and the eager call does not, one warning line says why and
+    this process computes that function eagerly from then on (an eager error is raised as is)."""
+
+    def __init__(self, fn, backend: str | object = "inductor") -> None:
+        self.fn, self.backend, self.failed = fn, backend, False
+        self._compiled = None
+
+    def __call__(self, *args):
+        if self.failed:
+            return self.fn(*args)
+        if self._compiled is None:
+            self._compiled = torch.compile(self.fn, dynamic=False, backend=self.backend)
+        try:
+            return self._compiled(*args)
+        except (torch.OutOfMemoryError, _StopRecomputationError):  # the latter: checkpoint's own control flow
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler's failure is any exception
+            out = self.fn(*args)  # an error of the function itself is raised from here
+            self.failed = True
+            from simpo_ray.errors import one_line
+
+            cause = getattr(e, "inner_exception", None) or e  # dynamo's BackendCompilerFailed wraps it
+            print(f"[simpo-ray] torch_compile: compiling the log-prob head failed "
+                  f"({one_line(cause, innermost=True, with_type=True, limit=300)}); it runs eagerly",
+                  file=sys.stderr, flush=True)
+            return out
+
+
+_COMPILED: dict[object, CompiledHead] = {}
+
+
+def compiled(fn) -> CompiledHead:
+    """The process's one `CompiledHead` of `fn` (compiled graphs are cached by torch per shape)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = CompiledHead(fn)
+    return _COMPILED[fn]
+
+
 def _chunked_label_logps(features, labels, chunk_size, fn, *fn_args):
     """Sum over each sequence of ``fn(rows, targets, *fn_args)``, evaluated only at positions
-    whose label is not -100, ``chunk_size`` rows at a time, each chunk checkpointed."""
+    whose label is not -100, ``chunk_size`` rows at a time, each chunk checkpointed. A
+    `CompiledHead` ``fn`` gets every chunk at ``chunk_size`` rows (the last one padded with rows
+    of zeros and target 0, whose values are dropped), so it compiles once."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     batch, seq_len = labels.shape
@@ -89,10 +140,16 @@ def _chunked_label_logps(features, labels, chunk_size, fn, *fn_args):
     keep = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
     rows = features.reshape(batch * seq_len, -1).index_select(0, keep)
     targets = flat_labels.index_select(0, keep)
+    n = rows.shape[0]
+    if isinstance(fn, CompiledHead) and n % chunk_size:
+        pad = chunk_size - n % chunk_size
+        rows, targets = F.pad(rows, (0, 0, 0, pad)), F.pad(targets, (0, pad))
     pieces = [
         checkpoint(fn, rows[i : i + chunk_size], targets[i : i + chunk_size], *fn_args, use_reentrant=False)
         for i in range(0, rows.shape[0], chunk_size)
     ]
+    if pieces and rows.shape[0] != n:
+        pieces[-1] = pieces[-1][: chunk_size - (rows.shape[0] - n)]
     dtype = torch.promote_types(rows.dtype, torch.float32)
     per_token = torch.cat(pieces) if pieces else rows.new_zeros(0, dtype=dtype)
     seq_index = torch.div(keep, seq_len, rounding_mode="floor")
@@ -109,6 +166,7 @@ def token_logps(
     chunk_size: int = 512,
     logit_scale: float = 1.0,
     softcap: float | None = None,
+    compile: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of label-token log-probs per sequence, without materialising ``[B, T, V]`` logits.
 
@@ -120,9 +178,13 @@ def token_logps(
     kept for backward, and one chunk's ``[chunk_size, V]`` fp32 logits are recomputed there.
     ``hidden``/``weight`` may be bf16; logits are upcast to fp32 before the logsumexp.
 
+    ``compile``: the per-chunk head runs through `torch.compile` (`CompiledHead`: one graph per
+    chunk size, eager if compiling fails); the same values to fp32 rounding.
+
     Returns ``(sum_logps [B] fp32 (fp64 for fp64 inputs), n_tokens [B] int64)``.
     """
-    return _chunked_label_logps(hidden, labels, chunk_size, _head_logps, weight, bias, logit_scale, softcap)
+    fn = compiled(_head_logps) if compile else _head_logps
+    return _chunked_label_logps(hidden, labels, chunk_size, fn, weight, bias, logit_scale, softcap)
 
 
 def logits_token_logps(

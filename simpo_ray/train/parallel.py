@@ -35,12 +35,12 @@ def build_policy(cfg: TrainConfig, strategy: str, device: torch.device, rank: in
         # Gradients as views into DDP's all-reduce buckets: without it DDP keeps a second copy of
         # every gradient in its buckets (4 bytes x all parameters; measured on an H200: 3B under
         # DDP allocated 77 GB against a 60 GB plan, docs/benchmarks.md).
-        policy = ray.train.torch.prepare_model(PolicyLogps(load_model(cfg, device=device)),
+        policy = ray.train.torch.prepare_model(PolicyLogps(load_model(cfg, device=device), compile=cfg.torch_compile),
                                                parallel_strategy_kwargs={"gradient_as_bucket_view": True})
         return policy, getattr(policy, "module", policy)
     if strategy != "fsdp":
         raise ValueError(f"unknown strategy {strategy!r}")
-    policy = PolicyLogps(empty_model(cfg))
+    policy = PolicyLogps(empty_model(cfg), compile=cfg.torch_compile)
     shard(policy, cfg, device, world)
     _fill_from_rank0(policy.model, cfg, rank)
     return policy, policy
