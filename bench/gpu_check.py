@@ -232,7 +232,7 @@ def build(strategy: str, config, device, *, bf16: bool, checkpointing: bool):
     P.disable_dropout(model)
     if checkpointing:
         P.enable_checkpointing(model)
-    policy = P.PolicyLogps(model)
+    policy = P.PolicyLogps(model, compile=False)  # the eager step the trace counts
     if strategy == "fsdp":
         P.shard(policy, types.SimpleNamespace(bf16=bf16, fsdp_cpu_offload=False), device, 1)
     # The same seeded weights in both arms (same parameter order and shapes; world size 1, so a

@@ -1,7 +1,7 @@
 """analysis/ on real searches: tables checked against trials.csv read with plain pandas.
 
 The session fixture runs two small real searches (bundled task, models `bundled:tiny` and
-`bundled:small`, 6 trials each, short step budgets) through `simpo_ray.search.run.run_search` and
+`bundled:small`, 4 trials each, short step budgets) through `simpo_ray.search.run.run_search` and
 runs `python -m analysis` on them once; the tests read what it wrote. Set
 SIMPO_RAY_TEST_RESULTS to a folder of finished searches to reuse them instead of searching.
 """
@@ -25,7 +25,7 @@ PARAMS = ("learning_rate", "beta", "gamma_beta_ratio", "sft_weight")
 FINISHED = ("completed", "stopped_early")
 TINY_SPACE = ROOT / "search_spaces" / "cpu-tiny.yaml"
 SIZES = ("tiny", "small")
-NUM_SAMPLES = 6
+NUM_SAMPLES = 4  # more trials than the 2 slots: ASHA cuts some; 4 keep the suite's time
 # Short budgets: 12 steps, a report every 3, ASHA rungs at 3, 6 and the end.
 OVERRIDES = {
     "base.max_steps": 12, "base.eval_steps": 3, "base.logging_steps": 3,

@@ -152,6 +152,17 @@ def test_ensure_model_builds_once_and_reuses(tiny):
         tiny["path"].name]
 
 
+def test_the_unbuilt_shape_is_the_built_models(tiny):
+    """`shape_config` (what the dry run plans with, building nothing) has the built model's
+    parameter count."""
+    from simpo_ray.bundled.models import shape_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["path"])
+    planned = LlamaForCausalLM(shape_config("tiny"))
+    assert sum(p.numel() for p in planned.parameters()) == sum(p.numel() for p in model.parameters())
+    assert planned.config.vocab_size == model.config.vocab_size
+
+
 def test_built_model_loads_through_auto_classes_and_is_imperfect(tiny):
     model = AutoModelForCausalLM.from_pretrained(tiny["path"])
     tok = AutoTokenizer.from_pretrained(tiny["path"])

@@ -593,7 +593,7 @@ def _end_processes(procs) -> list[str]:
 def test_resume_after_driver_is_killed_loses_and_duplicates_nothing(tmp_path):
     import psutil
 
-    num_samples, max_steps = 5, 20
+    num_samples, max_steps = 4, 20
     space = _write_space(tmp_path / "space.yaml",
                          base={"max_steps": max_steps, "eval_steps": 10, "generation_eval_samples": 16,
                                "max_eval_samples": 64},

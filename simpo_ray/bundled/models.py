@@ -76,6 +76,15 @@ def model_config(size: str, tokenizer) -> LlamaConfig:
     )
 
 
+def shape_config(size: str) -> LlamaConfig:
+    """The architecture of `bundled:<size>` without building it (for the memory and disk plans
+    of a dry run): the bundled tokenizer's size is fixed (its special tokens and characters)."""
+    from simpo_ray.bundled.tokenizer import CHARS, SPECIALS
+
+    return LlamaConfig(vocab_size=len(SPECIALS) + len(CHARS), max_position_embeddings=MAX_POSITIONS,
+                       tie_word_embeddings=True, **LADDER[size]["config"])
+
+
 def sft_batches(tokenizer, rows) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``labels`` of the chosen conversations, prompt masked."""
     ids, labels = [], []

@@ -84,6 +84,11 @@ def config_for(name: str, *, params_billion: float | None = None, trust_remote_c
 
     from simpo_ray.train.model import BUNDLED_PREFIX, resolve_model_path
 
+    if name.startswith(BUNDLED_PREFIX):
+        from simpo_ray.bundled import models
+
+        if name[len(BUNDLED_PREFIX):] in models.LADDER:  # its architecture, without building it
+            return models.shape_config(name[len(BUNDLED_PREFIX):]), f"the config of {name}"
     local = name.startswith(BUNDLED_PREFIX) or Path(name).expanduser().is_dir()
     try:
         path = resolve_model_path(name) if local else name

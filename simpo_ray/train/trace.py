@@ -212,7 +212,7 @@ def trace_step(cfg: TrainConfig, model_config, *, world: int, strategy: str, rew
             from torch.distributed.device_mesh import init_device_mesh
 
             mesh = init_device_mesh(device.type, (world,))
-        policy = PolicyLogps(parallel.empty_model(cfg, model_config))
+        policy = PolicyLogps(parallel.empty_model(cfg, model_config), compile=False)  # the eager step's bytes
         policy._verified = True  # its one-time check reads values (a no-grad forward of one row)
         objective = dict(beta=cfg.beta, gamma_beta_ratio=cfg.gamma_beta_ratio, loss_type=cfg.loss_type,
                          label_smoothing=cfg.label_smoothing, sft_weight=cfg.sft_weight)
