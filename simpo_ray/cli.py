@@ -283,9 +283,13 @@ def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
                       max_concurrent=args.max_concurrent, warm_start=args.warm_start,
                       warm_start_narrow=args.warm_start_narrow)
     if args.dry_run:
-        print(plan.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name))
+        text, refusals = plan.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name)
+        print(text, flush=True)
         if args.trace_memory:
             print(trace_memory(space))
+        if refusals:  # exit as the real run would: one line, status 2
+            more = f" (and {len(refusals) - 1} more, above)" if len(refusals) > 1 else ""
+            raise UserError(f"the search would be refused: {refusals[0]}{more}")
         return 0
     if args.trace_memory:
         print(trace_memory(space), flush=True)

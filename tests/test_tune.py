@@ -374,9 +374,14 @@ def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
 
     rc = main(["--space", str(space_file), "--dry-run"])
     out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert err == ""
     data = yaml.safe_load(space_file.read_text())
+    model = data["base"]["model_name_or_path"]
+    if model.startswith("bundled:"):
+        assert rc == 0 and err == "", err
+    else:  # a Hub model, offline here and not in the cache: refused as the real run would be
+        assert rc == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"error: the search would be refused: model {model}: not in the local Hugging "
+                              "Face cache"), err
     lines = out.splitlines()
     for name, spec in data["params"].items():
         [row] = [line for line in lines if line.startswith(name + " ")]
@@ -423,11 +428,42 @@ def test_dry_run_every_shipped_space(space_file, capsys, monkeypatch):
         assert f"estimate: {steps} steps per trial on CPU (no GPU-hours)" in out
 
 
+DRY_RUN_REFUSALS = {
+    # what the space changes: what the one error line says
+    "max-length-above-the-model": ({"base": {"max_length": 128}},
+                                   "max_length: 128 is above the position limit of model 'bundled:tiny'"),
+    "memory-does-not-fit": ({"resources": {"gpus_per_worker": 1, "gpu_memory_gb": 0.05},
+                             "base": {"reward_model_name_or_path": None}}, "memory: "),
+    "missing-local-model": ({"base": {"model_name_or_path": "./no/such/model"}},
+                            "model ./no/such/model: local path does not exist"),
+    "hub-name-offline": ({"base": {"model_name_or_path": "some-org/not-cached-model"}},
+                         "model some-org/not-cached-model: not in the local Hugging Face cache"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DRY_RUN_REFUSALS))
+def test_the_dry_run_exits_2_where_the_real_run_would_refuse(case, tmp_path, capsys, monkeypatch):
+    """`--dry-run` checks what the run checks: each refusal of the real run (before Ray) makes
+    the dry run print its plan and then one `error:` line, exit 2."""
+    from simpo_ray.cli import tune_main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    changes, needle = DRY_RUN_REFUSALS[case]
+    space = _write_space(tmp_path / "space.yaml", **changes)
+    rc = tune_main(["--space", str(space), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: the search would be refused: ") and needle in err, err
+    assert "resources per trial" in out  # the plan was described first
+
+
 @pytest.mark.slow
 def test_dry_run_cli_process():
-    """The real command line: exit status 0 and the plan on stdout, for a GPU space."""
+    """The real command line: the plan on stdout, for a GPU space; offline (the Hub is never
+    reached in tests) its model cannot be found, which the real run refuses: exit 2, one line."""
     proc = _cli("--space", str(SPACES / "70b.yaml"), "--dry-run")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: the search would be refused: model "), proc.stderr
     assert "resources per trial: 32 worker(s) x (8 CPU, 1 GPU) = 32 GPUs" in proc.stdout
     assert "GPU-hours per trial" in proc.stdout and "Traceback" not in proc.stderr
 
@@ -483,8 +519,8 @@ def test_bad_space_is_a_one_line_error(case, tmp_path, capsys):
     # Only a range outside the guide is waived by --allow-out-of-range; malformed ranges are not.
     rc = main(["--space", str(path), "--dry-run", "--allow-out-of-range"])
     out, err = capsys.readouterr()
-    if case == "lr_out_of_range":
-        assert rc == 0 and err == ""
+    if case == "lr_out_of_range":  # accepted; what remains is the offline Hub model, as for the shipped 7b
+        assert rc == 2 and "not in the local Hugging Face cache" in _one_error_line(err), err
         [row] = [x for x in out.splitlines() if x.startswith("learning_rate ")]
         assert "loguniform 1e-07 to 1e-05" in row
     else:

@@ -275,11 +275,29 @@ def source_status(kind: str, name: str, splits: list[str] | None = None) -> str:
         return "local path does not exist"
     offline = hub_offline()
     if offline is not None:
+        if kind in ("model", "tokenizer") and not _in_hub_cache(name, "config.json" if kind == "model"
+                                                                else "tokenizer_config.json"):
+            return f"not in the local Hugging Face cache, and the Hub is not used ({offline})"
         return f"Hub not checked ({offline}: the local Hugging Face cache only)"
     if hub_reachable():
         return f"Hub reachable ({hub_endpoint()})"
     return (f"Hub not reachable ({hub_endpoint()} did not answer within {HUB_TIMEOUT_S:g} s): "
             "use a local path or HF_HUB_OFFLINE=1")
+
+
+# What `source_status` says of a source the run would fail on.
+MISSING = ("does not exist", "has no config.json", "not found in it", "Hub not reachable",
+           "not in the local Hugging Face cache")
+
+
+def _in_hub_cache(repo_id: str, filename: str) -> bool:
+    """Whether the local Hugging Face cache holds `filename` of model `repo_id` (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id
+        return False
 
 
 def check_sources(cfg: TrainConfig) -> list[str]:

@@ -68,11 +68,16 @@ def loaded(space: SearchSpace | str | os.PathLike, load_options: dict[str, Any])
 
 
 def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_path=None, name=None,
-            **load_options) -> str:
-    """Validate the space against the cluster and describe the plan; starts no trial.
+            **load_options) -> tuple[str, list[str]]:
+    """Validate the space against the cluster and describe the plan; starts no trial. Returns
+    (the description, what the real run would refuse: one line each).
 
-    Without an address (or RAY_ADDRESS) it inspects this machine (no Ray started), so a laptop
-    can check a 70B space before booking the cluster it needs.
+    Refused as the run refuses them: a trial whose memory plan does not fit its GPUs, a model,
+    tokenizer or dataset that cannot be found (a missing local path, a Hub name the Hub or the
+    offline cache cannot give), `max_length` above the model's position limit, and, with an
+    address, a trial the cluster cannot hold. Without an address (or RAY_ADDRESS) it inspects
+    this machine (no Ray started) and a trial that does not fit here is only described, so a
+    laptop can check a 70B space before booking the cluster it needs.
     """
     space = loaded(space, load_options)
     address = address or os.environ.get("RAY_ADDRESS")
@@ -86,6 +91,7 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
     if space.warm is not None:  # transfer.describe: trials handed over, trends, the predicted point
         lines += space.warm.lines
     lines.append(f"cluster ({where}): {target.cpus:g} CPU, {target.gpus:g} GPU on {len(target.nodes)} node(s)")
+    refusals: list[str] = []
     slots = 1
     try:
         slots = cluster.plan_concurrency(target, space.resources, space.search.max_concurrent)
@@ -93,6 +99,8 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
                      f"about {-(-space.search.num_samples // slots)} wave(s) before early stopping")
     except UserError as e:
         lines.append(f"does not fit this cluster: {e}")
+        if address:
+            refusals.append(f"the cluster at {address} cannot hold a trial: {e}")
     lines.append(disk.describe(space, storage_root(storage_path), slots))
     try:
         plan = memory_plan(space)
@@ -100,6 +108,9 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
                      if plan else "memory per GPU: not planned (no resources.gpu_memory_gb)")
     except UserError as e:
         lines.append(f"memory: does not fit: {e}")
+        refusals.append(f"memory: {e}")
+    for line in _sources(space.default_config(), refusals):
+        lines.append(line)
     est = estimate_gpu_hours(space)
     if space.resources.gpus_per_worker > 0:
         lines.append(
@@ -111,7 +122,31 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
     else:
         lines.append(f"estimate: {est['steps_per_trial']} steps per trial on CPU (no GPU-hours)")
     lines.append(f"results would go to {experiment_path(storage_path, check_name(name) if name else space.name)}")
-    return "\n".join(lines)
+    return "\n".join(lines), refusals
+
+
+def _sources(cfg, refusals: list[str]) -> list[str]:
+    """The dry run's lines on the run's model, tokenizer and data (`data.sources.check_sources`,
+    no download) and on `max_length` against the model's own position limit; what the run would
+    refuse is added to `refusals`."""
+    from simpo_ray.data.sources import MISSING, check_sources
+    from simpo_ray.train.model import position_limit
+    from simpo_ray.train.reference_models import config_for
+
+    lines = []
+    for line in check_sources(cfg):
+        lines.append(f"source: {line}")
+        if any(m in line for m in MISSING):
+            refusals.append(line)
+    try:
+        config, source = config_for(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+    except (KeyError, UserError):
+        return lines
+    found = position_limit(config) if source == f"the config of {cfg.model_name_or_path}" else None
+    if found is not None and cfg.max_length > found[0]:
+        refusals.append(f"max_length: {cfg.max_length} is above the position limit of model "
+                        f"'{cfg.model_name_or_path}' ({found[1]}: {found[0]}); set max_length to at most {found[0]}")
+    return lines
 
 
 def storage_root(storage_path: str | None) -> str:
