@@ -43,6 +43,13 @@ def run_command(command: Callable[[], int], *, debug: bool) -> int:
     once. (`cluster.init_ray` keeps this handler where Ray would put its own.)
     """
     _terminated.clear()
+    if debug:  # what the console filters drop (Ray's and Train's own lines) is shown too
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[debug] %(name)s: %(message)s"))
+        logging.getLogger("simpo_ray").addHandler(handler)
+        logging.getLogger("simpo_ray").setLevel(logging.DEBUG)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c) if main else None
     try:
@@ -100,7 +107,7 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-out", default=None, help="write the final metrics as JSON to this file")
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS or a local cluster)")
     p.add_argument("--max-failures", type=int, default=0, help="worker failures to recover from via checkpoints")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and the Ray lines the console filters drop")
     return p
 
 
@@ -221,7 +228,7 @@ def _tune_parser() -> argparse.ArgumentParser:
                    help="run the workers' own training step at the space's real size under fake tensors "
                         "(no GPU, no storage; about a minute) and print its per-GPU peak beside the plan; "
                         "a space whose traced peak does not fit is refused")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and the Ray lines the console filters drop")
     return p
 
 

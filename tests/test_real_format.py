@@ -359,7 +359,10 @@ def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-RAY_INTERNAL = ("Traceback", "(raylet)", "GetTimeoutError")
+# What a normal run must not print: tracebacks, Ray's own messages and start-up lines (Train's
+# controller, the process group, token auth), and colour codes written to a file or a pipe.
+RAY_INTERNAL = ("Traceback", "(raylet)", "GetTimeoutError", "(TrainController", "Setting up process group",
+                "Token authentication is enabled", "\x1b[")
 
 
 @pytest.fixture(scope="module")

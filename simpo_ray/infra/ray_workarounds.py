@@ -74,15 +74,21 @@ def quiet_train_logs() -> None:
 # REMOVE with the orphan reaper (the cleaner's part) and when Ray stops reporting intended
 # terminations as system errors.
 _EXPECTED_EXIT = re.compile(r"The process receives a SIGTERM|killed by `ray\.kill`|intended", re.I)
-_QUIET_ACTORS = ("PlacementGroupCleaner",)
+# (3) Train's own start-up lines ("Requesting resources", "Started training worker group", the
+# workers' "Setting up process group"): dropped, shown with --debug; the workers' own output stays.
+_QUIET_ACTORS = ("PlacementGroupCleaner", "TrainController")
+_TRAIN_WORKER_NOISE = re.compile(r"^Setting up process group for: ")
 
 
 def ray_console_filter(data: dict) -> dict | None:
     """What Ray's console printer gets for one batch of lines: None to drop it, or the batch
     with Ray's own error messages made one line each."""
-    if data.get("actor_name") in _QUIET_ACTORS:
-        logger.debug("dropped %d line(s) of %s", len(data.get("lines", [])), data.get("actor_name"))
-        return None
+    quiet = data.get("actor_name") in _QUIET_ACTORS
+    if quiet or data.get("actor_name") == "RayTrainWorker":
+        kept = [line for line in data.get("lines", []) if not (quiet or _TRAIN_WORKER_NOISE.match(line))]
+        for line in set(data.get("lines", [])) - set(kept):  # shown with --debug
+            logger.debug("(%s) %s", data.get("actor_name"), line)
+        return {**data, "lines": kept} if kept else None
     if data.get("pid") != "raylet":
         return data
     lines = []
@@ -108,6 +114,11 @@ def quiet_ray_console() -> None:
     driver binds the printer when it connects). Idempotent."""
     import ray._private.worker as ray_worker
 
+    if not sys.stdout.isatty():  # no colour codes in a file or a pipe
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenAuthNotice) for f in auth.filters):
+        auth.addFilter(_TokenAuthNotice())
     original = ray_worker.print_to_stdstream
     if getattr(original, "_simpo_ray_filter", False):
         return
@@ -124,6 +135,13 @@ def quiet_ray_console() -> None:
 
     print_to_stdstream._simpo_ray_filter = True
     ray_worker.print_to_stdstream = print_to_stdstream
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops ray.init's "Token authentication is enabled ..." notice (the README says so)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 class _TuneEndHints(logging.Filter):

@@ -184,5 +184,10 @@ class DiskWatch(Callback):
         reason = disk.low(self.root, self.reserve)
         if reason:
             self._fired = True
+            if not callable(signal.getsignal(signal.SIGUSR1)):  # Tune off the main thread: no handler
+                print(f"[simpo-ray] warning: {reason}; the search cannot stop itself here (not in the main "
+                      "thread): free space or stop it", flush=True)
+                disk.stopped(self.root)  # it was not stopped by this
+                return
             print(f"[simpo-ray] {reason}; stopping the search (resumable) ...", flush=True)
             os.kill(os.getpid(), signal.SIGUSR1)
