@@ -4,6 +4,7 @@ simpo_objective against hand-worked values, and the total loss against TRL's CPO
 
 from __future__ import annotations
 
+import gc
 import math
 from types import SimpleNamespace
 
@@ -231,6 +232,7 @@ def test_ddp_wraps_policy_logps(tmp_path):
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    ddp = None
     try:
         model = tiny_llama()
         ddp = DistributedDataParallel(PolicyLogps(model))
@@ -239,6 +241,11 @@ def test_ddp_wraps_policy_logps(tmp_path):
             loss.backward()
         assert model.model.embed_tokens.weight.grad.abs().sum() > 0
     finally:
+        # DDP's reducer goes before its process group: freed after destroy_process_group, the
+        # reducer's last reference ran gloo's destructor, which once hung joining a worker
+        # thread in CI (in C++, where pytest-timeout cannot interrupt).
+        del ddp
+        gc.collect()
         dist.destroy_process_group()
 
 
