@@ -42,14 +42,15 @@ def run_command(command: Callable[[], int], *, debug: bool) -> int:
     state and writes its partial tables), with status 143; a second SIGTERM or Ctrl-C ends it at
     once. (`cluster.init_ray` keeps this handler where Ray would put its own.)
     """
-    _terminated.clear()
-    if debug:  # what the console filters drop (Ray's and Train's own lines) is shown too
-        import logging
+    import logging
 
-        handler = logging.StreamHandler(sys.stderr)
+    _terminated.clear()
+    ours, handler, level = logging.getLogger("simpo_ray"), None, None
+    if debug:  # what the console filters drop (Ray's and Train's own lines) is shown too
+        handler, level = logging.StreamHandler(sys.stderr), ours.level
         handler.setFormatter(logging.Formatter("[debug] %(name)s: %(message)s"))
-        logging.getLogger("simpo_ray").addHandler(handler)
-        logging.getLogger("simpo_ray").setLevel(logging.DEBUG)
+        ours.addHandler(handler)
+        ours.setLevel(logging.DEBUG)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c) if main else None
     try:
@@ -67,6 +68,9 @@ def run_command(command: Callable[[], int], *, debug: bool) -> int:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if handler is not None:  # the command's stderr may not outlive it (a caller's capture)
+            ours.removeHandler(handler)
+            ours.setLevel(level)
     return EXIT_TERMINATED if _terminated and status == EXIT_INTERRUPTED else status
 
 

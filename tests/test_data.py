@@ -539,7 +539,7 @@ def test_check_sources_says_where_each_source_comes_from(monkeypatch, tmp_path):
                    str(snapshot): 1.0},
                   model_name_or_path="org/model", tokenizer_name_or_path=str(tmp_path))
     assert data.check_sources(cfg) == [
-        "model org/model: Hub not checked (HF_HUB_OFFLINE: the local Hugging Face cache only)",
+        "model org/model: not in the local Hugging Face cache, and the Hub is not used (HF_HUB_OFFLINE)",
         f"tokenizer {tmp_path}: local directory exists",
         f"dataset {local}: local file exists",
         "dataset bundled:sort: bundled",

@@ -168,12 +168,12 @@ def test_search_with_fsdp_trials_completes_with_asha(ray_cluster, tmp_path):
     from simpo_ray.search.run import run_search
 
     exp = run_search("search_spaces/cpu-small.yaml", storage_path=str(tmp_path), name="fsdp", verbose=0,
-                     num_samples=4, scheduler="asha", overrides={
+                     num_samples=2, scheduler="asha", overrides={
                          "base.parallel": "fsdp", "resources.num_workers": 2, "base.max_steps": 20,
                          "base.eval_steps": 5, "base.generation_eval_samples": 16,
                          "base.max_eval_samples": 64, "search.grace_period": 5, "search.max_t": 20})
     trials = pd.read_csv(exp / "trials.csv")
-    assert len(trials) == 4 and set(trials["status"]) <= {"completed", "stopped_early"}
+    assert len(trials) == 2 and set(trials["status"]) <= {"completed", "stopped_early"}
     assert (trials["status"] == "completed").any()
     ckpt = Path(trials.dropna(subset=["best_checkpoint"])["best_checkpoint"].iloc[0])
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt))

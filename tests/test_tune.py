@@ -852,7 +852,7 @@ def test_ctrl_c_reports_an_interrupted_search_and_resume_keeps_every_curve(tmp_p
     each step once. The resumed run, a run without faults, prints no Ray noise."""
     import psutil
 
-    num_samples, max_steps, every = 4, 300, 50
+    num_samples, max_steps, every = 4, 200, 50
     space = _write_space(tmp_path / "space.yaml",
                          base={"max_steps": max_steps, "eval_steps": every, "generation_eval_samples": 8,
                                "max_eval_samples": 32},
