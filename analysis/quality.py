@@ -4,7 +4,9 @@
 `eval/reward_win_rate`: share of held-out prompts whose generated answer the reward model scores
 above the baseline answer (ties 0.5); `eval/reward_win_rate_lc`: the same, length-controlled
 (AlpacaEval 2 style, `simpo_ray.train.reward.lc_win_rate`); `eval/gen_length` / `eval/baseline_gen_length`:
-mean generated tokens of the policy's and the baseline's answers. Searches without a reward model
+mean generated tokens of the policy's and the baseline's answers; `eval/truncated_rate` and
+`eval/length_separates`: whether those can be read as they are (`simpo_ray.train.generation_checks`,
+a warning under the best trial). Searches without a reward model
 have none of them, and every table, plot and check built on them is left out.
 """
 

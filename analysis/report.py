@@ -18,7 +18,9 @@ Definitions (also printed at the top of recommendations.md):
   lies on that side too.
 - *Generation quality* (trials run with a reward model): the final (last report's) reward win
   rate, length-controlled win rate and mean generated length (`QUALITY`), shown beside the
-  score wherever some trial reported them (`quality_columns`).
+  score wherever some trial reported them (`quality_columns`), and a warning line under the best
+  trial when most of its final generations were cut at `max_new_tokens` or length alone separated
+  its wins from its losses (`simpo_ray.train.generation_checks`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from simpo_ray.errors import UserError
 from simpo_ray.guide import PARAMS
 from simpo_ray.config import FIELDS, from_dict
 from simpo_ray.search.records import RANKED_STATUSES, STATUSES
+from simpo_ray.train.generation_checks import final_values, warning_line
 
 MIN_IMPORTANCE_TRIALS = 4  # fANOVA on fewer finished trials says nothing
 
@@ -312,6 +315,9 @@ def markdown(results: Results, tables: dict[str, Any], diagnostics: pd.DataFrame
         else:
             line += "; no documented-default trial (`is_default`) in this search"
         out += [line + ".", ""]
+        warning = warning_line(final_values(best_trial(results, size)))
+        if warning:  # the final win rates just shown cannot be read as they are
+            out += [f"⚠ Best trial `{b['best_trial']}`'s final model: {warning}.", ""]
         out += pareto_markdown(results, size, fmt)
         if quality:
             top = trials_table(results).loc[top_trials(results, size).index].drop(columns="size")

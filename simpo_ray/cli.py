@@ -127,8 +127,10 @@ def _train(args: argparse.Namespace) -> int:
 
     from simpo_ray.infra import cluster, launch
     from simpo_ray.config import load_train_config
+    from simpo_ray.train.model import model_position_limit
 
-    cfg = load_train_config(args.config)
+    # An unset max_length: the smaller of 1024 and the model's position limit (one line says so).
+    cfg = load_train_config(args.config, position_limit=model_position_limit)
     if args.name is not None:
         check_name(args.name)
     check_flag_ranges(args, {"num_workers": 1, "max_failures": 0, "cpus_per_worker": 0, "gpus_per_worker": 0})
@@ -143,6 +145,10 @@ def _train(args: argparse.Namespace) -> int:
     if not address:
         cluster.check_fits(cluster.ClusterInfo.local(), resources)
     prepared = launch.check_inputs(cfg)
+    launch.claim_output_dir(cfg)  # another config's model there is refused before Ray starts
+    if cfg.report_to not in (None, "none", ["none"]):  # the reference's configs set it: not silently dropped
+        print(f"note: report_to: {cfg.report_to} selects a search's loggers (python -m simpo_ray.tune); this "
+              "run's every report is in <storage>/<name>/history.jsonl", file=sys.stderr)
     cluster.init_ray(address, reap_orphans=False, log_to_driver=True, configure_logging=False)
     try:
         result = launch.run_training(cfg, num_workers=resources.num_workers,
@@ -165,7 +171,20 @@ def _train(args: argparse.Namespace) -> int:
 
         write_json_atomic(args.metrics_out, metrics)
     print(json.dumps({k: metrics[k] for k in sorted(metrics) if k.startswith(("eval/", "step", "status"))}, indent=1))
+    _say_generation_warning(cfg, metrics)
     return 0 if metrics.get("status") != "diverged" else 3
+
+
+def _say_generation_warning(cfg, metrics: dict) -> None:
+    """Below the final metrics, one line when the final model's win rates mislead (answers cut
+    at max_new_tokens, or length alone telling wins from losses: `train.generation_checks`)."""
+    from simpo_ray.train.evaluate import is_bundled_task
+    from simpo_ray.train.generation_checks import warning_line
+    from simpo_ray.train.quality import max_new_tokens
+
+    line = warning_line(metrics, max_new_tokens(cfg, is_bundled_task(cfg)))
+    if line:
+        print(f"[simpo-ray] final model: {line}", flush=True)
 
 
 # ---------------------------------------------------------------- python -m simpo_ray.tune
@@ -221,6 +240,9 @@ def _tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--warm-start", nargs="+", action="extend", default=None, metavar="DIR",
                    help="finished searches (their directories, or folders of them) to start from; added "
                         "after the space's search.warm_start (see below)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="the database keeping the search's Optuna study (search.optuna_storage; default: "
+                        "sqlite:///<experiment>/optuna.db), e.g. postgresql://user@host/db")
     p.add_argument("--warm-start-narrow", action="store_true", default=None,
                    help="narrow the searched ranges to the interval the warm start predicts "
                         "(search.warm_start_narrow: true)")
@@ -292,7 +314,7 @@ def _tune(args: argparse.Namespace, resume_command: str | None = None) -> int:
                       allow_out_of_range=args.allow_out_of_range, num_samples=args.num_samples,
                       seed=args.seed, scheduler=args.scheduler, sampler=args.sampler,
                       max_concurrent=args.max_concurrent, warm_start=args.warm_start,
-                      warm_start_narrow=args.warm_start_narrow)
+                      warm_start_narrow=args.warm_start_narrow, optuna_storage=args.optuna_storage)
     if args.dry_run:
         text, refusals = plan.dry_run(space, address=args.address, storage_path=args.storage_path, name=args.name)
         print(text, flush=True)

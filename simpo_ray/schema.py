@@ -13,7 +13,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,9 +25,10 @@ from simpo_ray.errors import ConfigError, closest
 _LIST_ALLOWED_UP_TO = 16
 
 
-def rng(low: float | None = None, high: float | None = None, *, low_open: bool = False) -> dict:
-    """Field metadata: the value must lie in [low, high], or (low, high] with `low_open`."""
-    return {"range": (low, high, low_open)}
+def rng(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+        high_open: bool = False) -> dict:
+    """Field metadata: the value must lie in [low, high]; `low_open` / `high_open` leave out that end."""
+    return {"range": (low, high, low_open, high_open)}
 
 
 def mapping(raw: Any, fld: str) -> dict:
@@ -40,13 +41,17 @@ def mapping(raw: Any, fld: str) -> dict:
     return raw
 
 
-def check_keys(data: dict, allowed: Iterable[str], prefix: str = "") -> None:
-    """Refuse a key not in `allowed`, suggesting the closest one."""
+def check_keys(data: dict, allowed: Iterable[str], prefix: str = "",
+               known: Callable[[str], str | None] | None = None) -> None:
+    """Refuse a key not in `allowed`, suggesting the closest one. `known(key)`: what to say
+    instead of that suggestion of a key known elsewhere (another trainer's), None for a typo: a
+    near spelling of another meaning would mislead (`dataloader_num_workers` is not `num_workers`)."""
     allowed = tuple(allowed)
     for key in data:
         if key not in allowed:
             listed = f"; allowed: {', '.join(allowed)}" if len(allowed) <= _LIST_ALLOWED_UP_TO else ""
-            raise ConfigError(f"{prefix}{key}: unknown key{closest(str(key), allowed)}{listed}")
+            hint = known(str(key)) if known is not None else None
+            raise ConfigError(f"{prefix}{key}: unknown key{closest(str(key), allowed) if hint is None else hint}{listed}")
 
 
 def one_of(raw: Any, fld: str, choices: Iterable[str], extra: str = "") -> str:
@@ -59,13 +64,14 @@ def one_of(raw: Any, fld: str, choices: Iterable[str], extra: str = "") -> str:
 
 
 def check_range(fld: str, value: float, low: float | None, high: float | None,
-                low_open: bool = False) -> None:
+                low_open: bool = False, high_open: bool = False) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{fld}: {value} is not a finite number")
     too_low = low is not None and (value <= low if low_open else value < low)
-    if too_low or (high is not None and value > high):
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if too_low or too_high:
         lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
-        hi = "inf)" if high is None else f"{high:g}]"
+        hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
         raise ConfigError(f"{fld}: {value:g} is out of range; allowed {lo}, {hi}")
 
 
@@ -179,15 +185,17 @@ def validate(obj: Any, prefix: str = "") -> None:
             check_range(fld, value, *f.metadata["range"])
 
 
-def build(cls: type, data: Any, *, prefix: str = "", ignored: frozenset[str] = frozenset()) -> Any:
-    """An instance of dataclass `cls` from a mapping: unknown keys refused, others coerced.
+def build(cls: type, data: Any, *, prefix: str = "", ignored: Collection[str] = frozenset(),
+          known: Callable[[str], str | None] | None = None) -> Any:
+    """An instance of dataclass `cls` from a mapping: unknown keys refused (`known`: as
+    `check_keys`), others coerced.
 
     Keys in `ignored` are dropped silently (a caller may warn about them). Missing keys take the
     dataclass defaults; a required field that is missing is an error naming it.
     """
     data = mapping(data, prefix.rstrip("."))
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    check_keys({k: v for k, v in data.items() if k not in ignored}, fields, prefix)
+    check_keys({k: v for k, v in data.items() if k not in ignored}, fields, prefix, known)
     types_ = hints(cls)
     kwargs = {k: coerce(f"{prefix}{k}", v, types_[k]) for k, v in data.items() if k in fields}
     for name, f in fields.items():

@@ -12,6 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Matplotlib builds its font cache on first use by running `fc-list`: build it here, before the
+    fast tier's guard (below) refuses subprocesses, so a fresh machine's first plot is not refused."""
+    import matplotlib.font_manager  # noqa: F401
+
+
 @pytest.fixture(scope="session")
 def chat_tokenizer(tmp_path_factory):
     """The bundled character-level fast tokenizer (chat template writes BOS; `<s>` `</s>` `<pad>`)."""

@@ -8,12 +8,15 @@ SIMPO_RAY_TEST_RESULTS to a folder of finished searches to reuse them instead of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -31,7 +34,7 @@ OVERRIDES = {
     "base.max_steps": 12, "base.eval_steps": 3, "base.logging_steps": 3,
     "base.max_eval_samples": 32, "base.generation_eval_samples": 8,
     "search.time_attr": "step", "search.grace_period": 3, "search.reduction_factor": 2,
-    "search.max_t": 12,
+    "search.max_t": 12, "base.report_to": ["mlflow"],
 }
 PLOTS = ("objective_vs_params", "learning_curves", "parallel_top_trials", "accuracy_vs_nll")
 
@@ -230,6 +233,140 @@ def test_rung_metrics_match_curves(searches):
         if len(c) and pd.notna(c[objective].iloc[0]):
             assert t[f"{objective}@{rung}"] == pytest.approx(c[objective].iloc[0])
     assert set(results.curves["trial_id"]) <= set(results.trials["trial_id"])
+
+
+# ---------------------------------------------------------------- the tools users open
+
+STATE_OF = {"completed": "COMPLETE", "stopped_early": "PRUNED", "diverged": "COMPLETE", "errored": "FAIL"}
+# Not metrics of the run: keys, and Tune's own timing fields (its loggers leave time_total_s out).
+CURVE_KEYS = ("trial_id", "step", "status", "checkpoint_path", "time_total_s", "time_since_restore",
+              "iterations_since_restore")
+
+
+def _study(d: Path):
+    import optuna
+
+    recorded = json.loads((d / "search.json").read_text())["search"]["optuna_study"]
+    return optuna.load_study(study_name=recorded["name"], storage=recorded["storage"]), recorded
+
+
+def _numeric_curves(d: Path) -> pd.DataFrame:
+    curves = pd.read_csv(d / "curves.csv", dtype={"trial_id": str})
+    keep = [c for c in curves.columns if c not in CURVE_KEYS and pd.api.types.is_numeric_dtype(curves[c])]
+    return curves, keep
+
+
+@pytest.mark.slow
+def test_the_optuna_study_opens_with_optunas_own_functions_and_matches_the_tables(searches):
+    """optuna.load_study on the storage search.json names: one Optuna trial per trials.csv row
+    (joined by the `trial_id` user attribute), with its parameters, its state, its final value
+    and the objective of every report at curves.csv's steps; importance and plots run on it."""
+    import optuna
+
+    for d in searches.values():
+        study, recorded = _study(d)
+        assert recorded["storage"] == f"sqlite:///{d / 'optuna.db'}"
+        trials = pd.read_csv(d / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+        curves = pd.read_csv(d / "curves.csv", dtype={"trial_id": str})
+        objective = json.loads((d / "search.json").read_text())["objective"]
+        got = {t.user_attrs["trial_id"]: t for t in study.trials}
+        assert set(got) == set(trials.index) and len(study.trials) == len(trials)
+        assert {"COMPLETE", "PRUNED"} <= {t.state.name for t in study.trials} or len(trials) < 3
+        for tid, t in got.items():
+            row = trials.loc[tid]
+            assert t.state.name == STATE_OF[row["status"]], tid
+            for k in PARAMS:
+                assert t.params[k] == pytest.approx(row[k], rel=1e-9)
+            reports = curves[curves["trial_id"] == tid].dropna(subset=[objective])
+            assert t.intermediate_values == pytest.approx(dict(zip(reports["step"].astype(int), reports[objective])))
+            assert t.value == pytest.approx(reports[objective].iloc[-1])  # the last report's
+        importances = optuna.importance.get_param_importances(study)
+        assert set(importances) == set(PARAMS)
+        assert optuna.visualization.plot_optimization_history(study).data
+        assert optuna.visualization.plot_intermediate_values(study).data
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_shows_the_searchs_trials_in_a_browser(searches, tmp_path):
+    """The optuna-dashboard package serves the study and headless Chromium renders its trial
+    list: the trial count, each trial's state, and the Tune id of the best trial."""
+    import socket
+    import urllib.request
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    dashboard = Path(sys.executable).parent / "optuna-dashboard"
+    if browser is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium): the dashboard's page is not loaded")
+    assert dashboard.exists(), "optuna-dashboard (a dev dependency) is not installed"
+    d = next(iter(searches.values()))
+    study, recorded = _study(d)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(dashboard), recorded["storage"], "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                studies = json.loads(urllib.request.urlopen(f"{base}/api/studies", timeout=2).read())
+                break
+            except OSError:
+                time.sleep(0.2)
+        [summary] = studies["study_summaries"]
+        page = f"{base}/dashboard/studies/{summary['study_id']}/trials"
+        chrome = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000"]
+        dom = subprocess.run([*chrome, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+        subprocess.run([*chrome, "--window-size=1400,1000", f"--screenshot={tmp_path / 'dashboard.png'}", page],
+                       capture_output=True, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    text = " ".join(re.sub(r"<[^>]+>", " ", re.sub(r"<(style|script).*?</\1>", "", dom, flags=re.S)).split())
+    assert f"{len(study.trials)} Trials" in text, text[:2000]
+    for t in study.trials:
+        assert f"Trial {t.number} {t.state.name.capitalize()}" in text, (t.number, text[:2000])
+    assert study.trials[0].user_attrs["trial_id"] in text  # the first trial's detail is shown with the list
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_tensorboard_events_hold_every_report_at_its_training_step(searches):
+    """TensorBoard's own reader on each trial's events file: every numeric metric of curves.csv,
+    at the same training step, with the same value (event files keep float32)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for d in searches.values():
+        curves, metrics = _numeric_curves(d)
+        for tid, rows in curves.groupby("trial_id"):
+            [events] = list(d.glob(f"simpo_trial_{tid}_*/events.out.tfevents.*"))
+            acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+            acc.Reload()
+            for m in metrics:
+                want = {int(s): v for s, v in zip(rows["step"], rows[m]) if pd.notna(v)}
+                got = {e.step: e.value for e in acc.Scalars(f"ray/tune/{m}")} if want else {}
+                assert got == pytest.approx(want, rel=1e-6, abs=1e-30), (tid, m)
+
+
+@pytest.mark.slow
+def test_mlflow_runs_hold_every_report_at_its_training_step(searches):
+    """report_to: [mlflow] in the space's base: MLflow's client reads one run per trial (tagged
+    with its trial id) from the experiment's mlflow.db, every metric equal to curves.csv."""
+    from mlflow.tracking import MlflowClient
+
+    for d in searches.values():
+        client = MlflowClient(tracking_uri=f"sqlite:///{d / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name(d.name)
+        runs = {r.data.tags["trial_id"]: r for r in client.search_runs([experiment.experiment_id])}
+        curves, metrics = _numeric_curves(d)
+        assert set(runs) == set(curves["trial_id"])
+        for tid, rows in curves.groupby("trial_id"):
+            run = runs[tid]
+            assert run.info.status == "FINISHED"
+            for m in metrics:
+                want = {int(s): v for s, v in zip(rows["step"], rows[m]) if pd.notna(v)}
+                got = {h.step: h.value for h in client.get_metric_history(run.info.run_id, m)} if want else {}
+                assert got == pytest.approx(want, rel=1e-12), (tid, m)
 
 
 @pytest.mark.slow
@@ -473,6 +610,57 @@ def test_length_exploitation_is_flagged_plotted_and_tabled(tmp_path):
     assert "final_lc_win_rate" in pd.read_csv(out / "cross_size.csv")
     # A search without a reward model: no such plot, no error.
     assert plots.objective_vs_length(load_results([intact_search(tmp_path / "plain")]), "cpu/tiny") is None
+
+
+class _GenResult:
+    """The parts of a Tune Result that results.finish reads: a trial reporting at steps 0, 4, 8 the
+    success rate, the win rates and the two checks of the generations (`generation_checks`)."""
+
+    def __init__(self, tid: str, success: float, truncated: float, separates: float, lr: float):
+        self.path, self.error = f"/nowhere/{tid}", None
+        self.config = {"learning_rate": lr, "beta": 2.0, "gamma_beta_ratio": 0.5, "sft_weight": 0.1}
+        reports = [{"step": s, "eval/success_rate": success * s / 8, "eval/reward_win_rate": 0.5 + s / 16,
+                    "eval/reward_win_rate_lc": 0.5 + s / 16.1, "eval/gen_length": 64.0,
+                    "eval/truncated_rate": truncated if s else 0.0, "eval/length_separates": separates if s else 0.0}
+                   for s in (0, 4, 8)]
+        self.metrics_dataframe = pd.DataFrame(reports)
+        self.metrics = {**reports[-1], "trial_id": tid, "status": "completed", "total_steps": 8}
+
+
+@pytest.mark.parametrize("best", ["cut", "fine"])
+def test_a_best_trial_whose_generations_were_cut_or_won_by_length_is_warned_about(tmp_path, capsys, best):
+    """Trial "cut" wrote 6 of 8 answers to max_new_tokens and won exactly by length; "fine" did
+    neither. Whichever is best, the search summary and the analysis say so in one line beside its
+    metrics when it is "cut", and nothing when it is "fine"."""
+    from analysis.run import analyse
+    from simpo_ray.search.plan import load
+    from simpo_ray.search.records import SearchRecord
+    from simpo_ray.search.results import finish
+
+    space = load(TINY_SPACE)
+    exp = tmp_path / "exp"
+    record = SearchRecord.from_space(space, TINY_SPACE, "exp")
+    record.write(str(exp))
+    good = {"cut": 0.9, "fine": 0.6}
+    if best == "fine":
+        good = {"cut": 0.6, "fine": 0.9}
+    fake = [_GenResult("cut", good["cut"], 6 / 8, 1.0, 1e-3), _GenResult("fine", good["fine"], 1 / 8, 0.0, 2e-3)]
+    finish(fake, space, str(exp), dataclasses.replace(record, num_samples=2), verbose=1)
+    said = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    md = (analyse([exp], tmp_path / "out") / "recommendations.md").read_text()
+    warned = [line for line in md.splitlines() if "warning" in line]
+    if best == "fine":
+        assert said == [] and warned == []
+        return
+    assert said == ["best trial cut at step 8: warning: 75% of generations were cut at max_new_tokens (no "
+                    "end-of-turn token), so the scores rate unfinished answers; length alone separates wins "
+                    "from losses (every win's length over its baseline is above every loss's), so the LC win "
+                    "rate rests on its fit's penalty, not on the data"]
+    assert len(warned) == 1 and warned[0].startswith("⚠ Best trial `cut`'s final model: warning: 75% of generations")
+    lines = md.splitlines()
+    assert lines[lines.index(warned[0]) - 2].startswith("Best trial `cut`")  # under the best trial's line
+    written = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}).set_index("trial_id")
+    assert written.at["cut", "final_eval/truncated_rate"] == 0.75 and written.at["cut", "final_eval/length_separates"] == 1
 
 
 def test_tied_best_values_the_search_and_the_analysis_pick_the_same_trial(tmp_path):

@@ -14,9 +14,8 @@ from simpo_ray.train import checkpoints
 from simpo_ray.config import TrainConfig
 
 
-@pytest.fixture()
-def checkpoint(tmp_path):
-    """A 1-process checkpoint of a small Llama saved with a tokenizer-less config (bundled tokenizer)."""
+def _trained(tmp_path):
+    """A small Llama (bundled tokenizer) after one optimizer step: (model, optimizer, scheduler, cfg)."""
     model_dir = tmp_path / "model"
     LlamaForCausalLM(LlamaConfig(vocab_size=51, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, tie_word_embeddings=True)).save_pretrained(model_dir)
@@ -29,6 +28,13 @@ def checkpoint(tmp_path):
     model(torch.randint(0, 51, (2, 8))).logits.sum().backward()
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler, cfg
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    """A 1-process checkpoint of a small Llama saved with a tokenizer-less config (bundled tokenizer)."""
+    model, optimizer, scheduler, cfg = _trained(tmp_path)
     with pytest.warns(UserWarning):  # DCP: "assuming the intent is to save in a single process"
         checkpoints.save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, {"step": 3}, cfg, rank=0)
     return tmp_path / "ckpt", model
@@ -58,7 +64,7 @@ def test_export_of_a_non_checkpoint_is_one_line(tmp_path, capsys):
 
     assert main([str(tmp_path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a simpo-ray checkpoint" in err
+    assert err.count("\n") == 1 and "holds no checkpoint; expected a simpo-ray checkpoint" in err
 
 
 class _Exploit:
@@ -227,3 +233,128 @@ def test_the_recipe_is_read_from_a_ray_checkpoint_without_downloading_it(tmp_pat
     assert _saved_counters(ray.train.Checkpoint.from_directory(str(tmp_path)), None) == counters
     assert _saved_counters(None, str(tmp_path)) == counters
     assert _saved_counters(ray.train.Checkpoint.from_directory(str(tmp_path / "missing")), None) is None
+
+
+# ---------------------------------------------------------------- export of a run or a search
+
+def _ckpt_name(step: int) -> str:
+    return f"checkpoint_2026-01-01_00-00-{step:02d}.000000"  # Ray Train's name: its date and time
+
+
+def _write_run(tmp_path, run, scores: dict[int, float], *, kept: tuple[int, ...], metric: str):
+    """A Train run directory as a run leaves it: a checkpoint for each step in `kept` (the others
+    deleted by retention), each model's final norm filled with its step (so an exported model says
+    which checkpoint it came from), and history.jsonl with every report's score and checkpoint path
+    (the path the run had, elsewhere: the run may have moved since)."""
+    import warnings
+
+    model, optimizer, scheduler, cfg = _trained(tmp_path)
+    run.mkdir(parents=True)
+    rows = [{"step": 0, metric: 0.0}]
+    for step, score in sorted(scores.items()):
+        if step in kept:
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float(step))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # DCP's single-process notice
+                checkpoints.save_checkpoint(run / _ckpt_name(step), model, optimizer, scheduler, {"step": step},
+                                            cfg, rank=0)
+        rows.append({"step": step, metric: score, "checkpoint_path": f"/elsewhere/{run.name}/{_ckpt_name(step)}"})
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def _search_json(exp, mode: str) -> str:
+    """exp/search.json of the bundled tiny space with `mode`; returns its objective."""
+    import dataclasses
+    from pathlib import Path
+
+    from simpo_ray.search.plan import load
+    from simpo_ray.search.records import SearchRecord
+
+    space_file = Path(__file__).resolve().parent.parent / "search_spaces" / "cpu-tiny.yaml"
+    record = dataclasses.replace(SearchRecord.from_space(load(space_file), space_file, exp.name), mode=mode)
+    record.write(str(exp))
+    return record.objective
+
+
+# Reported scores by step: steps 15 and 25 (the highest and the lowest) were deleted by retention.
+SCORES = {10: 0.50, 15: 0.99, 20: 0.90, 25: 0.01, 30: 0.70, 40: 0.60}
+KEPT = (10, 20, 30, 40)
+
+
+@pytest.mark.parametrize("mode, best", [("max", 20), ("min", 10)])
+def test_export_of_a_trials_run_takes_its_best_kept_checkpoint_by_the_search_objective(tmp_path, mode, best, capsys):
+    from simpo_ray.export import choose_checkpoint, main
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    metric = _search_json(exp, mode)
+    run = _write_run(tmp_path, exp / "train_runs" / "train-abc_00001", SCORES, kept=KEPT, metric=metric)
+    choice = choose_checkpoint(run)
+    assert choice.path == run / _ckpt_name(best)
+    assert choice.why == f"best by {metric} = {SCORES[best]:g} at step {best}"
+    if mode == "max":  # the command: one line says which, and the model is that checkpoint's
+        assert main([str(run), str(tmp_path / "hf")]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"[simpo-ray] {run}: best by {metric} = 0.9 at step 20 ({_ckpt_name(20)})"
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+        assert torch.all(exported.model.norm.weight == 20.0)
+
+
+def test_export_of_a_standalone_run_takes_its_latest_checkpoint(tmp_path):
+    """`python -m simpo_ray.train` keeps its latest checkpoints (no score): the latest, whatever the
+    reports' values; without a history.jsonl too."""
+    from simpo_ray.export import Choice, choose_checkpoint
+
+    run = _write_run(tmp_path, tmp_path / "results" / "simpo-train-1", SCORES, kept=KEPT,
+                     metric="eval/preference_accuracy")
+    assert choose_checkpoint(run) == Choice(run / _ckpt_name(40), "latest, step 40")
+    (run / "history.jsonl").unlink()
+    assert choose_checkpoint(run).why == "latest, step 40"
+
+
+def test_export_of_a_search_takes_its_best_trials_best_checkpoint_even_moved(tmp_path):
+    """trials.csv's best trial (b: the higher best value, though a has the higher final one) and
+    its best_checkpoint, recorded where the search ran; the experiment has moved since."""
+    import pandas as pd
+
+    from simpo_ray.export import choose_checkpoint
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    metric = _search_json(exp, "max")
+    for tid in ("a", "b"):
+        _write_run(tmp_path / tid, exp / "train_runs" / f"train-{tid}", SCORES, kept=KEPT, metric=metric)
+    pd.DataFrame([
+        {"trial_id": "a", "status": "completed", "steps": 40, "objective": metric, "mode": "max",
+         "best_objective": 0.80, "objective_value": 0.80, "best_step": 40,
+         "best_checkpoint": f"/old/exp/train_runs/train-a/{_ckpt_name(40)}"},
+        {"trial_id": "b", "status": "completed", "steps": 40, "objective": metric, "mode": "max",
+         "best_objective": 0.90, "objective_value": 0.60, "best_step": 20,
+         "best_checkpoint": f"/old/exp/train_runs/train-b/{_ckpt_name(20)}"},
+    ]).to_csv(exp / "trials.csv", index=False)
+    choice = choose_checkpoint(exp)
+    assert choice.path == exp / "train_runs" / "train-b" / _ckpt_name(20)
+    assert choice.why == f"best trial b, best by {metric} = 0.9 at step 20"
+
+
+def test_a_folder_without_a_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    from simpo_ray.export import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "history.jsonl").write_text('{"step": 0}\n')
+    (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir()  # emptied: not a checkpoint
+    assert main([str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {run}: holds no checkpoint; expected a simpo-ray "
+                                                   "checkpoint")
+    assert not (tmp_path / "out").exists()
+    # A search none of whose trials ranks: one line, naming its table.
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "trials.csv").write_text("trial_id,status,best_objective\nx,errored,\n")
+    assert main([str(exp), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{exp / 'trials.csv'}: no trial ranks" in err

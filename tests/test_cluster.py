@@ -99,6 +99,21 @@ def _stub_loop(config):
         ray.train.report({"step": step, "loss": x / step})
 
 
+class _SlowDriver:
+    """A Tune callback that takes 1 s per result in the driver, as logger callbacks writing to a
+    database can: the Train run's last report then reaches the trial's queue after its `fit()`
+    returned, where Ray 2.60 deadlocked the trial (ray_workarounds.wait_for_tune_to_take_reports)."""
+
+    def __new__(cls):
+        from ray.tune import Callback
+
+        class SlowDriver(Callback):
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                time.sleep(1.0)
+
+        return SlowDriver()
+
+
 @pytest.fixture(scope="module")
 def ray_two_cpus(ray_cluster, tmp_path_factory):
     """The session's 2-CPU cluster (tests/conftest.py, started by ``init_ray(num_cpus=2)``)."""
@@ -141,7 +156,7 @@ def test_four_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
         param_space={"learning_rate": tune.grid_search(lrs)},
         tune_config=tune.TuneConfig(metric="loss", mode="min", reuse_actors=True,
                                     max_concurrent_trials=plan_concurrency(info, res)),
-        run_config=tune.RunConfig(name="four", storage_path=str(storage), verbose=0),
+        run_config=tune.RunConfig(name="four", storage_path=str(storage), verbose=0, callbacks=[_SlowDriver()]),
     )
     t0 = time.monotonic()
     results = tuner.fit()

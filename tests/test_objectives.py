@@ -80,8 +80,9 @@ def test_resolved_space_of_a_single_objective_search_is_as_before():
 
 
 def test_a_step_reported_again_after_a_resume_is_told_to_optuna_once(recwarn):
-    """A trial rerun after `--resume` reports its training iterations from 1 again: Optuna keeps
-    the first value and used to warn `step=1 is already reported` for each repeat."""
+    """A trial rerun after `--resume` reports its training steps again: Optuna keeps the first
+    value and used to warn `step=1 is already reported` for each repeat. Steps are the reports'
+    training steps (curves.csv's), not Tune's result count."""
     from simpo_ray.search.searcher import make_searcher
 
     space = load(TINY)
@@ -89,8 +90,93 @@ def test_a_step_reported_again_after_a_resume_is_told_to_optuna_once(recwarn):
     searcher.set_search_properties(space.search.objective, space.search.mode, {})
     searcher.suggest("t1")
     for value in (0.2, 0.3):  # the first attempt, then the rerun
-        searcher.on_trial_result("t1", {space.search.objective: value, "training_iteration": 1})
-    searcher.on_trial_result("t1", {space.search.objective: 0.4, "training_iteration": 2})
+        searcher.on_trial_result("t1", {space.search.objective: value, "training_iteration": 1, "step": 0})
+    searcher.on_trial_result("t1", {space.search.objective: 0.4, "training_iteration": 2, "step": 100})
     frozen = searcher._ot_study.get_trials(deepcopy=False)[0]
-    assert frozen.intermediate_values == {1: 0.2, 2: 0.4}
+    assert frozen.intermediate_values == {0: 0.2, 100: 0.4}
+    assert frozen.user_attrs == {"trial_id": "t1"}
     assert not [w for w in recwarn if "already reported" in str(w.message)]
+
+
+def _searcher(tmp_path, name="s"):
+    from simpo_ray.search import study
+    from simpo_ray.search.searcher import make_searcher
+
+    space = load(TINY)
+    url = study.url_for(None, str(tmp_path))
+    searcher = make_searcher(space, study.open_storage(url), name)
+    searcher.set_search_properties(space.search.objective, space.search.mode, {})
+    return searcher, space.search.objective, url
+
+
+def test_the_study_optuna_opens_holds_each_trials_state_reports_and_tune_id(tmp_path):
+    """What `optuna.load_study` reads from the search's storage, trial by trial: the scheduler's
+    stop is PRUNED at its last report (the one Tune passes with the stop and no on_trial_result),
+    a run to its end COMPLETE, an error FAIL, a divergence COMPLETE at the value it reported."""
+    import optuna
+
+    searcher, metric, url = _searcher(tmp_path)
+    for tid in ("done", "cut", "boom", "nan"):
+        searcher.suggest(tid)
+    searcher.on_trial_result("done", {metric: 0.1, "step": 0, "status": "running"})
+    searcher.on_trial_complete("done", {metric: 0.6, "step": 50, "status": "completed"})
+    searcher.on_trial_result("cut", {metric: 0.1, "step": 0, "status": "running"})
+    searcher.on_trial_complete("cut", {metric: 0.3, "step": 20, "status": "running"})
+    searcher.on_trial_complete("boom", None, error=True)
+    searcher.on_trial_complete("nan", {metric: 0.0, "step": 10, "status": "diverged", "diverged": 1})
+
+    study = optuna.load_study(study_name="s", storage=url)  # a fresh reader, as a notebook opens it
+    got = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert {k: t.state.name for k, t in got.items()} == {"done": "COMPLETE", "cut": "PRUNED", "boom": "FAIL",
+                                                           "nan": "COMPLETE"}
+    assert got["done"].value == 0.6 and got["done"].intermediate_values == {0: 0.1, 50: 0.6}
+    assert got["cut"].value == 0.3 and got["cut"].intermediate_values == {0: 0.1, 20: 0.3}
+    assert got["boom"].value is None
+    assert {k: t.user_attrs.get("status") for k, t in got.items()} == {
+        "done": "completed", "cut": "stopped_early", "boom": None, "nan": "diverged"}
+    assert got["nan"].value == 0.0
+
+
+def test_a_resumed_searcher_continues_its_study_and_leaves_no_trial_running(tmp_path):
+    """The driver dies after Tune saved the searcher: one trial then finished (told to the
+    database, not to the saved state) and one more was asked. The searcher restored from the save
+    finishes the study: the rerun trial is not told twice, the orphan is FAIL, new trials follow."""
+    import optuna
+
+    searcher, metric, url = _searcher(tmp_path)
+    searcher.suggest("a")
+    searcher.suggest("b")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's periodic save
+    searcher.on_trial_complete("a", {metric: 0.5, "step": 50, "status": "completed"})  # after the save
+    searcher.suggest("c")  # after the save: Tune's saved state knows no trial "c"
+    del searcher  # SIGKILL
+
+    resumed, _, _ = _searcher(tmp_path / "unused")
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("a", {metric: 0.1, "step": 0, "status": "running"})  # "a" reruns
+    resumed.on_trial_complete("a", {metric: 0.4, "step": 50, "status": "completed"})
+    resumed.on_trial_complete("b", {metric: 0.7, "step": 50, "status": "completed"})
+    resumed.suggest("d")
+    resumed.on_trial_complete("d", {metric: 0.2, "step": 50, "status": "completed"})
+
+    study = optuna.load_study(study_name="s", storage=url)
+    got = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert {k: (t.state.name, t.value) for k, t in got.items()} == {
+        "a": ("COMPLETE", 0.5), "b": ("COMPLETE", 0.7), "c": ("FAIL", None), "d": ("COMPLETE", 0.2)}
+    assert got["a"].intermediate_values == {50: 0.5}  # the rerun's reports were not added
+    assert got["c"].user_attrs["status"] == "lost"
+
+
+def test_a_new_search_does_not_add_to_another_searchs_study_or_a_bad_url(tmp_path):
+    from simpo_ray.errors import ConfigError, UserError
+    from simpo_ray.search import study
+
+    _searcher(tmp_path, name="taken")
+    url = study.url_for(None, str(tmp_path))
+    with pytest.raises(UserError, match="an Optuna study named 'taken' already exists in sqlite:///"):
+        study.refuse_existing(study.open_storage(url), "taken", url)
+    study.refuse_existing(study.open_storage(url), "free", url)
+    with pytest.raises(ConfigError, match=r"search.optuna_storage: 'redis://h' is not a database URL"):
+        load(TINY, overrides={"search.optuna_storage": "redis://h"})
+    with pytest.raises(UserError, match="cannot open postgresql://u:\\*\\*\\*@localhost:1/db"):
+        study.open_storage("postgresql://u:secret@localhost:1/db")

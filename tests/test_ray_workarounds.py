@@ -213,6 +213,11 @@ OOM = ("A worker died or was killed while executing a task by an unexpected syst
        "Worker exit detail: Task was killed due to the node running low on memory.")
 
 
+STARTUP_BURST = ("WARNING: 8 PYTHON worker processes have been started on node: e516d7aad0aad7a4aa78f8b3615d060155"
+                 "8ed9955206a232c5213614 with address: 127.0.0.1, which is 4x the maximum expected startup "
+                 "concurrency (2).")
+
+
 def test_ray_console_filter_drops_expected_noise_and_makes_real_errors_one_line():
     """What a normal run printed (a red line per ended trial, the PlacementGroupCleaner's
     traceback) is dropped; a real failure reported by the raylet stays, as one line saying what
@@ -221,6 +226,7 @@ def test_ray_console_filter_drops_expected_noise_and_makes_real_errors_one_line(
 
     raylet = {"pid": "raylet", "is_err": False, "ip": "127.0.0.1"}
     assert ray_console_filter({**raylet, "lines": [WORKER_DIED]}) is None
+    assert ray_console_filter({**raylet, "lines": [STARTUP_BURST]}) is None  # printed by a real search
     cleaner = {"pid": 9, "actor_name": "PlacementGroupCleaner", "is_err": True,
                "lines": ["Traceback (most recent call last):", "ConnectionError: Found multiple active Ray "
                          "instances: {'192.0.2.2:37253', '192.0.2.2:40895'}."]}

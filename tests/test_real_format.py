@@ -434,3 +434,47 @@ def test_three_trial_search_and_analysis_cli_run_cleanly(cli_runs):
         assert sorted(measured["step"]) == [0, 10] + ([20] if len(g) == 3 else []), tid
         assert measured["eval/reward_win_rate_lc"].between(0, 1).all() and (measured["eval/gen_length"] <= 8).all()
     assert (cli_runs["report"] / "recommendations.md").is_file()
+
+
+@pytest.mark.slow
+def test_the_search_and_its_analysis_warn_when_the_best_trials_answers_were_cut_or_won_by_length(cli_runs):
+    """8 new tokens at most: the search's summary warns beside the best trial exactly when its
+    report at its best step had most generations cut at max_new_tokens or length separating wins
+    from losses, and the analysis beside its final values (both read from the written tables)."""
+    import pandas as pd
+
+    exp = cli_runs["results"] / "real-format"
+    curves = pd.read_csv(exp / "curves.csv", dtype={"trial_id": str})
+    assert curves["eval/truncated_rate"].dropna().between(0, 1).all()
+    assert set(curves["eval/length_separates"].dropna()) <= {-1.0, 0.0, 1.0}
+    best = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}).sort_values("rank").iloc[0]
+    at = curves[(curves["trial_id"] == best["trial_id"]) & (curves["step"] == best["best_step"])].iloc[-1]
+    def bad(cut, separates):  # NaN: not measured, nothing to say
+        return bool(cut > 0.5) or bool(pd.notna(separates) and separates != 0)
+
+    bad_then = bad(at["eval/truncated_rate"], at["eval/length_separates"])
+    assert (f"best trial {best['trial_id']} at step {best['best_step']:.0f}: warning:" in cli_runs["tune"].stdout) == bad_then
+    bad_finally = bad(best["final_eval/truncated_rate"], best["final_eval/length_separates"])
+    md = (cli_runs["report"] / "recommendations.md").read_text()
+    assert (f"⚠ Best trial `{best['trial_id']}`'s final model: warning:" in md) == bad_finally
+
+
+@pytest.mark.slow
+def test_export_takes_a_run_or_a_search_directory_and_says_which_checkpoint(cli_runs, tmp_path):
+    import pandas as pd
+
+    from simpo_ray.infra.history import read_history
+
+    run = cli_runs["results"] / "train-real-format"
+    proc = _run("simpo_ray.export", str(run), str(tmp_path / "from-run"))
+    assert proc.returncode == 0, _explain(proc)
+    last = read_history(run / "history.jsonl")[-1]  # a standalone run keeps its latest checkpoints
+    assert f"{run}: latest, step {last['step']} ({Path(last['checkpoint_path']).name})" in proc.stdout
+    assert (tmp_path / "from-run" / "config.json").is_file()
+
+    exp = cli_runs["results"] / "real-format"
+    best = pd.read_csv(exp / "trials.csv", dtype={"trial_id": str}).sort_values("rank").iloc[0]
+    proc = _run("simpo_ray.export", str(exp), str(tmp_path / "from-search"))
+    assert proc.returncode == 0, _explain(proc)
+    assert f"{exp}: best trial {best['trial_id']}, best by eval/reward_win_rate_lc = " in proc.stdout
+    assert (tmp_path / "from-search" / "config.json").is_file()

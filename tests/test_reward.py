@@ -188,3 +188,121 @@ def test_a_classifier_with_two_outputs_is_not_a_reward_model(tmp_path):
 
 def test_the_planted_reward_model_still_loads(planted):
     assert RewardScorer(str(planted)).model.config.num_labels == 1
+
+
+# ---------------------------------------------------------------- can the win rates be read as they are
+
+class _Scripted(torch.nn.Module):
+    """A causal LM stand-in whose `generate` writes planned answers the way Hugging Face's does:
+    the prompt, then each row's new tokens up to `max_new_tokens`, padding after a row that ended,
+    and no more steps once every row of the batch has ended."""
+
+    def __init__(self, plans: list[list[int]], eos: int) -> None:
+        from types import SimpleNamespace
+
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.plans, self.generation_config = list(plans), SimpleNamespace(eos_token_id=eos)
+
+    def generate(self, input_ids, max_new_tokens, pad_token_id, eos_token_id, **_):
+        rows = []
+        for _ in range(len(input_ids)):
+            plan = self.plans.pop(0)[:max_new_tokens]
+            ends = [i for i, t in enumerate(plan) if t in eos_token_id]
+            rows.append(plan[:ends[0] + 1] if ends else plan)
+        new = torch.full((len(rows), max(map(len, rows))), pad_token_id)
+        for i, r in enumerate(rows):
+            new[i, :len(r)] = torch.tensor(r)
+        return torch.cat([input_ids, new], 1)
+
+
+def _cut_plans(tok) -> tuple[list[list[int]], list[bool]]:
+    """Five answers for max_new_tokens=6 and whether each was cut at the limit, counted by hand."""
+    s, eos = tok.convert_tokens_to_ids("s"), tok.eos_token_id
+    one, two = tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")
+    return ([[s] * 10,                 # runs on past the limit: cut
+             [one, two, eos],          # ends
+             [s] * 6,                  # exactly the limit, no end-of-turn token: cut
+             [s] * 5 + [eos],          # ends on the limit's last token: finished
+             [two, eos]],              # ends
+            [True, False, True, False, False])
+
+
+def test_generations_cut_at_max_new_tokens_are_counted(chat_tokenizer):
+    from simpo_ray.config import TrainConfig
+    from simpo_ray.train.generation_checks import TRUNCATED
+    from simpo_ray.train.quality import GenerationEval
+
+    plans, cut = _cut_plans(chat_tokenizer)
+    prompts = [chat_tokenizer("sort: 2 1")["input_ids"]] * len(plans)
+    answers = generation.generate(_Scripted(plans, chat_tokenizer.eos_token_id), chat_tokenizer, prompts,
+                                  max_new_tokens=6, batch_size=2)
+    assert [a.truncated for a in answers] == cut
+    assert [a.tokens for a in answers] == [6, 2, 6, 5, 1]
+    # The evaluation reports their share (2 of 5) beside the success rate.
+    rows = [{"prompt": "sort: 2 1", "turns": [{"role": "user", "content": "sort: 2 1"}], "text": None,
+             "baseline": "1 2"}] * len(plans)
+    ev = GenerationEval(rows, chat_tokenizer, TrainConfig(max_new_tokens=6, generation_batch_size=2), "cpu", 0, 1,
+                        bundled=True, system_turn=False, lockstep=False, state={})
+    out = ev(_Scripted(plans, chat_tokenizer.eos_token_id))
+    assert out[TRUNCATED] == pytest.approx(2 / 5) and "eval/success_rate" in out
+
+
+def test_length_alone_separating_wins_from_losses_is_flagged():
+    from simpo_ray.train.generation_checks import LENGTH_SEPARATES, length_separates
+
+    # Length differences to the baseline 40, 30 (wins), 0, 2 (losses), -25 (a tie: not counted).
+    win, policy, baseline = [1, 1, 0, 0, 0.5], [50, 40, 10, 12, 5], [10, 10, 10, 10, 30]
+    assert length_separates(win, policy, baseline) == 1.0
+    assert length_separates([0, 0, 1, 1, 0.5], policy, baseline) == -1.0  # the wins are the shorter ones
+    assert length_separates([1, 0, 0, 1, 0.5], policy, baseline) == 0.0   # a win (40) and a loss (30) cross
+    assert length_separates([1, 0], [12, 12], [10, 10]) == 0.0            # equal differences: no threshold
+    assert length_separates([1, 1, 0.5], [12, 30, 1], [10, 10, 10]) == 0.0  # no loss: nothing to separate
+    m = win_metrics([1, 1, -1, -1, 0], [0, 0, 0, 0, 0], policy, baseline, [1] * 5, [1] * 5)
+    assert m[LENGTH_SEPARATES] == 1.0 and m["eval/reward_win_rate"] == 0.5
+    # Why it matters: there the LC value is the penalty's choice, elsewhere the data's.
+    separated = np.array([1.0] * 20 + [0.0] * 20), np.r_[np.arange(20) + 30, np.arange(20)]
+    assert abs(lc_win_rate(*separated, np.zeros(40), l2=1e-4).win_rate_lc
+               - lc_win_rate(*separated, np.zeros(40), l2=1e-2).win_rate_lc) > 0.05
+    crossed = np.array([1.0, 0.0] * 20), np.arange(40) - 20.0  # wins and losses interleaved
+    assert lc_win_rate(*crossed, np.zeros(40), l2=1e-4).win_rate_lc == pytest.approx(
+        lc_win_rate(*crossed, np.zeros(40), l2=1e-2).win_rate_lc, abs=0.01)
+
+
+def test_the_warning_line_says_what_the_metrics_show_and_nothing_for_a_normal_run():
+    from simpo_ray.train.generation_checks import final_values, problems, warning_line
+
+    normal = {"eval/reward_win_rate": 0.6, "eval/truncated_rate": 0.5, "eval/length_separates": 0.0}
+    assert warning_line(normal) == "" and warning_line({"eval/reward_win_rate": 0.6}) == ""
+    assert warning_line({"eval/truncated_rate": float("nan"), "eval/length_separates": float("nan")}) == ""
+    cut = warning_line({"eval/truncated_rate": 4 / 5}, max_new_tokens=64)
+    assert cut == ("warning: 80% of generations were cut at max_new_tokens=64 (no end-of-turn token), so the "
+                   "scores rate unfinished answers")
+    both = warning_line({"eval/truncated_rate": 1.0, "eval/length_separates": -1.0})
+    assert both.count("warning") == 1 and "\n" not in both
+    assert "100% of generations were cut at max_new_tokens (" in both
+    assert "length alone separates wins from losses (every win's length over its baseline is below" in both
+    row = {"final_eval/truncated_rate": 0.9, "final_eval/length_separates": 0.0, "trial_id": "t"}
+    assert set(problems(final_values(row))) == {"truncated"}
+
+
+def test_the_run_warns_once_as_a_problem_appears(capsys):
+    from types import SimpleNamespace
+
+    from simpo_ray.config import TrainConfig
+    from simpo_ray.train.evaluate import Evaluator
+
+    ev = SimpleNamespace(cfg=TrainConfig(max_new_tokens=64), rank=0, warned=set())
+    printed = []
+    for step, metrics in [(0, {"eval/truncated_rate": 0.0, "eval/length_separates": 0.0}),
+                          (10, {"eval/truncated_rate": 0.8, "eval/length_separates": 0.0}),
+                          (20, {"eval/truncated_rate": 0.9, "eval/length_separates": 0.0}),   # still: quiet
+                          (30, {"eval/truncated_rate": 0.9, "eval/length_separates": 1.0}),   # a new one
+                          (40, {"eval/truncated_rate": 0.1, "eval/length_separates": 0.0}),   # gone
+                          (50, {"eval/truncated_rate": 0.7, "eval/length_separates": 0.0})]:  # back
+        Evaluator._warn(ev, metrics, step)
+        printed.append(capsys.readouterr().out)
+    assert [bool(p) for p in printed] == [False, True, False, True, False, True]
+    assert printed[1] == ("[simpo-ray] step 10: warning: 80% of generations were cut at max_new_tokens=64 "
+                          "(no end-of-turn token), so the scores rate unfinished answers\n")
+    assert printed[3].count("\n") == 1 and "length alone separates" in printed[3]

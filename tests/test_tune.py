@@ -698,6 +698,17 @@ def test_resume_after_driver_is_killed_loses_and_duplicates_nothing(tmp_path):
     study, numbers = _optuna_study(exp)
     assert len(study.trials) == num_samples and set(numbers) == set(trials.index)
     assert all(t.state.name == "COMPLETE" for t in study.trials)
+    # The study Optuna's own tools open (its SQLite file survived the SIGKILL) continued too: one
+    # trial per Tune trial, every one finished with its final value, none left RUNNING.
+    import optuna
+
+    recorded = json.loads((exp / "search.json").read_text())["search"]["optuna_study"]
+    db = optuna.load_study(study_name=recorded["name"], storage=recorded["storage"])
+    by_id = {t.user_attrs["trial_id"]: t for t in db.trials}
+    assert len(db.trials) == num_samples and set(by_id) == set(trials.index)
+    for tid, t in by_id.items():
+        assert t.state.name == "COMPLETE" and t.value == pytest.approx(trials.loc[tid, "objective_value"])
+        assert sorted(t.intermediate_values) == [0, 10, max_steps]
     # search.json is the one written when the search started.
     info = json.loads((exp / "search.json").read_text())
     assert info["num_samples"] == num_samples and info["name"] == "resume"

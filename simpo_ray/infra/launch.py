@@ -17,7 +17,8 @@ from typing import Any
 
 from simpo_ray.infra.cluster import ClusterInfo, check_fits
 from simpo_ray.infra.history import HISTORY_FILE, history_callback, read_history
-from simpo_ray.config import Resources, TrainConfig
+from simpo_ray.config import LIGER_NEEDS_GPU, Resources, TrainConfig
+from simpo_ray.errors import ConfigError, UserError
 from simpo_ray.train.memory import decide_strategy
 
 
@@ -58,6 +59,41 @@ def check_inputs(cfg: TrainConfig):
             datasets.enable_progress_bars()
 
 
+OUTPUT_CONFIG = "train_config.yaml"  # the config that claimed an output_dir (a loadable config)
+
+
+def claim_output_dir(cfg: TrainConfig) -> None:
+    """Claim ``output_dir`` for this run before anything runs, or refuse it in one line: a
+    directory that holds anything but an earlier run of this same config (its
+    `OUTPUT_CONFIG`) is refused unless ``overwrite_output_dir`` (HF's key), so two runs never
+    overwrite each other's model in silence. The claim is this config, written there; created
+    exclusively, so of two runs starting at once into an empty directory the second is told."""
+    if not cfg.output_dir:
+        return
+    out = Path(cfg.output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir: '{cfg.output_dir}' is a file; give a directory")
+    mine = cfg.replace(output_dir=str(out), overwrite_output_dir=False).to_yaml()
+    marker = out / OUTPUT_CONFIG
+    if not out.exists() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(marker, "x") as f:
+                f.write(mine)
+            return
+        except FileExistsError:  # another run claimed it since: judged below
+            pass
+    if cfg.overwrite_output_dir:
+        marker.write_text(mine)
+        return
+    theirs = marker.read_text() if marker.is_file() else None
+    if theirs != mine:
+        what = ("holds the model of a run of another config" if theirs is not None
+                else "is not empty and holds no simpo-ray run's output")
+        raise UserError(f"output_dir: '{cfg.output_dir}' {what}; choose another output_dir, empty it, or set "
+                        "overwrite_output_dir: true to write over it")
+
+
 def prepare_run(cfg: TrainConfig, prepared=None) -> PreparedRun:
     """Share the tokenised data (`prepared`, the `check_inputs` result, made here if None)
     through the object store, so N workers and M trials reuse one tokenisation."""
@@ -76,6 +112,8 @@ def run_resources(cfg: TrainConfig, num_workers: int | None = None, cpus_per_wor
         import torch
 
         gpus_per_worker = 1 if (cfg.use_gpu or (cfg.use_gpu is None and torch.cuda.is_available())) else 0
+    if cfg.use_liger_kernel and not gpus_per_worker:
+        raise ConfigError(LIGER_NEEDS_GPU)
     return Resources(num_workers=num_workers or cfg.num_workers, cpus_per_worker=cpus_per_worker,
                      gpus_per_worker=gpus_per_worker)
 
@@ -146,6 +184,7 @@ def run_training(cfg: TrainConfig, *, num_workers: int | None = None, cpus_per_w
     """
     resources = run_resources(cfg, num_workers, cpus_per_worker, gpus_per_worker)
     check_fits(ClusterInfo.from_ray(), resources)
+    claim_output_dir(cfg)  # the CLI claimed it before Ray started; the same config again passes
     run = prepare_run(cfg, prepared)
     print(f"[simpo-ray] {run.num_train} training pairs, {run.num_eval} held-out pairs; "
           f"{resources.num_workers} worker(s) x {resources.cpus_per_worker} CPU, "

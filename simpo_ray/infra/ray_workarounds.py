@@ -72,8 +72,8 @@ def quiet_train_logs() -> None:
 # instances` traceback when another Ray cluster runs on the machine. `quiet_ray_console` drops
 # those and turns any other raylet message into one line saying what happened and where to look.
 # REMOVE with the orphan reaper (the cleaner's part) and when Ray stops reporting intended
-# terminations as system errors.
-_EXPECTED_EXIT = re.compile(r"The process receives a SIGTERM|killed by `ray\.kill`|intended", re.I)
+# terminations as system errors. Also dropped: the raylet's warning that many workers started at once.
+_EXPECTED_EXIT = re.compile(r"process receives a SIGTERM|killed by `ray\.kill`|intended|worker processes have been", re.I)
 # (3) Train's own start-up lines ("Requesting resources", "Started training worker group", the
 # workers' "Setting up process group"): dropped, shown with --debug; the workers' own output stays.
 _QUIET_ACTORS = ("PlacementGroupCleaner", "TrainController")
@@ -161,6 +161,33 @@ def quiet_tune_end_hints() -> None:
     tune_logger = logging.getLogger("ray.tune.tune")
     if not any(isinstance(f, _TuneEndHints) for f in tune_logger.filters):
         tune_logger.addFilter(_TuneEndHints())
+
+
+# ---------------------------------------------------------------- Train's last report to Tune
+# Ray 2.60: Train V2's TuneReportCallback hands each report to the Tune trial through a one-slot
+# actor queue, which the trial's main thread reads only while the driver asks it for a result.
+# When `fit()` returns before the main thread took the last report, the function trainable puts
+# its end marker (RESULT_DUPLICATE) in its one-slot result queue; the main thread then takes the
+# report and blocks forever putting it behind the marker: the trial, and the search, hang (load 0;
+# seen with a driver slowed by logger callbacks). REMOVE when Ray reads the queue out at the end.
+
+
+def wait_for_tune_to_take_reports(timeout_s: float = 300.0, settle_s: float = 0.2) -> None:
+    """In a Tune trial, after `fit()`: return once the trial's main thread took the last report
+    (the queue is empty, and `settle_s` more for it to pass the report on)."""
+    import time
+
+    from ray.train._internal.session import get_session
+
+    queue = getattr(get_session(), "_inter_actor_queue", None)
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and not queue.empty():
+        if time.monotonic() > deadline:
+            _warn_once("reports", "[simpo-ray] warning: Tune did not take the trial's last report in %.0f s",
+                       timeout_s)
+            return
+        time.sleep(0.05)
+    time.sleep(settle_s)
 
 
 # ---------------------------------------------------------------- orphan placement-group reaper

@@ -22,13 +22,13 @@ from simpo_ray.transfer.warm_start import apply_warm_start
 
 def load(space_path: str | os.PathLike, *, task=None, model_type=None, allow_out_of_range=False,
          num_samples=None, seed=None, scheduler=None, sampler=None, max_concurrent=None, overrides=None,
-         warm_start=None, warm_start_narrow=None):
+         warm_start=None, warm_start_narrow=None, optuna_storage=None):
     """The validated space with command-line values applied on top of the YAML's (`warm_start`:
     finished-search directories added after the space's `search.warm_start`)."""
     flat = dict(overrides or {})
     for key, value in (("num_samples", num_samples), ("seed", seed), ("scheduler", scheduler),
                        ("sampler", sampler), ("max_concurrent", max_concurrent),
-                       ("warm_start_narrow", warm_start_narrow)):
+                       ("warm_start_narrow", warm_start_narrow), ("optuna_storage", optuna_storage)):
         if value is not None:
             flat[f"search.{key}"] = value
     return resolve(load_space(space_path, task=task, model_type=model_type,
@@ -44,6 +44,7 @@ def resolve(space: SearchSpace) -> SearchSpace:
     the transferred point, keeps same-size trials for the searcher). Idempotent."""
     if space.resolved:
         return space
+    _default_lengths(space)
     model = space.trial_config().model_name_or_path
     if space.search.warm_start:
         apply_warm_start(space, space.search.points_to_evaluate, model)
@@ -55,6 +56,30 @@ def resolve(space: SearchSpace) -> SearchSpace:
                            f"points to evaluate; only the first {n} run")
     space.resolved = True
     return space
+
+
+def _default_lengths(space: SearchSpace) -> None:
+    """A base without max_length gets a training config's default (`config.default_lengths`: the
+    smaller of 1024 and the model's position limit) when the model's own config reads without a
+    download; a note says so. Else the run's check refuses a max_length above the limit."""
+    if "max_length" in space.base:
+        return
+    from simpo_ray.config import default_lengths
+    from simpo_ray.train.model import position_limit
+    from simpo_ray.train.reference_models import config_for
+
+    cfg = space.trial_config()
+    try:
+        config, source = config_for(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                    revision=cfg.model_revision)
+    except (KeyError, UserError):
+        return
+    if source != f"the config of {cfg.model_name_or_path}":  # a family's public config: not its limit
+        return
+    resolved, note = default_lengths(cfg, position_limit(config), prompt_given="max_prompt_length" in space.base)
+    if note:
+        space.base.update(max_length=resolved.max_length, max_prompt_length=resolved.max_prompt_length)
+        space.notes.append(f"base.{note}")
 
 
 def loaded(space: SearchSpace | str | os.PathLike, load_options: dict[str, Any]) -> SearchSpace:
@@ -139,7 +164,8 @@ def _sources(cfg, refusals: list[str]) -> list[str]:
         if any(m in line for m in MISSING):
             refusals.append(line)
     try:
-        config, source = config_for(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config, source = config_for(cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                    revision=cfg.model_revision)
     except (KeyError, UserError):
         return lines
     found = position_limit(config) if source == f"the config of {cfg.model_name_or_path}" else None

@@ -47,6 +47,8 @@ FINAL_METRICS = (
     # generation quality (with a reward model); eval/generation_step: when they were measured
     "eval/reward_win_rate", "eval/reward_win_rate_lc", "eval/reward_mean", "eval/baseline_reward_mean",
     "eval/gen_length", "eval/baseline_gen_length", "eval/generation_step",
+    # whether those can be read as they are (train.generation_checks)
+    "eval/truncated_rate", "eval/length_separates",
 )
 CURVE_COLUMNS_FIRST = ("trial_id", "step", "samples", "tokens")
 # Tune trial statuses of a trial that ended (by itself, a scheduler, a stopper, or an error).
@@ -264,6 +266,22 @@ def _mark_pareto_front(trials: pd.DataFrame, search) -> str:
     return f"Pareto front of {', '.join(search.objectives)} (final values): {shown or 'no finished trial'}"
 
 
+def _generation_warning(best: pd.Series, curves: pd.DataFrame) -> list[str]:
+    """[one line] when the best trial's generations, at the step its score comes from (the
+    report of its best step; else its final values), were mostly cut at max_new_tokens or won by
+    length alone (`generation_checks`); [] otherwise."""
+    from simpo_ray.train.generation_checks import final_values, warning_line
+
+    metrics = final_values(best)
+    if {"trial_id", "step"} <= set(curves.columns):
+        at = curves[(curves["trial_id"].astype(str) == str(best["trial_id"]))
+                    & (pd.to_numeric(curves["step"], errors="coerce") == best["best_step"])]
+        if len(at):
+            metrics = at.iloc[-1].to_dict()
+    line = warning_line(metrics)
+    return [f"best trial {best['trial_id']} at step {best['best_step']:.0f}: {line}"] if line else []
+
+
 def search_was_interrupted(tune_states: dict[str, dict[str, str]], num_samples: int) -> bool:
     """Whether the search stopped before its end: in Tune's saved state a trial did not end, or
     fewer trials than `num_samples` were created. (No saved state: results that did not come
@@ -317,6 +335,7 @@ def finish(grid, space, exp_path: str, record: SearchRecord, *, verbose: int = 1
                   + f"# Run it: python -m simpo_ray.train --config {local / 'best_config.yaml'}\n")
         write_text_atomic(local / "best_config.yaml", header + cfg.to_yaml())
         lines.append(summary_table(trials, record.mode))
+        lines += _generation_warning(best, curves)
         default = trials[trials["is_default"]]
         if len(default) and default.iloc[0]["status"] != "errored":
             d = default.iloc[0]

@@ -22,7 +22,7 @@ from simpo_ray.infra.history import history_callback
 from simpo_ray.io import check_name
 from simpo_ray.infra.launch import make_trainer
 from simpo_ray.infra.launch import prepare_run
-from simpo_ray.search import disk
+from simpo_ray.search import disk, loggers, study
 from simpo_ray.search.lock import ExperimentLock
 from simpo_ray.search.objectives import describe as describe_objective
 from simpo_ray.search.records import BUDGET_KEYS, SearchRecord, space_differences
@@ -94,6 +94,10 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
     record = _check_storage(exp_path, resume=resume, record=SearchRecord.from_space(space, space_file, name),
                             verbose=verbose)
     memory_plan(space)  # a trial that cannot fit its GPUs is refused before Ray starts
+    study_storage = _open_study(space, exp_path, name, record, resume)  # (a resume reopens the pickled one)
+    report_to = loggers.backends(space.default_config().report_to)
+    loggers.check_installed(report_to)
+    loggers.quiet_clients()
     # Tune's legacy reporter prints one compact table of the key metrics; the new output engine
     # prints every reported metric of every trial (dozens of lines per report).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -108,6 +112,7 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
     warning = disk.check(space, root, slots)  # refuses when not even one round of checkpoints fits
     if warning:
         _say(verbose, f"[simpo-ray] {warning}")
+    _say(verbose, f"[simpo-ray] {study.describe(record.search.get('optuna_study'))}")
     _say(verbose, "[simpo-ray] preparing data and model once for all trials ...")
     t0 = time.perf_counter()
     run = prepare_run(space.default_config(), prepared)
@@ -119,18 +124,21 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=False,
                                    restart_errored=False, resume_unfinished=True)
     else:
+        callbacks = loggers.callbacks(report_to, exp_path, name)  # pickled with the Tuner, kept on resume
+        if need:
+            callbacks.append(DiskWatch(root, need.in_flight))
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 metric=space.search.objective, mode=space.search.mode,
-                search_alg=make_searcher(space), scheduler=make_scheduler(space),
+                search_alg=make_searcher(space, study_storage, name), scheduler=make_scheduler(space),
                 num_samples=space.search.num_samples, max_concurrent_trials=slots,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=root, stop=DivergenceStopper(),
                 progress_reporter=make_reporter(space), verbose=verbose,
                 failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=[DiskWatch(root, need.in_flight)] if need else None,
+                callbacks=callbacks,
             ),
         )
     ray_workarounds.quiet_tune_end_hints()  # our summary words the end (and how to resume)
@@ -148,6 +156,20 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
         raise SearchStopped(f"{reason}; free space there (each trial's checkpoints are under "
                             f"{exp_path}/train_runs), then resume it with: {resume_command}")
     return local
+
+
+def _open_study(space: SearchSpace, exp_path: str, name: str, record: SearchRecord, resume: bool):
+    """A new search's Optuna storage (None: the study stays in Tune's searcher state), recorded in
+    search.json; a refusal before Ray starts when it cannot be opened or already has this study."""
+    if resume:  # Tune restores the searcher with the storage it pickled, and search.json says which
+        return None
+    url = study.url_for(space.search.optuna_storage, exp_path)
+    record.search["optuna_study"] = {"name": name, "storage": study.shown(url) if url else None}
+    if url is None:
+        return None
+    storage = study.open_storage(url)
+    study.refuse_existing(storage, name, url)
+    return storage
 
 
 def _fit(tuner):
@@ -228,6 +250,7 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
             strategy=strategy,
         )
         trainer.fit()
+        ray_workarounds.wait_for_tune_to_take_reports()  # else the trial can hang on its last report
 
     trainable = tune.with_parameters(simpo_trial, data=data)
     return tune.with_resources(trainable, tune.PlacementGroupFactory(

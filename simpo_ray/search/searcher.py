@@ -19,10 +19,11 @@ from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 
-def make_searcher(space):
+def make_searcher(space, storage=None, study_name: str | None = None):
     """Optuna over the searched parameters, seeded: TPE (constant_liar keeps parallel trials apart)
     or, with `search.sampler: random`, Optuna's RandomSampler (the baseline TPE is measured against).
-    Both evaluate the same `points_to_evaluate` first.
+    Both evaluate the same `points_to_evaluate` first. `storage` (an Optuna storage,
+    `simpo_ray.search.study`) keeps the study where Optuna's tools read it, named `study_name`.
 
     A warm start's same-size trials (`space.warm.trials`) go into the study as COMPLETE trials
     with their values (`OptunaSearch.add_evaluated_point`: `study.add_trial`), after the points
@@ -49,29 +50,84 @@ def make_searcher(space):
                             mode=list(s.modes) if multi else s.mode,
                             points_to_evaluate=[{k: v for k, v in pt.items() if k in dists}
                                                 for pt in space.points_to_evaluate] or None,
-                            sampler=sampler)
+                            sampler=sampler, storage=storage, study_name=study_name)
     for params, value in space.warm.trials if space.warm is not None else ():
         searcher.add_evaluated_point({k: v for k, v in params.items() if k in dists}, value)
     return searcher
 
 
 class _Optuna(OptunaSearch):
-    """OptunaSearch that reports a step of a trial to Optuna once: a trial rerun after a
-    `--resume` reports its training iterations again from 1, and Optuna keeps the first value of
-    a step and warns (`UserWarning: step=1 is already reported`) for every repeat."""
+    """OptunaSearch that keeps the study true for Optuna's own tools (`optuna.load_study`,
+    optuna-dashboard), which read the same storage:
+
+    - each trial's state: COMPLETE for a trial that ran its budget, PRUNED for one the scheduler
+      stopped (its value is then its last report's, and TPE ranks it below every finished trial,
+      as Optuna's own pruners do), FAIL for an error. A diverged trial stays COMPLETE at the
+      objective's worst value, which is what teaches TPE to avoid the region (a FAIL trial is
+      invisible to TPE). The user attributes `trial_id` (Tune's, as in trials.csv) and `status`
+      (trials.csv's) link the two;
+    - the objective of every report, at its training step (`step`, as in curves.csv), the last
+      one included, once per step: a trial rerun after a `--resume` reports its steps again, and
+      Optuna keeps the first value of a step and warns (`step=1 is already reported`) for each repeat;
+    - a trial the storage holds as finished is not told again (a driver killed after a trial ended
+      but before Tune saved the searcher reruns the trial on resume), and on resume a RUNNING
+      trial Tune no longer knows of (asked after the last save) is marked FAIL, so the study holds
+      no trial running forever."""
+
+    def suggest(self, trial_id):
+        params = super().suggest(trial_id)
+        trial = self._ot_trials.get(trial_id)
+        if trial is not None and params is not None:
+            trial.set_user_attr("trial_id", trial_id)
+        return params
 
     def on_trial_result(self, trial_id, result):
+        self._report(trial_id, result)
+
+    def _report(self, trial_id, result) -> None:
+        """The objective at the report's training step (the step curves.csv shows; Ray reports at
+        its own result count), once per step, and never to a finished trial. Optuna keeps no
+        intermediate values for several objectives."""
         trial = self._ot_trials.get(trial_id)
-        step = result.get(TRAINING_ITERATION)
-        if trial is not None and not isinstance(self.metric, list) and step in _reported_steps(trial):
+        if isinstance(self.metric, list) or trial is None or trial_id in self._completed_trials:
             return
-        super().on_trial_result(trial_id, result)
+        value, step = result.get(self.metric), result.get("step", result.get(TRAINING_ITERATION))
+        if value is None or step is None or not math.isfinite(value):
+            return
+        frozen = _frozen(trial)
+        if not frozen.state.is_finished() and int(step) not in frozen.intermediate_values:
+            trial.report(float(value), int(step))
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        trial = self._ot_trials.get(trial_id)
+        if trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        if _frozen(trial).state.is_finished():  # told before the driver died: the study keeps it
+            self._completed_trials.add(trial_id)
+            return None
+        if result:  # the last report: Tune tells a scheduler's or a stopper's STOP no on_trial_result
+            self._report(trial_id, result)
+        status = (result or {}).get("status")
+        if status is not None:
+            trial.set_user_attr("status", "stopped_early" if status == "running" else status)
+        if result and status == "running":  # the scheduler stopped it (a finished run says "completed")
+            self._ot_study.tell(trial, None, state=optuna.trial.TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return None
+        return super().on_trial_complete(trial_id, result, error)
+
+    def restore(self, checkpoint_path):
+        super().restore(checkpoint_path)
+        known = {t.number for t in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        for orphan in (t for t in running if t.number not in known):
+            self._ot_study._storage.set_trial_user_attr(orphan._trial_id, "status", "lost")
+            self._ot_study.tell(orphan.number, None, state=optuna.trial.TrialState.FAIL)
 
 
-def _reported_steps(trial) -> set:
-    """The steps an Optuna trial (a `Trial` from `study.ask`) already holds values for."""
-    frozen = [t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number]
-    return set(frozen[0].intermediate_values) if frozen else set()
+def _frozen(trial):
+    """A live Optuna `Trial`'s stored record (its reports and state, as the storage holds them)."""
+    return trial.study._storage.get_trial(trial._trial_id)
 
 
 class _MultiObjectiveOptuna(_Optuna):

@@ -105,6 +105,9 @@ class SearchSettings:
     # `objective`/`mode` are then the first (the primary). Empty for one objective.
     objectives: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
+    # The Optuna study's database (simpo_ray.search.study): null keeps it in the experiment
+    # directory (optuna.db); a PostgreSQL/MySQL URL shares one among a cluster's searches.
+    optuna_storage: str | None = None
 
     def __post_init__(self) -> None:
         schema.validate(self)
@@ -115,6 +118,10 @@ class SearchSettings:
             raise ConfigError("tpe_multivariate / tpe_startup_trials: set for sampler: random, which has no "
                               "model; use sampler: tpe or drop them")
         validate_multi(self)
+        if self.optuna_storage is not None:
+            from simpo_ray.search.study import check_url
+
+            check_url(self.optuna_storage)
         better = OBJECTIVES[self.objective]
         if self.mode != better:
             raise ConfigError(f"mode: {self.mode!r} is wrong for {self.objective}, which is better when "

@@ -17,7 +17,7 @@ from typing import Any
 
 from simpo_ray import guide, schema
 from simpo_ray.search.objectives import (check_objective, split_objective)
-from simpo_ray.config import FIELDS, Resources, TrainConfig, from_dict
+from simpo_ray.config import ACCEPTED_REFERENCE_KEYS, FIELDS, Resources, TrainConfig, from_dict
 from simpo_ray.errors import ConfigError, closest
 from simpo_ray.io import check_name
 from simpo_ray.search.settings import (DISTRIBUTIONS, Estimate, Param, SearchSettings,
@@ -30,6 +30,12 @@ TOP_KEYS = ("name", "description", "size_bucket", "task", "model_type", "base", 
 PARAM_KEYS = ("distribution", "low", "high", "values", "range")
 # Keys of one trial's TrainConfig that the space's `resources` set; `base` may not set them.
 RESOURCE_OWNED = {"num_workers": "resources.num_workers", "use_gpu": "resources.gpus_per_worker"}
+# Keys a search cannot apply to its trials (each trial's model is its checkpoints, in its own
+# trial directory); `base` may not set them rather than have them dropped.
+TRIAL_OUTPUT = ("a search keeps each trial's model as its checkpoints in the trial's directory and exports the "
+                "best one to <experiment>/best_model (python -m simpo_ray.export exports any other); remove it "
+                "from base")
+SEARCH_OWNED = {"output_dir": TRIAL_OUTPUT, "overwrite_output_dir": TRIAL_OUTPUT}
 
 
 @dataclass
@@ -158,6 +164,10 @@ def _build(data: dict, *, source: str, stem: str | None, allow_out_of_range: boo
                         points_to_evaluate=[], point_labels=[], estimate=estimate, source=source,
                         description=description, allow_out_of_range=allow_out_of_range)
     cfg = space.trial_config()  # base + fixed params + resources together form a valid config
+    ignored = sorted(k for k in schema.mapping(data.get("base"), "base") if k in ACCEPTED_REFERENCE_KEYS)
+    if ignored:
+        space.notes.append(f"base: ignored (the reference trainer's own settings, no meaning here): "
+                           f"{', '.join(ignored)}")
     space.search = check_objective(search, cfg, space.notes)
     rec = guide.effective_batch_range(bucket_name)
     eb = space.effective_batch
@@ -200,6 +210,9 @@ def _base(raw: Any, resources: Resources, ctx: _Ctx) -> dict[str, Any]:
         if key in d:
             raise ConfigError(f"base.{key}: {d[key]!r} is set by {owner} in a search space; "
                               "remove it from base")
+    for key, why in SEARCH_OWNED.items():
+        if d.get(key) not in (None, False):
+            raise ConfigError(f"base.{key}: {d[key]!r} cannot apply in a search: {why}")
     try:
         cfg = from_dict({**d, "num_workers": resources.num_workers, "use_gpu": resources.use_gpu},
                         source="base")

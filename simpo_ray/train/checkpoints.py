@@ -125,31 +125,34 @@ def batches_done_here(counters: dict[str, Any], cfg: TrainConfig, world: int) ->
     return pairs // (cfg.per_device_train_batch_size * world)
 
 
+def is_checkpoint(directory: Path) -> bool:
+    """Whether `directory` looks like what `save_checkpoint` writes (its config and DCP's metadata)."""
+    return (Path(directory) / CONFIG_FILE).is_file() and (Path(directory) / ".metadata").is_file()
+
+
 def export_pretrained(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """A plain Hugging Face model directory (`save_pretrained`, with the tokenizer) from a
     checkpoint of any strategy and worker count; the full state dict is gathered once, here."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from simpo_ray.train.model import load_tokenizer, resolve_model_path
+    from simpo_ray.train.model import export_dtype, load_tokenizer, model_config
 
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar in a summary
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if not (checkpoint / CONFIG_FILE).is_file() or not (checkpoint / ".metadata").is_file():
+    if not is_checkpoint(checkpoint):
         raise UserError(f"{checkpoint}: not a simpo-ray checkpoint (no {CONFIG_FILE} or .metadata)")
     check_metadata(checkpoint)
     cfg = load_train_config(checkpoint / CONFIG_FILE)
-    path = resolve_model_path(cfg.model_name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    config = model_config(cfg)  # at model_revision
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         _safe_load(state, checkpoint, no_dist=True)
     model.load_state_dict(state["model"])
-    if cfg.bf16:
-        model = model.to(torch.bfloat16)
+    model = model.to(export_dtype(cfg))  # torch_dtype's ("auto": the base checkpoint's), else bf16 under bf16
     model.save_pretrained(out_dir)
     load_tokenizer(cfg).save_pretrained(out_dir)
     return out_dir

@@ -58,6 +58,7 @@ class Evaluator:
                                          bundled=is_bundled_task(cfg), system_turn=system,
                                          lockstep=self.lockstep, state=state)
         self.last_generation: dict[str, float] = {}
+        self.warned: set[str] = set()  # the generation problems the last generation eval showed
 
     @torch.no_grad()
     def __call__(self, step: int = 0, final: bool = False) -> dict[str, float]:
@@ -87,10 +88,23 @@ class Evaluator:
                 result.update(fresh)  # with its time/ entries, which are not carried forward
                 self.last_generation = {k: v for k, v in fresh.items() if k.startswith("eval/")}
                 self.last_generation["eval/generation_step"] = step
+                self._warn(fresh, step)
             result.update(self.last_generation)
         result["time/eval_s"] = time.perf_counter() - t0
         self.policy.train()
         return result
+
+    def _warn(self, fresh: dict[str, float], step: int) -> None:
+        """One warning line (rank 0) when a generation eval shows a problem the previous one did
+        not (`generation_checks`): said once as it appears, not at every evaluation after it."""
+        from simpo_ray.train import generation_checks
+        from simpo_ray.train.quality import max_new_tokens
+
+        limit = max_new_tokens(self.cfg, is_bundled_task(self.cfg))
+        found = generation_checks.problems(fresh, limit)
+        if self.rank == 0 and set(found) - self.warned:  # stdout: beside the progress line it explains
+            print(f"[simpo-ray] step {step}: {generation_checks.warning_line(fresh, limit)}", flush=True)
+        self.warned = set(found)
 
 
 def _num(r: dict[str, Any], key: str, fmt: str) -> str:

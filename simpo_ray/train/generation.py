@@ -22,6 +22,8 @@ DEFAULT_MAX_NEW_TOKENS = 512  # a chat answer; the bundled task's budget is task
 class Answer:
     text: str
     tokens: int  # generated tokens before the end-of-turn token
+    # Ran to max_new_tokens without an end-of-turn token: cut at the limit, unfinished.
+    truncated: bool = False
 
 
 def stop_ids(model, tokenizer) -> list[int]:
@@ -72,8 +74,10 @@ def generate(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                                      use_cache=True, synced_gpus=synced, **sampling)
                 for row in gen[:real, width:].tolist():
                     cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+                    truncated = cut == len(row) >= max_new_tokens
                     row = [t for t in row[:cut] if t != pad]  # padding, should any precede the stop
-                    out.append(Answer(tokenizer.decode(row, skip_special_tokens=not keep_special_tokens), len(row)))
+                    out.append(Answer(tokenizer.decode(row, skip_special_tokens=not keep_special_tokens), len(row),
+                                      truncated))
     finally:
         model.train(was_training)
     return out

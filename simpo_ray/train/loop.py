@@ -71,13 +71,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f"{cfg.per_device_train_batch_size} x {cfg.gradient_accumulation_steps} x {world} workers"
         )
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    from simpo_ray.train.optim import build_optimizer, warmup_steps
+
+    optimizer = build_optimizer(cfg, policy.parameters())
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     total_steps = kept_steps or (cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_train_epochs))
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer,
-                              num_warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
                               num_training_steps=total_steps)
 
     state = {"step": 0, "samples": 0, "tokens": 0, "epoch": 0, "batch_in_epoch": 0, "train_time_s": 0.0,
@@ -173,7 +174,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
     if cfg.output_dir:
-        _save_final_model(bare.model, tokenizer, cfg.output_dir, rank)
+        _save_final_model(bare.model, tokenizer, cfg, rank)
 
 
 def _strategy(cfg: TrainConfig, device: torch.device, world: int) -> str:
@@ -221,15 +222,22 @@ def _resume(checkpoint, resume_from: str | None, model, optimizer, scheduler, st
         print(f"[simpo-ray] resumed from checkpoint at step {state['step']} ({what})", flush=True)
 
 
-def _save_final_model(model, tokenizer, output_dir: str, rank: int) -> None:
-    """The trained model as a plain Hugging Face directory (the full state dict gathered once)."""
+def _save_final_model(model, tokenizer, cfg: TrainConfig, rank: int) -> None:
+    """The trained model as a plain Hugging Face directory in `output_dir` (the full state dict
+    gathered once), in the exported models' dtype (`model.export_dtype`: `torch_dtype`, else bf16
+    under bf16, else fp32)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from simpo_ray.train.model import export_dtype
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        model.save_pretrained(output_dir, state_dict=full)
-        tokenizer.save_pretrained(output_dir)
-        print(f"[simpo-ray] final model saved to {output_dir}", flush=True)
+        dtype = export_dtype(cfg)
+        model.save_pretrained(cfg.output_dir, state_dict={k: v.to(dtype) for k, v in full.items()})
+        model.config.dtype = dtype  # save_pretrained wrote the training weights' fp32 into config.json
+        model.config.save_pretrained(cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+        print(f"[simpo-ray] final model saved to {cfg.output_dir}", flush=True)
     if dist.is_initialized():
         dist.barrier()
 

@@ -149,6 +149,11 @@ def plan(shape: ModelShape, batch: Batch, *, strategy: str, world: int,
     shards = world if strategy == "fsdp" else 1
     on_device = 0.0 if (cpu_offload and strategy == "fsdp") else 1.0
     compute = 2 if batch.bf16 else 4
+    # `torch_dtype` changes none of these parts: it is the dtype the checkpoint is READ in (a copy
+    # in CPU memory, rank 0's alone under FSDP, gone before the first step; under DDP it crosses
+    # to the GPU in that dtype and is cast there), and the weights trained are fp32 whatever it
+    # says. A bitsandbytes `optim` keeps less AdamW state than the 8 bytes a parameter counted
+    # here: the plan over-counts it, on the safe side.
     parts = {
         "weights": 4 * n / shards * on_device,
         "grads": 4 * n / shards * on_device,       # FSDP: reduce-scattered every micro-batch; DDP: bucket views
@@ -222,7 +227,8 @@ def shape_for(cfg: Any, params_billion: float | None = None, *, local_files_only
 
     try:
         config, source = config_for(cfg.model_name_or_path, params_billion=params_billion,
-                                    trust_remote_code=cfg.trust_remote_code, local_files_only=local_files_only)
+                                    trust_remote_code=cfg.trust_remote_code, local_files_only=local_files_only,
+                                    revision=getattr(cfg, "model_revision", None))
     except KeyError:
         from simpo_ray.errors import UserError
 

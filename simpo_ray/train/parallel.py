@@ -27,20 +27,26 @@ def build_policy(cfg: TrainConfig, strategy: str, device: torch.device, rank: in
     in CPU memory however many workers it runs.
     """
     from simpo_ray.train.logps import PolicyLogps
-    from simpo_ray.train.model import load_model
+    from simpo_ray.train.model import apply_liger_kernel, load_model
 
     if strategy == "ddp":
         import ray.train.torch
 
+        model = load_model(cfg, device=device)
+        if cfg.use_liger_kernel:
+            apply_liger_kernel(model, device)
         # Gradients as views into DDP's all-reduce buckets: without it DDP keeps a second copy of
         # every gradient in its buckets (4 bytes x all parameters; measured on an H200: 3B under
         # DDP allocated 77 GB against a 60 GB plan, docs/benchmarks.md).
-        policy = ray.train.torch.prepare_model(PolicyLogps(load_model(cfg, device=device), compile=cfg.torch_compile),
+        policy = ray.train.torch.prepare_model(PolicyLogps(model, compile=cfg.torch_compile),
                                                parallel_strategy_kwargs={"gradient_as_bucket_view": True})
         return policy, getattr(policy, "module", policy)
     if strategy != "fsdp":
         raise ValueError(f"unknown strategy {strategy!r}")
-    policy = PolicyLogps(empty_model(cfg), compile=cfg.torch_compile)
+    model = empty_model(cfg)
+    if cfg.use_liger_kernel:
+        apply_liger_kernel(model, device)  # on the meta model: it rebinds modules' forward methods only
+    policy = PolicyLogps(model, compile=cfg.torch_compile)
     shard(policy, cfg, device, world)
     _fill_from_rank0(policy.model, cfg, rank)
     return policy, policy
@@ -50,13 +56,12 @@ def empty_model(cfg: TrainConfig, config=None) -> nn.Module:
     """The model's architecture with parameters on the meta device (buffers real: rotary tables);
     `config`: the transformers config to build (default: the model's own)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from simpo_ray.train.model import disable_dropout, enable_checkpointing, resolve_model_path
+    from simpo_ray.train.model import disable_dropout, enable_checkpointing, model_config
 
     if config is None:
-        path = resolve_model_path(cfg.model_name_or_path)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        config = model_config(cfg)
     kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
@@ -112,15 +117,17 @@ def shard(policy: nn.Module, cfg: TrainConfig, device: torch.device, world: int,
 
 
 def _fill_from_rank0(model: nn.Module, cfg: TrainConfig, rank: int) -> None:
+    """The sharded fp32 parameters filled from rank 0's full copy of the checkpoint, read in
+    ``torch_dtype`` (a bf16 read halves that copy and the broadcast; each shard's copy into its fp32
+    parameter casts: the fp32 master weights the optimizer needs)."""
     from transformers import AutoModelForCausalLM
 
-    from simpo_ray.train.model import resolve_model_path
+    from simpo_ray.train.model import pretrained_kwargs, read_dtype, resolve_model_path
 
     full: dict[str, torch.Tensor] = {}
     if rank == 0:
         loaded = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.model_name_or_path),
-                                                      dtype=torch.float32,
-                                                      trust_remote_code=cfg.trust_remote_code)
+                                                      dtype=read_dtype(cfg), **pretrained_kwargs(cfg))
         full = loaded.state_dict()
         del loaded
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

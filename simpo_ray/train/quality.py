@@ -20,6 +20,7 @@ import torch.distributed as dist
 from simpo_ray.data import prompts
 from simpo_ray.train import generation
 from simpo_ray.config import TrainConfig
+from simpo_ray.train.generation_checks import TRUNCATED
 from simpo_ray.train.reward import RewardScorer, win_metrics
 
 
@@ -68,7 +69,8 @@ class GenerationEval:
             batch_size=self.batch_size, do_sample=cfg.generation_do_sample,
             temperature=cfg.generation_temperature, top_p=cfg.generation_top_p, seed=cfg.seed + self.rank,
             synced=self.lockstep, keep_special_tokens=self.bundled, rounds=self.rounds)
-        out = {"time/generation_s": time.perf_counter() - t0}
+        out = {"time/generation_s": time.perf_counter() - t0,
+               TRUNCATED: self._share(sum(a.truncated for a in answers), len(answers))}
         if self.bundled:
             out["eval/success_rate"] = self._success_rate(answers)
         if self.scorer is not None:
@@ -80,8 +82,12 @@ class GenerationEval:
     def _success_rate(self, answers: list[generation.Answer]) -> float:
         from simpo_ray.bundled import task
 
-        correct = sum(task.check(self.rows[i]["prompt"], a.text) for i, a in zip(self.mine, answers))
-        counts = torch.tensor([float(correct), float(len(answers))], dtype=torch.float64, device=self.device)
+        return self._share(sum(task.check(self.rows[i]["prompt"], a.text) for i, a in zip(self.mine, answers)),
+                           len(answers))
+
+    def _share(self, count: int, n: int) -> float:
+        """count / n summed over the workers (every worker calls it: a collective)."""
+        counts = torch.tensor([float(count), float(n)], dtype=torch.float64, device=self.device)
         if self.world > 1 and dist.is_initialized():
             dist.all_reduce(counts)
         return counts[0].item() / max(counts[1].item(), 1.0)

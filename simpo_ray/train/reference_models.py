@@ -76,10 +76,11 @@ def parameters(config) -> int:
 
 
 def config_for(name: str, *, params_billion: float | None = None, trust_remote_code: bool = False,
-               local_files_only: bool = True):
-    """(config, where it came from) for `name`: its own config when it is bundled, a local
-    directory or in the hub cache; else the reference entry that lists `name`; else the reference
-    family closest to `params_billion` (a space's estimate). `KeyError` when none applies."""
+               local_files_only: bool = True, revision: str | None = None):
+    """(config, where it came from) for `name`: its own config (at `revision`, a Hub model's
+    `model_revision`) when it is bundled, a local directory or in the hub cache; else the
+    reference entry that lists `name`; else the reference family closest to `params_billion` (a
+    space's estimate). `KeyError` when none applies."""
     from transformers import AutoConfig
 
     from simpo_ray.train.model import BUNDLED_PREFIX, resolve_model_path
@@ -92,8 +93,9 @@ def config_for(name: str, *, params_billion: float | None = None, trust_remote_c
     local = name.startswith(BUNDLED_PREFIX) or Path(name).expanduser().is_dir()
     try:
         path = resolve_model_path(name) if local else name
+        hub = {} if local or not revision else {"revision": revision}
         return (AutoConfig.from_pretrained(path, local_files_only=local_files_only,
-                                           trust_remote_code=trust_remote_code), f"the config of {name}")
+                                           trust_remote_code=trust_remote_code, **hub), f"the config of {name}")
     except (OSError, ValueError):
         pass
     try:

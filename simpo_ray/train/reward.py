@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from simpo_ray.errors import UserError, one_line
+from simpo_ray.train.generation_checks import LENGTH_SEPARATES, length_separates
 
 BUNDLED_REWARD = "bundled:reward"
 
@@ -90,11 +91,13 @@ def lc_win_rate(win: list[float] | np.ndarray, policy_len: list[int] | np.ndarra
 def win_metrics(policy_scores: list[float], baseline_scores: list[float], policy_chars: list[int],
                 baseline_chars: list[int], policy_tokens: list[int], baseline_tokens: list[int],
                 same_text: list[bool] | None = None) -> dict[str, float]:
-    """The reported metrics of one evaluation, over the sampled prompts."""
+    """The reported metrics of one evaluation, over the sampled prompts; `eval/length_separates`
+    says when the LC fit rests on its penalty (`generation_checks`)."""
     w = wins(policy_scores, baseline_scores, same_text)
     return {
         "eval/reward_win_rate": float(w.mean()),
         "eval/reward_win_rate_lc": lc_win_rate(w, policy_chars, baseline_chars).win_rate_lc,
+        LENGTH_SEPARATES: length_separates(w.tolist(), policy_chars, baseline_chars),
         "eval/reward_mean": float(np.mean(policy_scores)),
         "eval/baseline_reward_mean": float(np.mean(baseline_scores)),
         "eval/gen_length": float(np.mean(policy_tokens)),

@@ -4,11 +4,12 @@ Fake tensors (`FakeTensorMode`: shapes, dtypes and devices, no data) and a fake 
 of the trial's world size (`torch.testing._internal.distributed.fake_pg`: every collective
 returns at once) run the code a worker runs: `parallel.shard` (FSDP2) or DDP with
 `gradient_as_bucket_view`, `PolicyLogps`, `step.forward_backward` per micro-batch,
-`parallel.clip_grad_norm`, AdamW (foreach, as on CUDA) and `zero_grad(set_to_none=True)`, with
-the resident reward model beside them. A dispatch mode counts the bytes of every live storage
-this worker holds (its own shards, never DTensor's global-shape shape inference) and keeps the
-peak with its parts: parameters, gradients, optimizer state, reward model, and the rest
-(activations, temporaries, all-gather and reduce-scatter buffers).
+`parallel.clip_grad_norm`, the config's AdamW (`train.optim`; foreach, as on CUDA) and
+`zero_grad(set_to_none=True)`, with the resident reward model beside them. A dispatch mode
+counts the bytes of every live storage this worker holds (its own shards, never DTensor's
+global-shape shape inference) and keeps the peak with its parts: parameters, gradients,
+optimizer state, reward model, and the rest (activations, temporaries, all-gather and
+reduce-scatter buffers).
 
 How it differs from a GPU, on purpose or by necessity (docs/design.md, "Memory trace"):
 - Every sequence is `max_length` long and every position a label (the padded worst case:
@@ -189,6 +190,7 @@ def trace_step(cfg: TrainConfig, model_config, *, world: int, strategy: str, rew
 
     from simpo_ray.train import parallel
     from simpo_ray.train.logps import PolicyLogps
+    from simpo_ray.train.optim import build_optimizer
     from simpo_ray.train.step import forward_backward, zero_grad
 
     if strategy not in ("ddp", "fsdp"):
@@ -240,8 +242,7 @@ def trace_step(cfg: TrainConfig, model_config, *, world: int, strategy: str, rew
                         (p.to_local() if hasattr(p, "to_local") else p).normal_(0.0, 0.02)
             if reward is not None:
                 _count_reward_model(reward, device, live)
-            optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                          foreach=True)
+            optimizer = build_optimizer(cfg, module.parameters(), foreach=True)  # the config's, foreach as on CUDA
             batches = _fake_batches(cfg, model_config.get_text_config().vocab_size, micro_batches, device)
             peaks = []
             for _ in range(steps):
@@ -328,7 +329,7 @@ def trace_run(cfg: TrainConfig, resources: Any, params_billion: float | None = N
     from simpo_ray.train.reference_models import config_for
 
     config, source = config_for(cfg.model_name_or_path, params_billion=params_billion,
-                                trust_remote_code=cfg.trust_remote_code)
+                                trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
     reward = None
     name = cfg.reward_model_name_or_path
     if name:
