@@ -33,7 +33,9 @@ REPRESENTATIVES: tuple[tuple[str, str, float], ...] = (
     ("70b+", "meta-llama/Llama-3.1-70B-Instruct", 70.6e9),
 )
 BUNDLED = ("tiny", "small", "base")
-COLUMNS = ["size", "model", "n_params", "parameter", "predicted", "low", "high", "raw_predicted", "note"]
+# low/high: the interval clipped to the documented range; the documented range itself where the
+# trend has no interval (`interval` False: two sizes leave no degrees of freedom between sizes).
+COLUMNS = ["size", "model", "n_params", "parameter", "predicted", "low", "high", "interval", "raw_predicted", "note"]
 
 
 def standard_sizes() -> list[tuple[str, str, float]]:
@@ -74,7 +76,8 @@ def tables(results: Results, top_k: int = transfer.TOP_K) -> dict[str, Any]:
         label = f"{bucket}/{transfer.short_name(model)}"
         for p, x in transfer.predict(trends, n, bucket, task=task, model_type=model_type).items():
             rows.append({"size": label, "model": model, "n_params": n, "parameter": p, "predicted": x.centre,
-                         "low": x.low, "high": x.high, "raw_predicted": x.raw[0], "note": x.note})
+                         "low": x.low, "high": x.high, "interval": trends[p].has_interval,
+                         "raw_predicted": x.raw[0], "note": x.note})
     loso = pd.DataFrame(columns=transfer.LOSO_COLUMNS)
     try:
         loso = transfer.leave_one_size_out(searches, top_k)
@@ -96,12 +99,14 @@ def markdown(tables_: dict[str, Any]) -> list[str]:
     used = next(iter(trends.values())).sizes if trends else ()
     out += [f"EXTRAPOLATED, not searched: each parameter's trend across the searched sizes "
             f"({', '.join(f'{s.label} {format_count(s.n_params)} parameters' for s in used)}; the top "
-            f"{info['top_k']} trials of each): log10 learning_rate against log10 parameter count (a power "
-            "law), the other parameters linear in log10 parameter count; the interval is the 90% prediction "
-            "interval of a top trial, clipped to each bucket's documented range (⚠: the trend, "
+            f"{info['top_k']} trials of each, averaged: one optimum per size): log10 learning_rate against log10 "
+            "parameter count (a power law), the other parameters linear in log10 parameter count; the interval is "
+            "the 90% prediction interval of a size's optimum from the scatter between sizes (sizes - 2 degrees of "
+            "freedom: none from two sizes), clipped to each bucket's documented range (⚠: the trend, "
             "shown after it, pointed outside). A guide bucket is represented by the model of the project's search space for it "
             "(search_spaces/<bucket>.yaml). A starting point for a search there, not a measured result.", ""]
-    out += [f"- {t.formula()}, residual sd {t.residual_sd:.3g}" for t in trends.values()] + [""]
+    out += [f"- {t.formula()}, " + (f"residual sd {t.residual_sd:.3g} ({t.dof} dof)" if t.has_interval
+                                     else transfer.no_interval(t)) for t in trends.values()] + [""]
     if len(pred):
         rows = []
         for size, r in pred.groupby("size", sort=False):
@@ -109,7 +114,9 @@ def markdown(tables_: dict[str, Any]) -> list[str]:
             row = {"size (extrapolated)": size, "model": r["model"].iloc[0],
                    "parameters": format_count(r["n_params"].iloc[0])}
             for p in PARAMS:
-                row[p] = (f"{fmt(r.at[p, 'predicted'], p)} [{fmt(r.at[p, 'low'], p)} – {fmt(r.at[p, 'high'], p)}]"
+                interval = (f"[{fmt(r.at[p, 'low'], p)} – {fmt(r.at[p, 'high'], p)}]" if r.at[p, "interval"]
+                            else "(no interval)") if p in r.index else ""
+                row[p] = (f"{fmt(r.at[p, 'predicted'], p)} {interval}"
                           + (f" ⚠ trend {fmt(r.at[p, 'raw_predicted'], p)}" if r.at[p, "note"] else "")
                           if p in r.index else "n/a (not varied at two sizes)")
             rows.append(row)
@@ -122,10 +129,11 @@ def markdown(tables_: dict[str, Any]) -> list[str]:
         return out + [f"_{info['loso_note']}._", ""]
     show = pd.DataFrame({
         "size": loso["size"], "parameter": loso["parameter"],
-        "predicted": [f"{fmt(v, p)} [{fmt(lo, p)} – {fmt(hi, p)}]" for v, lo, hi, p in
-                      zip(loso["predicted"], loso["low"], loso["high"], loso["parameter"])],
+        "predicted": [f"{fmt(v, p)} [{fmt(lo, p)} – {fmt(hi, p)}]" if i is not None and i == i
+                      else f"{fmt(v, p)} (no interval: two sizes)" for v, lo, hi, p, i in
+                      zip(loso["predicted"], loso["low"], loso["high"], loso["parameter"], loso["inside"])],
         "actual best": [fmt(v, p) for v, p in zip(loso["actual_best"], loso["parameter"])],
         "error": [f"{e:+.3g}" + (" decades" if u == "decades" else "") for e, u in zip(loso["error"], loso["error_unit"])],
-        "inside interval": ["yes" if i else "no" for i in loso["inside"]],
+        "inside interval": ["n/a" if i is None or i != i else "yes" if i else "no" for i in loso["inside"]],
     })
     return out + [md_table(show), ""]

@@ -149,7 +149,7 @@ def tradeoff(results: Results, size: str) -> Figure | None:
     pts = t[t["status"] != "errored"].dropna(subset=[x, y])
     if pts.empty:
         return None
-    front = pareto_front(pts, x, y)
+    front = pareto_front(pts[pts["status"] == "completed"], x, y)  # a stopped trial's values are of an earlier step
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     for status, s in pts.groupby("status"):

@@ -5,7 +5,8 @@ cold search's best with fewer trials and fewer training steps when it starts fro
 Runs (or reuses, with --sources) one cpu-tiny and one cpu-small search, then per seed the arms:
 `cold` (the space as it is), `warm` (`--warm-start`: the trend of each parameter against model
 size predicts base's point, queued right after the documented default) and `warm-narrow`
-(`--warm-start --warm-start-narrow`: the search ranges narrowed to the predicted intervals too).
+(`--warm-start --warm-start-narrow`: the search ranges narrowed to the predicted intervals too;
+refused from two source sizes, which give no interval, so not among the default arms).
 All arms have the same space, trial count, scheduler (ASHA) and seed. A search whose directory
 under --storage already holds a finished search of that name is reused, not rerun.
 
@@ -15,7 +16,7 @@ compute an arm needed is the number of trials started (in Tune's trial order) an
 steps summed over them until the first report reaching the target. An arm that never reaches it
 counts its whole search. Prints a table per seed and the means, with the load average.
 
-Usage: .venv/bin/python bench/warm_start.py [--seeds 0,1,2] [--arms cold,warm,warm-narrow]
+Usage: .venv/bin/python bench/warm_start.py [--seeds 0,1,2] [--arms cold,warm]
            [--sources TINY_DIR SMALL_DIR] [--num-samples N]
 """
 
@@ -56,7 +57,7 @@ def search(space: str, storage: Path, name: str, seed: int, warm: list[str] | No
 def main() -> int:
     p = parser(__doc__, "warm_start")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--arms", default="cold,warm,warm-narrow", help="comma list of cold, warm, warm-narrow (cold always runs)")
+    p.add_argument("--arms", default="cold,warm", help="comma list of cold, warm, warm-narrow (cold always runs)")
     p.add_argument("--sources", nargs=2, metavar=("TINY", "SMALL"), help="finished cpu-tiny and cpu-small searches")
     p.add_argument("--num-samples", type=int, default=None, help="trials per cpu-base search (default: the space's 12)")
     p.add_argument("--storage", default=str(REPO / "bench" / "results" / "searches"))

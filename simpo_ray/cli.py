@@ -295,7 +295,12 @@ def tune_main(argv: list[str] | None = None) -> int:
     1 stopped because the disk was nearly full or a write failed (partial tables written where they fit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _tune_parser().parse_args(argv)
-    resume = shlex.join(["python", "-m", "simpo_ray.tune", *argv] + ([] if args.resume else ["--resume"]))
+    shown = list(argv)
+    if args.optuna_storage:  # the resume line printed at an interruption masks the database password
+        from simpo_ray.search.study import shown as masked
+
+        shown = [a.replace(args.optuna_storage, masked(args.optuna_storage)) for a in shown]
+    resume = shlex.join(["python", "-m", "simpo_ray.tune", *shown] + ([] if args.resume else ["--resume"]))
     return run_command(lambda: _tune(args, resume_command=resume), debug=args.debug)
 
 

@@ -343,21 +343,25 @@ def _check_reference_choices(cfg: TrainConfig) -> None:
                "65504: inf)" if cfg.torch_dtype == "float16" else "is not allowed")
         raise ConfigError(f"torch_dtype: {cfg.torch_dtype!r} {why}; choose one of {', '.join(READ_DTYPES)} "
                           "or null (fp32)")
-    if cfg.optim in BNB_ADAMW:
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(f"optim: {cfg.optim!r} is bitsandbytes' AdamW, and bitsandbytes is not installed "
-                              f"here (pip install bitsandbytes); or choose {' or '.join(OPTIMIZERS)}")
-    elif cfg.optim not in OPTIMIZERS:
+    if cfg.optim not in OPTIMIZERS and cfg.optim not in BNB_ADAMW:
         raise ConfigError(f"optim: {cfg.optim!r} is not supported: SimPO trains here with AdamW; choose one of "
                           f"{', '.join(OPTIMIZERS)}, or with bitsandbytes installed {', '.join(BNB_ADAMW)}")
+    if cfg.use_liger_kernel and cfg.use_gpu is False:
+        raise ConfigError(LIGER_NEEDS_GPU)
+
+
+def check_packages(cfg: TrainConfig) -> None:
+    """What a run of `cfg` needs installed here (called before a run starts, `launch.check_inputs`;
+    not when a config is only read: a checkpoint trained with Liger exports on a CPU machine)."""
+    if cfg.optim in BNB_ADAMW and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"optim: {cfg.optim!r} is bitsandbytes' AdamW, and bitsandbytes is not installed "
+                          f"here (pip install bitsandbytes); or choose {' or '.join(OPTIMIZERS)}")
     if cfg.use_liger_kernel:
         missing = [m for m in ("liger_kernel", "triton") if importlib.util.find_spec(m) is None]
         if missing:
             raise ConfigError(f"use_liger_kernel: true, but {' and '.join(missing)} cannot be imported here "
                               "(Liger's kernels are Triton kernels for CUDA GPUs: pip install liger-kernel); "
                               "set use_liger_kernel: false")
-        if cfg.use_gpu is False:
-            raise ConfigError(LIGER_NEEDS_GPU)
 
 
 @dataclass(frozen=True)

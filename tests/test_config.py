@@ -225,20 +225,27 @@ def test_optimizer_keys_have_hf_names_defaults_and_ranges():
 
 
 def test_bitsandbytes_optimizers_need_bitsandbytes(monkeypatch):
+    """Refused before a run (`check_packages`, from launch.check_inputs), not when a config is read:
+    a checkpoint trained with it still exports on a machine without it."""
+    from simpo_ray.config import check_packages
+
     _pretend_importable(monkeypatch, set())
+    cfg = from_dict({"optim": "paged_adamw_8bit"})
     with pytest.raises(ConfigError) as info:
-        from_dict({"optim": "paged_adamw_8bit"})
+        check_packages(cfg)
     assert str(info.value) == ("optim: 'paged_adamw_8bit' is bitsandbytes' AdamW, and bitsandbytes is not installed "
                                "here (pip install bitsandbytes); or choose adamw_torch or adamw_torch_fused")
     _pretend_importable(monkeypatch, {"bitsandbytes"})
-    assert from_dict({"optim": "paged_adamw_8bit"}).optim == "paged_adamw_8bit"
+    check_packages(cfg)
 
 
 def test_use_liger_kernel_refused_where_it_cannot_run(monkeypatch):
+    from simpo_ray.config import check_packages
+
     assert from_dict({"use_liger_kernel": False}).use_liger_kernel is False
     _pretend_importable(monkeypatch, set())
     with pytest.raises(ConfigError) as info:
-        from_dict({"use_liger_kernel": True})
+        check_packages(from_dict({"use_liger_kernel": True}))
     assert str(info.value) == ("use_liger_kernel: true, but liger_kernel and triton cannot be imported here (Liger's "
                                "kernels are Triton kernels for CUDA GPUs: pip install liger-kernel); set "
                                "use_liger_kernel: false")

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("simpo_ray", "analysis")
 MAX_LINES = 420  # "no module over about 400 lines"
 # Ray's workarounds stay in one quarantined module, each with the condition for removing it.
-LONGER = {"simpo_ray.infra.ray_workarounds": 490}
+LONGER = {"simpo_ray.infra.ray_workarounds": 500}
 TOP_LEVEL_MODULES = {"__init__.py", "errors.py", "io.py", "schema.py", "config.py", "cli.py", "tune.py",
                      "export.py"}
 # What each layer may not import (a module's layer is its subpackage). Tensors stay below the search;

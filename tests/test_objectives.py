@@ -70,6 +70,15 @@ def test_pareto_front_by_hand():
     assert list(t["trial_id"][front]) == ["a", "b"]
 
 
+def test_a_trial_stopped_early_is_kept_off_the_front_though_its_earlier_values_dominate():
+    """Median stopping cut `cut` at step 100, where its sft_loss was low because it had trained
+    little: by those values it dominates both completed trials, compared at their last step (600).
+    It is not on the front, and they stay on it."""
+    t = pd.DataFrame({"trial_id": ["done1", "done2", "cut"], "status": ["completed", "completed", "stopped_early"],
+                      "steps": [600, 600, 100], "win": [0.55, 0.50, 0.60], "sft": [1.3, 1.1, 0.7]})
+    assert list(t["trial_id"][pareto_front(t, [("win", "max"), ("sft", "min")])]) == ["done1", "done2"]
+
+
 def test_resolved_space_of_a_single_objective_search_is_as_before():
     from simpo_ray.search.records import resolved_space
 
@@ -77,6 +86,14 @@ def test_resolved_space_of_a_single_objective_search_is_as_before():
     assert "objectives" not in r["search"] and "modes" not in r["search"]
     assert "max_new_tokens" not in r["base"] and "generation_top_p" not in r["base"]
     assert r["base"]["reward_model_name_or_path"] == "bundled:reward"  # set in the space: kept
+    # The reference's keys honoured since 2026-12-04 and the study's storage, at their defaults, are
+    # absent as in a search.json written before them: such a search still resumes.
+    new = {"model_revision", "torch_dtype", "use_liger_kernel", "warmup_steps", "optim", "adam_beta1", "adam_beta2",
+           "adam_epsilon", "report_to", "overwrite_output_dir"}
+    assert not new & set(r["base"]) and "optuna_storage" not in r["search"]
+    url = "postgresql://u:secret@db.internal/optuna"
+    assert resolved_space(load(TINY, overrides={"search.optuna_storage": url}))["search"]["optuna_storage"] == \
+        "postgresql://u:***@db.internal/optuna"  # no password in search.json
 
 
 def test_a_step_reported_again_after_a_resume_is_told_to_optuna_once(recwarn):
@@ -180,3 +197,36 @@ def test_a_new_search_does_not_add_to_another_searchs_study_or_a_bad_url(tmp_pat
         load(TINY, overrides={"search.optuna_storage": "redis://h"})
     with pytest.raises(UserError, match="cannot open postgresql://u:\\*\\*\\*@localhost:1/db"):
         study.open_storage("postgresql://u:secret@localhost:1/db")
+
+
+def test_a_start_point_asked_after_the_last_save_is_asked_again_on_resume(tmp_path):
+    """The driver dies after asking the documented default (an enqueued point: the database
+    already holds it RUNNING) but before Tune saved the searcher: resumed, the orphan is FAIL and
+    the default is proposed again, so it still runs first."""
+    searcher, metric, _ = _searcher(tmp_path)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+    first = searcher.suggest("x")  # the documented default, lost with the driver
+    resumed, _, _ = _searcher(tmp_path / "unused")
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    assert resumed.suggest("y") == first == load(TINY).points_to_evaluate[0]
+
+
+@pytest.mark.parametrize("result", [
+    {"eval/loss": None, "step": 40, "status": "diverged", "diverged": 1},  # unbounded objective: no value sent
+    {"eval/loss": float("nan"), "step": 40, "status": "completed"},
+])
+def test_a_trial_without_a_final_value_is_fail_not_pruned_at_an_earlier_value(tmp_path, result):
+    import optuna
+
+    from simpo_ray.search import study
+    from simpo_ray.search.searcher import make_searcher
+
+    space = load(TINY, overrides={"search.objective": "eval/loss", "search.mode": "min"})
+    url = study.url_for(None, str(tmp_path))
+    searcher = make_searcher(space, study.open_storage(url), "s")
+    searcher.set_search_properties(space.search.objective, space.search.mode, {})
+    searcher.suggest("t")
+    searcher.on_trial_result("t", {"eval/loss": 0.3, "step": 20, "status": "running"})
+    searcher.on_trial_complete("t", {**{k: v for k, v in result.items() if v is not None}})
+    [t] = optuna.load_study(study_name="s", storage=url).trials
+    assert t.state.name == "FAIL" and t.value is None and t.intermediate_values == {20: 0.3}

@@ -298,17 +298,28 @@ def test_llama3_template_gets_no_system_turn_and_labels_the_header(formats):
         f"<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{row['prompt']}<|eot_id|>")
 
 
-def test_reference_gemma2_config_loads_and_tokenises(formats, tmp_path):
+def test_reference_gemma2_config_loads_and_tokenises(formats, tmp_path, capsys):
     """The reference's gemma-2-9b-it-simpo.yaml as published (its chat_template key, its
-    trainer-only keys), with a local model and data put in."""
+    trainer-only keys), with a local model and data put in. No key is dropped silently: each is
+    a TrainConfig field holding the file's value, or named in the one warning line."""
+    from simpo_ray.config import FIELDS
+
     raw = yaml.safe_load(GEMMA2_REFERENCE_CONFIG)
     raw["model_name_or_path"] = str(formats["llama3-bpe"])
     raw["dataset_mixer"] = {str(formats["data"]): 1.0}
     raw["dataset_splits"] = ["train_prefs", "test_prefs"]
     path = tmp_path / "gemma-2-9b-it-simpo.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    capsys.readouterr()
     cfg = load_train_config(path)
     assert cfg.chat_template == raw["chat_template"] and cfg.max_length == 2048
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    named = set(warning.split("no meaning here): ")[1].split(", "))
+    assert named == set(raw) - set(FIELDS), named
+    for key in set(raw) & set(FIELDS):
+        assert getattr(cfg, key) == raw[key], key
+    assert named <= {"do_eval", "evaluation_strategy", "gradient_checkpointing_kwargs", "hub_model_id",
+                     "push_to_hub", "log_level", "run_name", "save_strategy"}  # none changes what is trained
     tok = load_tokenizer(cfg)
     assert tok.chat_template == raw["chat_template"]
     rows = ultrafeedback_rows("test_prefs", 5)

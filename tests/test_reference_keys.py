@@ -214,6 +214,9 @@ def test_model_revision_of_a_local_model_is_refused(tiny_dir):
                                      max_prompt_length=32))
     assert str(info.value) == (f"model_revision: 'v1' selects a revision of a Hub model, but model_name_or_path "
                                f"'{tiny_dir}' is local; remove model_revision")
+    # alignment-handbook's recipes set "main": a local copy loads
+    assert M.load_tokenizer(TrainConfig(model_name_or_path=str(tiny_dir), model_revision="main", max_length=64,
+                                        max_prompt_length=32)) is not None
 
 
 # --- use_liger_kernel -------------------------------------------------------------------------
@@ -321,3 +324,24 @@ def test_report_to_selects_a_searchs_loggers_or_refuses_a_missing_client(monkeyp
     assert loggers.mlflow_uri("/tmp/exp") == "sqlite:////tmp/exp/mlflow.db"
     monkeypatch.setattr(loggers, "_USER_MLFLOW_URI", "http://mlflow.internal:5000")  # set before the search
     assert loggers.mlflow_uri("/tmp/exp") == "http://mlflow.internal:5000"
+
+
+def test_report_to_wandb_without_a_login_is_refused_before_the_search(monkeypatch, tmp_path):
+    """Ray's W&B logger would fail inside Tune, after the data is prepared, without an API key."""
+    import importlib.util
+
+    from simpo_ray.search import loggers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(ConfigError, match=r"^report_to: wandb needs a W&B login \(WANDB_API_KEY, or `wandb login`\), "
+                                          r"or WANDB_MODE=offline"):
+        loggers.check_installed(("wandb",))
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")  # `wandb login`
+    loggers.check_installed(("wandb",))
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    loggers.check_installed(("wandb",))

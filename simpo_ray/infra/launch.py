@@ -17,7 +17,7 @@ from typing import Any
 
 from simpo_ray.infra.cluster import ClusterInfo, check_fits
 from simpo_ray.infra.history import HISTORY_FILE, history_callback, read_history
-from simpo_ray.config import LIGER_NEEDS_GPU, Resources, TrainConfig
+from simpo_ray.config import LIGER_NEEDS_GPU, Resources, TrainConfig, check_packages
 from simpo_ray.errors import ConfigError, UserError
 from simpo_ray.train.memory import decide_strategy
 
@@ -44,6 +44,7 @@ def check_inputs(cfg: TrainConfig):
     from simpo_ray.train.model import load_tokenizer
     from simpo_ray.train.reward import BUNDLED_REWARD, resolve_reward_path
 
+    check_packages(cfg)  # bitsandbytes, Liger: what this run needs installed
     # No progress bars: they would land on stderr before a one-line error (the CLI contract).
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()

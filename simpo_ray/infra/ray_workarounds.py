@@ -164,30 +164,36 @@ def quiet_tune_end_hints() -> None:
 
 
 # ---------------------------------------------------------------- Train's last report to Tune
-# Ray 2.60: Train V2's TuneReportCallback hands each report to the Tune trial through a one-slot
-# actor queue, which the trial's main thread reads only while the driver asks it for a result.
-# When `fit()` returns before the main thread took the last report, the function trainable puts
-# its end marker (RESULT_DUPLICATE) in its one-slot result queue; the main thread then takes the
-# report and blocks forever putting it behind the marker: the trial, and the search, hang (load 0;
-# seen with a driver slowed by logger callbacks). REMOVE when Ray reads the queue out at the end.
+# Ray 2.60: a trial whose Train run's last report reached Tune's one-slot actor queue after `fit()`
+# returned hung forever: its main thread took the report only after the function trainable's end
+# marker filled the one-slot result queue, and blocked putting it behind (docs/ray-runtime-notes.md
+# section 8). REMOVE when Ray reads that queue out before the end marker.
 
 
-def wait_for_tune_to_take_reports(timeout_s: float = 300.0, settle_s: float = 0.2) -> None:
-    """In a Tune trial, after `fit()`: return once the trial's main thread took the last report
-    (the queue is empty, and `settle_s` more for it to pass the report on)."""
+def wait_for_tune_to_take_reports(timeout_s: float = 300.0, settle_s: float = 0.5) -> None:
+    """In a Tune trial, after `fit()`: return once the trial's main thread has taken the last
+    report and passed it on: the actor queue is empty and, for `settle_s`, the result queue is
+    empty and no put lands in it (`unfinished_tasks` counts puts: nobody calls task_done). This
+    narrows the race to a main thread that takes over `settle_s` between its get and its put."""
     import time
 
     from ray.train._internal.session import get_session
 
-    queue = getattr(get_session(), "_inter_actor_queue", None)
+    session = get_session()
+    queue, results = getattr(session, "_inter_actor_queue", None), getattr(session, "result_queue", None)
     deadline = time.monotonic() + timeout_s
-    while queue is not None and not queue.empty():
-        if time.monotonic() > deadline:
+    while queue is not None and results is not None:
+        puts = results.unfinished_tasks
+        if queue.empty():
+            time.sleep(settle_s)
+            if queue.empty() and results.empty() and results.unfinished_tasks == puts:
+                return
+        elif time.monotonic() > deadline:
             _warn_once("reports", "[simpo-ray] warning: Tune did not take the trial's last report in %.0f s",
                        timeout_s)
             return
-        time.sleep(0.05)
-    time.sleep(settle_s)
+        else:
+            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- orphan placement-group reaper

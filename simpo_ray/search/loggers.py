@@ -1,7 +1,9 @@
 """Where a search's learning curves go besides curves.csv: TensorBoard always, MLflow and W&B when
-the reference's `report_to` key names them. Ray Tune's logger callbacks, writing every metric of
-every report at its training step (`step`, curves.csv's x axis; Tune's own loggers use their result
-count, so step 0 would be 1 and a rung at step 100 some iteration 3). No tensors.
+the reference's `report_to` key names them. Ray Tune's logger callbacks; TensorBoard and MLflow
+write every metric of every report at its training step (`step`, curves.csv's x axis; Tune's own
+loggers use their result count, so step 0 would be 1 and a rung at step 100 some iteration 3);
+W&B is Ray's as it is (its x axis: Tune's result count; `step` is among the metrics). A trial
+rerun by --resume starts a second MLflow run and a second events file. No tensors.
 
     tensorboard --logdir <experiment>          (one events file per trial folder)
     mlflow ui --backend-store-uri sqlite:///<experiment>/mlflow.db
@@ -38,6 +40,20 @@ def check_installed(names: tuple[str, ...]) -> None:
         if n != "tensorboard" and not _installed(n):
             raise ConfigError(f"report_to: {n} needs the {package[n]} package (pip install {package[n]}), "
                               "which is not installed")
+    if "wandb" in names and not _wandb_can_log():  # else Ray's logger fails inside Tune, after the data
+        raise ConfigError("report_to: wandb needs a W&B login (WANDB_API_KEY, or `wandb login`), or "
+                          "WANDB_MODE=offline to keep the runs on this machine")
+
+
+def _wandb_can_log() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return True
+    netrc = os.path.expanduser(os.environ.get("NETRC", "~/.netrc"))  # where `wandb login` keeps the key
+    try:
+        with open(netrc) as f:
+            return "api.wandb.ai" in f.read()
+    except OSError:
+        return False
 
 
 def _installed(module: str) -> bool:

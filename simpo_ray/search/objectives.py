@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import pandas as pd
 
 from simpo_ray.errors import ConfigError
-from simpo_ray.search.records import RANKED_STATUSES
 
 if TYPE_CHECKING:
     from simpo_ray.config import TrainConfig
@@ -153,9 +152,12 @@ def non_dominated(values: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd
 
 
 def pareto_front(trials: pd.DataFrame, objectives: list[tuple[str, str]]) -> pd.Series:
-    """`non_dominated` among the trials whose status ranks: a diverged or errored trial is never
-    on the front, nor does it push a ranked trial off it."""
-    ok = trials["status"].isin(RANKED_STATUSES)
+    """`non_dominated` among the trials that ran their whole budget (status completed), whose
+    final values are of the same step. A trial stopped early is never on the front, nor does it
+    push a completed trial off it: its values are from an earlier step (under median stopping a
+    stopped trial's lower `eval/sft_loss` says it trained less, not that it drifted less), and
+    Optuna is told it was PRUNED. Diverged and errored trials are off it too."""
+    ok = trials["status"] == "completed"
     front = pd.Series(False, index=trials.index)
     front[ok] = non_dominated(trials[ok], objectives)
     return front

@@ -122,6 +122,10 @@ class SearchRecord:
             ours = "unknown"
         s = space.search
         search = json.loads(json.dumps(dataclasses.asdict(s)))  # tuples as lists, as read back
+        if search.get("optuna_storage"):  # no database password in search.json
+            from simpo_ray.search.study import shown
+
+            search["optuna_storage"] = shown(search["optuna_storage"])
         if getattr(space, "warm", None) is not None:  # which finished searches warm-started this one
             search["warm_started_from"] = json.loads(json.dumps(space.warm.sources))
         return cls(
@@ -249,7 +253,11 @@ def space_sha256(path: str | Path) -> str:
 # Training keys added after search.json schema 2 (generation quality): left out of a resolved space
 # at their defaults, so a search started before them still resumes.
 LATER_BASE_KEYS = ("reward_model_name_or_path", "reward_baseline", "max_new_tokens", "generation_do_sample",
-                   "generation_temperature", "generation_top_p", "generation_eval_steps", "generation_batch_size")
+                   "generation_temperature", "generation_top_p", "generation_eval_steps", "generation_batch_size",
+                   "torch_compile",
+                   # the reference's keys honoured since 2026-12-04
+                   "model_revision", "torch_dtype", "use_liger_kernel", "warmup_steps", "optim", "adam_beta1",
+                   "adam_beta2", "adam_epsilon", "report_to", "overwrite_output_dir")
 
 
 def resolved_space(space) -> dict[str, Any]:
@@ -261,8 +269,12 @@ def resolved_space(space) -> dict[str, Any]:
     for p in space.params:
         base.pop(p, None)
     search = dataclasses.asdict(space.search)
+    if search.get("optuna_storage"):  # a database URL's password is not written to search.json
+        from simpo_ray.search.study import shown
+
+        search["optuna_storage"] = shown(search["optuna_storage"])
     for key, unset in (("warm_start", ()), ("warm_start_narrow", False), ("objectives", ()), ("modes", ()),
-                       ("tpe_multivariate", None), ("tpe_startup_trials", None)):
+                       ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None)):
         if search.get(key) == unset:  # as a record from before these keys has it: absent
             search.pop(key)
     default = TrainConfig.__dataclass_fields__

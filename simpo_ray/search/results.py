@@ -263,7 +263,8 @@ def _mark_pareto_front(trials: pd.DataFrame, search) -> str:
     on = trials[trials["pareto_front"]]
     shown = "; ".join(f"{r['trial_id']} (" + ", ".join(f"{m} {r[c]:.4g}" for m, (c, _) in zip(search.objectives, pairs))
                       + ")" for _, r in on.iterrows())
-    return f"Pareto front of {', '.join(search.objectives)} (final values): {shown or 'no finished trial'}"
+    return (f"Pareto front of {', '.join(search.objectives)} (final values of the trials that ran their budget; "
+            f"stopped-early ones are of an earlier step and kept off): {shown or 'no completed trial'}")
 
 
 def _generation_warning(best: pd.Series, curves: pd.DataFrame) -> list[str]:

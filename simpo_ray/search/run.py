@@ -94,7 +94,6 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
     record = _check_storage(exp_path, resume=resume, record=SearchRecord.from_space(space, space_file, name),
                             verbose=verbose)
     memory_plan(space)  # a trial that cannot fit its GPUs is refused before Ray starts
-    study_storage = _open_study(space, exp_path, name, record, resume)  # (a resume reopens the pickled one)
     report_to = loggers.backends(space.default_config().report_to)
     loggers.check_installed(report_to)
     loggers.quiet_clients()
@@ -112,12 +111,15 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
     warning = disk.check(space, root, slots)  # refuses when not even one round of checkpoints fits
     if warning:
         _say(verbose, f"[simpo-ray] {warning}")
-    _say(verbose, f"[simpo-ray] {study.describe(record.search.get('optuna_study'))}")
     _say(verbose, "[simpo-ray] preparing data and model once for all trials ...")
     t0 = time.perf_counter()
     run = prepare_run(space.default_config(), prepared)
     _say(verbose, f"[simpo-ray] {run.num_train} training pairs, {run.num_eval} held-out pairs "
                   f"ready in {time.perf_counter() - t0:.1f}s")
+    # After every refusal above, which leave nothing in the experiment directory (a resume reopens
+    # the storage its pickled searcher holds).
+    study_storage = _open_study(space, exp_path, name, record, resume)
+    _say(verbose, f"[simpo-ray] {study.describe(record.search.get('optuna_study'))}")
     trainable = trial_trainable(space, run.data, exp_path)
     record.write(exp_path)  # state: running (a finished or interrupted search says so at the end)
     if resume:

@@ -62,17 +62,19 @@ class _Optuna(OptunaSearch):
 
     - each trial's state: COMPLETE for a trial that ran its budget, PRUNED for one the scheduler
       stopped (its value is then its last report's, and TPE ranks it below every finished trial,
-      as Optuna's own pruners do), FAIL for an error. A diverged trial stays COMPLETE at the
-      objective's worst value, which is what teaches TPE to avoid the region (a FAIL trial is
-      invisible to TPE). The user attributes `trial_id` (Tune's, as in trials.csv) and `status`
-      (trials.csv's) link the two;
+      as Optuna's own pruners do), FAIL for an error or a final value that is missing or not
+      finite. A diverged trial of a bounded objective (a rate: the run reports its worst value)
+      stays COMPLETE at that value, which is what teaches TPE to avoid the region (a FAIL trial is
+      invisible to TPE); of an unbounded one (eval/loss ...) it has no value and is FAIL. The user
+      attributes `trial_id` (Tune's, as in trials.csv) and `status` (trials.csv's) link the two;
     - the objective of every report, at its training step (`step`, as in curves.csv), the last
       one included, once per step: a trial rerun after a `--resume` reports its steps again, and
       Optuna keeps the first value of a step and warns (`step=1 is already reported`) for each repeat;
     - a trial the storage holds as finished is not told again (a driver killed after a trial ended
       but before Tune saved the searcher reruns the trial on resume), and on resume a RUNNING
-      trial Tune no longer knows of (asked after the last save) is marked FAIL, so the study holds
-      no trial running forever."""
+      trial Tune no longer knows of (asked after the last save) is marked FAIL (an enqueued start
+      point among them is enqueued again, so the default still runs). Trials cut by Ctrl-C stay
+      RUNNING until the search is resumed."""
 
     def suggest(self, trial_id):
         params = super().suggest(trial_id)
@@ -110,8 +112,15 @@ class _Optuna(OptunaSearch):
         status = (result or {}).get("status")
         if status is not None:
             trial.set_user_attr("status", "stopped_early" if status == "running" else status)
+        state = None
         if result and status == "running":  # the scheduler stopped it (a finished run says "completed")
-            self._ot_study.tell(trial, None, state=optuna.trial.TrialState.PRUNED)
+            state = optuna.trial.TrialState.PRUNED
+        elif result and not isinstance(self.metric, list) and not _finite(result.get(self.metric)):
+            # No value to give: a diverged run of an unbounded objective (eval/loss ...) reports none,
+            # and NaN is refused by Optuna (Ray's searcher would log it and leave the trial RUNNING).
+            state = optuna.trial.TrialState.FAIL
+        if state is not None:
+            self._ot_study.tell(trial, None, state=state)
             self._completed_trials.add(trial_id)
             return None
         return super().on_trial_complete(trial_id, result, error)
@@ -123,6 +132,12 @@ class _Optuna(OptunaSearch):
         for orphan in (t for t in running if t.number not in known):
             self._ot_study._storage.set_trial_user_attr(orphan._trial_id, "status", "lost")
             self._ot_study.tell(orphan.number, None, state=optuna.trial.TrialState.FAIL)
+            if "fixed_params" in orphan.system_attrs:  # an enqueued start point (the default): ask it again
+                self._ot_study.enqueue_trial(orphan.system_attrs["fixed_params"])
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _frozen(trial):

@@ -39,9 +39,14 @@ def check_url(url: str, fld: str = "search.optuna_storage") -> str:
 def url_for(setting: str | None, exp_path: str) -> str | None:
     """The study's storage URL: `setting` when given, else a SQLite file in the experiment
     directory; None where that directory is not a local path (a cloud URI: SQLite needs a file
-    system with locks), where the study stays in Tune's searcher state only."""
+    system with locks), where the study stays in Tune's searcher state only. The URL is pickled
+    with the searcher: a moved or copied experiment resumes into the database it was started with."""
     if setting:
-        return check_url(setting)
+        check_url(setting)
+        path = setting[len("sqlite:///"):] if setting.startswith("sqlite:///") else None
+        if path and not os.path.isabs(path):  # pickled with the searcher: not the resume's working directory
+            return f"sqlite:///{os.path.abspath(path)}"
+        return setting
     if "://" in exp_path:
         return None
     return f"sqlite:///{os.path.abspath(os.path.join(exp_path, FILE))}"

@@ -48,10 +48,12 @@ def is_local(name: str) -> bool:
 def pretrained_kwargs(cfg: TrainConfig, name: str | None = None) -> dict:
     """``from_pretrained``'s keywords for `name` (default: the model): ``trust_remote_code``, and
     ``model_revision`` as ``revision=`` for a Hub id, as the reference passes it to the model's and
-    the tokenizer's. A revision of a local model would select nothing: refused."""
+    the tokenizer's. A revision of a local model would select nothing: refused (but for "main",
+    alignment-handbook's default, which its recipes set)."""
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.model_revision:
-        if is_local(cfg.model_name_or_path):
+        # "main": alignment-handbook's recipes set it; a local copy is that revision as far as it goes
+        if is_local(cfg.model_name_or_path) and cfg.model_revision != "main":
             raise UserError(f"model_revision: {cfg.model_revision!r} selects a revision of a Hub model, but "
                             f"model_name_or_path '{cfg.model_name_or_path}' is local; remove model_revision")
         if not is_local(name or cfg.model_name_or_path):

@@ -7,12 +7,16 @@ a power law would claim more than the data hold). `predict`/`predict_point` clip
 to the target's documented range, `narrowed_ranges` intersects them with it, `describe` prints
 all for `--dry-run`, `leave_one_size_out` measures the method on the searched sizes.
 
-The fit: each size's top `top_k` ranked trials (`records.ranked`; fewer when fewer rank) are
-observations, so a size weighs as many trials as support it (the line of the per-size means
-weighted by their counts). The residual sd `s` is their spread about the line, within each size
-(nonzero with two sizes) and between sizes; the interval is the t prediction interval of a top
-trial, `centre +- t(level, W - 2) * s * sqrt(1 + 1/W + (x0 - mean x)^2 / Sxx)` over W trials:
-wider with fewer trials and farther from the searched sizes, unbounded with W <= 2. No Ray here.
+The fit: one optimum per size, the mean of its top `top_k` ranked trials (`records.ranked`;
+fewer when fewer rank; their spread is kept beside it), and a line through the S sizes' optima.
+Not the top trials as independent points: TPE's top trials cluster around one optimum, so their
+spread is not the uncertainty of that optimum, and counting them as observations claimed
+2 * top_k - 2 degrees of freedom from two sizes. The residual sd `s` is the optima's scatter about
+the line, between sizes; the interval is the t prediction interval of a size's optimum,
+`centre +- t(level, S - 2) * s * sqrt(1 + 1/S + (x0 - mean x)^2 / Sxx)`: none with two sizes
+(0 degrees of freedom: `Trend.has_interval` is False, and `--warm-start-narrow` is refused),
+t = 6.31 at 90% with three; wider farther from the searched sizes. Its coverage is tested on
+planted trends (tests/test_transfer.py). No bootstrap over trials or seeds yet. No Ray here.
 """
 
 from __future__ import annotations
@@ -68,15 +72,20 @@ class Trend:
     slope: float       # per decade of parameters; for learning_rate the power-law exponent
     intercept: float   # y at N = 1
     sizes: tuple[SizeFit, ...]
-    residual_sd: float  # the top trials' spread about the line (nan when dof < 1)
-    dof: int           # trials - 2
-    x_mean: float      # weighted mean of log10 N
-    sxx: float         # sum over trials of (log10 N - x_mean)^2
+    residual_sd: float  # the sizes' optima's scatter about the line (nan when dof < 1)
+    dof: int           # sizes - 2
+    x_mean: float      # mean of the sizes' log10 N
+    sxx: float         # sum over sizes of (log10 N - x_mean)^2
     level: float = LEVEL
 
     @property
     def weight(self) -> int:
-        return sum(s.n for s in self.sizes)
+        """How many points the line is fitted on: one optimum per size."""
+        return len(self.sizes)
+
+    @property
+    def has_interval(self) -> bool:
+        return self.dof >= 1 and math.isfinite(self.residual_sd)
 
     def _value(self, y: float) -> float:
         return (10.0 ** y if y < 300 else math.inf) if self.log_value else y
@@ -87,7 +96,7 @@ class Trend:
 
         x0 = math.log10(n_params)
         y = self.intercept + self.slope * x0
-        if self.dof < 1 or not math.isfinite(self.residual_sd):
+        if not self.has_interval:
             half = math.inf
         else:
             se = self.residual_sd * math.sqrt(1 + 1 / self.weight + (x0 - self.x_mean) ** 2 / self.sxx)
@@ -149,8 +158,8 @@ def fit_trends(searches: Iterable[FinishedSearch], top_k: int = TOP_K, level: fl
         fits = [f for f in (_size_fit(g, p, top_k, cache) for g in groups.values()) if f is not None]
         if len({f.n_params for f, _ in fits}) < 2:
             continue
-        x = np.concatenate([np.full(len(y), math.log10(f.n_params)) for f, y in fits])
-        y = np.concatenate([y for _, y in fits])
+        x = np.array([math.log10(f.n_params) for f, _ in fits])
+        y = np.array([f.centre for f, _ in fits])  # one optimum per size
         x_mean, sxx = float(x.mean()), float(((x - x.mean()) ** 2).sum())
         slope = float(((x - x_mean) * (y - y.mean())).sum() / sxx)
         intercept = float(y.mean() - slope * x_mean)
@@ -225,6 +234,10 @@ def narrowed_ranges(trends: Mapping[str, Trend], n_params: float, bucket: str, *
     for p, x in predict(trends, n_params, bucket, task=task, model_type=model_type,
                         allow_out_of_range=allow_out_of_range).items():
         doc = guide.documented_range(p, bucket, task, model_type)
+        if not trends[p].has_interval:
+            notes.append(f"{p}: {no_interval(trends[p])}; not narrowed")
+            out[p] = doc
+            continue
         _, raw_low, raw_high = x.raw
         low, high = (raw_low, raw_high) if allow_out_of_range else (max(raw_low, doc[0]), min(raw_high, doc[1]))
         if not (math.isfinite(low) and math.isfinite(high) and low < high and (low > 0 or p not in LOG_PARAMS)):
@@ -233,6 +246,16 @@ def narrowed_ranges(trends: Mapping[str, Trend], n_params: float, bucket: str, *
             low, high = doc
         out[p] = (low, high)
     return out
+
+
+def no_interval(trend: Trend) -> str:
+    return (f"no interval from {trend.weight} sizes (one optimum each leaves {trend.dof} degrees of freedom "
+            "between sizes; a third size gives one)")
+
+
+def interval_text(x: Predicted, trend: Trend) -> str:
+    """`[low, high]`, or why there is none."""
+    return f"[{x.low:.3g}, {x.high:.3g}]" if trend.has_interval else f"(no interval: {trend.weight} sizes)"
 
 
 def target_params(space: SearchSpace) -> tuple[float | None, str]:
@@ -258,19 +281,22 @@ def describe(searches: list[FinishedSearch], space: SearchSpace, *, top_k: int =
     except UserError as e:
         return lines + [f"trend across sizes: not fitted: {e}"]
     n, source = target_params(space)
-    lines.append(f"trend across sizes (top {top_k} trials per size; {level:.0%} prediction interval):")
+    lines.append(f"trend across sizes (one optimum per size: the mean of its top {top_k} trials; "
+                 f"{level:.0%} prediction interval from the scatter between sizes):")
     for t in trends.values():
-        used = ", ".join(f"{f.label} {format_count(f.n_params)} (n={f.n})" for f in t.sizes)
-        lines.append(f"  {t.formula()}; sizes: {used}; residual sd {t.residual_sd:.3g}")
+        used = ", ".join(f"{f.label} {format_count(f.n_params)} (n={f.n}, spread {f.spread:.2g})" for f in t.sizes)
+        sd = f"residual sd {t.residual_sd:.3g} ({t.dof} dof)" if t.has_interval else "no residual (2 sizes)"
+        lines.append(f"  {t.formula()}; sizes: {used}; {sd}")
     if not trends:
         lines.append("  no parameter was varied at two sizes")
+    lines += [f"  {no_interval(t)}" for t in list(trends.values())[:1] if not t.has_interval]
     if n is None:
         return lines + [f"predicted point: none: parameter count {source}"]
     lines.append(f"predicted point for {space.size_bucket}/{short_name(model)} ({format_count(n)} parameters, "
                  f"{source}):")
     for p, x in predict(trends, n, space.size_bucket, task=space.task, model_type=space.model_type,
                         allow_out_of_range=space.allow_out_of_range).items():
-        lines.append(f"  {p} {x.centre:.3g} [{x.low:.3g}, {x.high:.3g}]" + (f" ({x.note})" if x.note else ""))
+        lines.append(f"  {p} {x.centre:.3g} {interval_text(x, trends[p])}" + (f" ({x.note})" if x.note else ""))
     return lines
 
 
@@ -279,7 +305,8 @@ def describe(searches: list[FinishedSearch], space: SearchSpace, *, top_k: int =
 def leave_one_size_out(searches: Iterable[FinishedSearch], top_k: int = TOP_K, level: float = LEVEL) -> pd.DataFrame:
     """Per searched size and parameter: the prediction from the other sizes (unclipped) against
     that size's best trial. `error` is log10(predicted / actual) for learning_rate (decades),
-    predicted - actual for the others; `inside`: the actual best lies in the interval.
+    predicted - actual for the others; `inside`: the actual best lies in the interval (None where
+    the other sizes give no interval: two of them).
     `UserError` with fewer than three sizes."""
     searches = list(searches)
     groups = _size_groups(searches)
@@ -301,6 +328,7 @@ def leave_one_size_out(searches: Iterable[FinishedSearch], top_k: int = TOP_K, l
             rows.append({"size": group[0].label, "model": group[0].model, "n_params": group[0].n_params,
                          "parameter": p, "predicted": centre, "low": low, "high": high, "actual_best": actual,
                          "error": error, "error_unit": "decades" if t.log_value else "absolute",
-                         "inside": bool(low <= actual <= high)})
+                         # no interval from two sizes: "inside" would be true of anything
+                         "inside": bool(low <= actual <= high) if t.has_interval else None})
     return pd.DataFrame(rows, columns=LOSO_COLUMNS)
 

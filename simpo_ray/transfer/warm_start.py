@@ -70,6 +70,11 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
     if trends and n is not None:
         kw = dict(task=space.task, model_type=space.model_type, allow_out_of_range=space.allow_out_of_range)
         if space.search.warm_start_narrow:
+            if not any(t.has_interval for t in trends.values()):
+                some = next(iter(trends.values()))
+                raise UserError(f"search.warm_start_narrow: the size trends have no interval to narrow to: "
+                                f"{transfer.no_interval(some)}; warm-start from searches of three sizes or "
+                                "more, or drop --warm-start-narrow")
             notes: list[str] = []
             ranges = transfer.narrowed_ranges(trends, n, space.size_bucket, notes=notes, **kw)
             lines += ["search ranges narrowed to the predicted intervals (search.warm_start_narrow):"]
