@@ -522,3 +522,16 @@ def test_import_is_light():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'optuna')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_dry_run_states_the_objectives_noise_at_the_first_rung():
+    """A rate over n generated prompts: SE up to 0.5/sqrt(n) (cpu-tiny: 128 prompts, 0.0442), and
+    ceil((0.5/0.03)^2) = 278 prompts to bring it under 0.03; the 7b space's 64 prompts: 0.0625."""
+    from simpo_ray.search.plan import _objective_noise
+
+    [tiny] = _objective_noise(load(SPACES / "cpu-tiny.yaml"))
+    assert tiny == ("objective noise: eval/success_rate over 128 generated prompts has a standard error up to "
+                    "0.044 (0.5/sqrt(n)) at the first asha rung (step 200); 278 prompts would bring it under "
+                    "0.03 (2.2x the generation per evaluation)")
+    [big] = _objective_noise(load(SPACES / "7b.yaml"))
+    assert "over 64 generated prompts has a standard error up to 0.062" in big and "4.3x" in big

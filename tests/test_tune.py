@@ -163,8 +163,6 @@ def test_search_asha_stops_trials_and_divergence_is_caught(ray_cluster, tmp_path
     assert d["status"] == "diverged" and 1 <= d["steps"] < EVAL_STEPS
     assert d["objective_value"] == 0.0 and d["best_objective"] == 0.0
     study, numbers = _optuna_study(exp)
-    import optuna
-
     assert len(study.trials) == num_samples
     # Ran its budget or diverged (at the worst value of a rate: what steers TPE away): COMPLETE;
     # stopped by ASHA: PRUNED, valued at its last report.

@@ -92,6 +92,31 @@ def loaded(space: SearchSpace | str | os.PathLike, load_options: dict[str, Any])
     return resolve(space)
 
 
+RATE_OBJECTIVES = ("eval/success_rate", "eval/reward_win_rate", "eval/reward_win_rate_lc")
+TARGET_SE = 0.03
+
+
+def _objective_noise(space: SearchSpace) -> list[str]:
+    """[one line] for a rate measured on generated answers: its standard error at the first rung
+    (a rate near 0.5 over n prompts: 0.5 / sqrt(n), the binomial's largest) and the prompts that
+    would bring it under TARGET_SE, with the generation that costs."""
+    import math
+
+    cfg, s = space.default_config(), space.search
+    n = min(cfg.generation_eval_samples, cfg.max_eval_samples or cfg.generation_eval_samples)
+    if s.objective not in RATE_OBJECTIVES or n <= 0:
+        return []
+    se, need = 0.5 / math.sqrt(n), math.ceil((0.5 / TARGET_SE) ** 2)
+    rung = f"the first {s.scheduler} rung (step {s.grace_period})" if s.scheduler in ("asha", "hyperband", "median") \
+        else "each evaluation"
+    more = (f"; {need} prompts would bring it under {TARGET_SE} ({need / n:.1f}x the generation per evaluation)"
+            if se > TARGET_SE else "")
+    lc = " for the raw share; the LC fit's, bootstrapped in every report (_se), is larger" \
+        if s.objective.endswith("_lc") else ""
+    return [f"objective noise: {s.objective} over {n} generated prompts has a standard error up to {se:.3f} "
+            f"(0.5/sqrt(n){lc}) at {rung}{more}"]
+
+
 def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_path=None, name=None,
             **load_options) -> tuple[str, list[str]]:
     """Validate the space against the cluster and describe the plan; starts no trial. Returns
@@ -126,6 +151,7 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
         lines.append(f"does not fit this cluster: {e}")
         if address:
             refusals.append(f"the cluster at {address} cannot hold a trial: {e}")
+    lines += _objective_noise(space)
     lines.append(disk.describe(space, storage_root(storage_path), slots))
     try:
         plan = memory_plan(space)

@@ -72,7 +72,10 @@ class GenerationEval:
         out = {"time/generation_s": time.perf_counter() - t0,
                TRUNCATED: self._share(sum(a.truncated for a in answers), len(answers))}
         if self.bundled:
-            out["eval/success_rate"] = self._success_rate(answers)
+            rate = out["eval/success_rate"] = self._success_rate(answers)
+            n = len(self.rows)  # every worker's share: the prompts of this evaluation
+            # binomial: the bootstrap over prompts of a share, in closed form
+            out["eval/success_rate_se"] = math.sqrt(rate * (1 - rate) / n) if n else math.nan
         if self.scorer is not None:
             t1 = time.perf_counter()
             out.update(self._reward_metrics(answers))

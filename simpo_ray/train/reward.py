@@ -88,15 +88,43 @@ def lc_win_rate(win: list[float] | np.ndarray, policy_len: list[int] | np.ndarra
     return LCFit(theta, phi, sd, 1.0 / (1.0 + math.exp(-theta)))
 
 
+def mean_se(values) -> float:
+    """The standard error of a mean over prompts: the bootstrap's over prompts, in closed form
+    (sd with ddof=0 / sqrt(n), what resampling the n prompts with replacement converges to)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.std() / math.sqrt(len(v))) if len(v) else math.nan
+
+
+def lc_se(win, policy_len, baseline_len, *, resamples: int = 200, seed: int = 0) -> float:
+    """The bootstrap standard error of the LC win rate: the fit redone on `resamples` resamples of
+    the prompts (with replacement; seeded, so a report is reproducible)."""
+    w = np.asarray(win, dtype=np.float64)
+    pl, bl = np.asarray(policy_len, dtype=np.float64), np.asarray(baseline_len, dtype=np.float64)
+    if len(w) < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    fits = [lc_win_rate(w[i], pl[i], bl[i]).win_rate_lc for i in rng.integers(0, len(w), (resamples, len(w)))]
+    return float(np.std(fits, ddof=1))
+
+
 def win_metrics(policy_scores: list[float], baseline_scores: list[float], policy_chars: list[int],
                 baseline_chars: list[int], policy_tokens: list[int], baseline_tokens: list[int],
                 same_text: list[bool] | None = None) -> dict[str, float]:
     """The reported metrics of one evaluation, over the sampled prompts; `eval/length_separates`
     says when the LC fit rests on its penalty (`generation_checks`)."""
     w = wins(policy_scores, baseline_scores, same_text)
+    soft = 1.0 / (1.0 + np.exp(-(np.asarray(policy_scores, np.float64) - np.asarray(baseline_scores, np.float64))))
+    if same_text is not None:  # the very same answer: a tie, as `wins` counts it
+        soft = np.where(np.asarray(same_text, dtype=bool), 0.5, soft)
     return {
         "eval/reward_win_rate": float(w.mean()),
+        "eval/reward_win_rate_se": mean_se(w),
         "eval/reward_win_rate_lc": lc_win_rate(w, policy_chars, baseline_chars).win_rate_lc,
+        "eval/reward_win_rate_lc_se": lc_se(w, policy_chars, baseline_chars),
+        # sigma(r_policy - r_baseline) averaged: the reward model's own win probability (Bradley-Terry),
+        # a lower-variance companion of the hard win rate
+        "eval/reward_win_prob": float(soft.mean()),
+        "eval/reward_win_prob_se": mean_se(soft),
         LENGTH_SEPARATES: length_separates(w.tolist(), policy_chars, baseline_chars),
         "eval/reward_mean": float(np.mean(policy_scores)),
         "eval/baseline_reward_mean": float(np.mean(baseline_scores)),
