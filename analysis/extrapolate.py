@@ -124,7 +124,7 @@ def markdown(tables_: dict[str, Any]) -> list[str]:
     else:
         out += ["_Every standard size was searched._", ""]
     out += ["Leave-one-size-out error (each searched size predicted from the others, unclipped, against "
-            "its best trial; learning_rate error in decades, log10 predicted/actual):", ""]
+            "its optimum, the mean of its top trials; learning_rate error in decades, log10 predicted/actual):", ""]
     if info["loso_note"]:
         return out + [f"_{info['loso_note']}._", ""]
     show = pd.DataFrame({
@@ -132,7 +132,8 @@ def markdown(tables_: dict[str, Any]) -> list[str]:
         "predicted": [f"{fmt(v, p)} [{fmt(lo, p)} – {fmt(hi, p)}]" if i is not None and i == i
                       else f"{fmt(v, p)} (no interval: two sizes)" for v, lo, hi, p, i in
                       zip(loso["predicted"], loso["low"], loso["high"], loso["parameter"], loso["inside"])],
-        "actual best": [fmt(v, p) for v, p in zip(loso["actual_best"], loso["parameter"])],
+        "actual optimum (best trial)": [f"{fmt(v, p)} ({fmt(b, p)})" for v, b, p in
+                                        zip(loso["actual_optimum"], loso["actual_best"], loso["parameter"])],
         "error": [f"{e:+.3g}" + (" decades" if u == "decades" else "") for e, u in zip(loso["error"], loso["error_unit"])],
         "inside interval": ["n/a" if i is None or i != i else "yes" if i else "no" for i in loso["inside"]],
     })

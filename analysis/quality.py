@@ -40,7 +40,8 @@ def pareto_markdown(results, size: str, fmt) -> list[str]:
     shown = on[["trial_id", "status", *[c for c in results.searched_params(size) if c in on], *[c for c in columns if c in on]]]
     shown = shown.rename(columns=columns)
     lines = [f"Pareto front of {', '.join(f'`{m}`' for m in objectives)} ({len(on)} of {len(t)} trials; no other "
-             "trial is at least as good on every objective and better on one; final values):", ""]
+             "completed trial is at least as good on every objective and better on one; final values; trials "
+             "stopped early are of an earlier step and not compared):", ""]
     header = "| " + " | ".join(shown.columns) + " |"
     lines += [header, "|" + "---|" * len(shown.columns)]
     lines += ["| " + " | ".join(fmt(v, c) for c, v in r.items()) + " |" for _, r in shown.iterrows()]

@@ -1,6 +1,8 @@
 """Multi-objective searches: settings, the searcher's study, the Pareto front. (No Ray search: the
 searcher is driven by hand as Tune drives it.)"""
 
+import copy
+
 import pandas as pd
 import pytest
 
@@ -91,6 +93,19 @@ def test_resolved_space_of_a_single_objective_search_is_as_before():
     new = {"model_revision", "torch_dtype", "use_liger_kernel", "warmup_steps", "optim", "adam_beta1", "adam_beta2",
            "adam_epsilon", "report_to", "overwrite_output_dir"}
     assert not new & set(r["base"]) and "optuna_storage" not in r["search"]
+    # A record written when those keys were stored at their defaults (commits of 2026-12-04, and
+    # torch_compile since f2b992a) compares equal too: no "the space differs" on --resume.
+    from simpo_ray.search.records import space_differences
+
+    written = copy.deepcopy(r)
+    written["base"].update(torch_compile=None, model_revision=None, torch_dtype=None, use_liger_kernel=False,
+                           warmup_steps=0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                           report_to=None, overwrite_output_dir=False)
+    written["search"].update(optuna_storage=None, warm_start=[], tpe_startup_trials=None)
+    assert space_differences(written, r) == [] and space_differences(r, written) == []
+    changed = copy.deepcopy(written)
+    changed["base"]["adam_beta1"] = 0.8
+    assert space_differences(changed, r) == ["base.adam_beta1: 0.8 -> '<unset>'"]
     url = "postgresql://u:secret@db.internal/optuna"
     assert resolved_space(load(TINY, overrides={"search.optuna_storage": url}))["search"]["optuna_storage"] == \
         "postgresql://u:***@db.internal/optuna"  # no password in search.json

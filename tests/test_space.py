@@ -535,3 +535,16 @@ def test_the_dry_run_states_the_objectives_noise_at_the_first_rung():
                     "0.03 (2.2x the generation per evaluation)")
     [big] = _objective_noise(load(SPACES / "7b.yaml"))
     assert "over 64 generated prompts has a standard error up to 0.062" in big and "4.3x" in big
+
+
+def test_the_dry_run_refuses_an_optimizer_that_is_not_installed_as_the_run_does(monkeypatch):
+    import importlib.util
+
+    from simpo_ray.search.plan import dry_run
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    _, refusals = dry_run(load(SPACES / "cpu-tiny.yaml", overrides={"base.optim": "paged_adamw_8bit"}))
+    assert any(r.startswith("optim: 'paged_adamw_8bit' is bitsandbytes' AdamW, and bitsandbytes is not installed")
+               for r in refusals), refusals

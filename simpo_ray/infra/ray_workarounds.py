@@ -188,12 +188,12 @@ def wait_for_tune_to_take_reports(timeout_s: float = 300.0, settle_s: float = 0.
             time.sleep(settle_s)
             if queue.empty() and results.empty() and results.unfinished_tasks == puts:
                 return
-        elif time.monotonic() > deadline:
+        else:
+            time.sleep(0.05)
+        if time.monotonic() > deadline:
             _warn_once("reports", "[simpo-ray] warning: Tune did not take the trial's last report in %.0f s",
                        timeout_s)
             return
-        else:
-            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------- orphan placement-group reaper

@@ -107,8 +107,8 @@ def _objective_noise(space: SearchSpace) -> list[str]:
     if s.objective not in RATE_OBJECTIVES or n <= 0:
         return []
     se, need = 0.5 / math.sqrt(n), math.ceil((0.5 / TARGET_SE) ** 2)
-    rung = f"the first {s.scheduler} rung (step {s.grace_period})" if s.scheduler in ("asha", "hyperband", "median") \
-        else "each evaluation"
+    rung = (f"the first {s.scheduler} rung ({s.time_attr} {s.grace_period})"
+            if s.scheduler in ("asha", "hyperband", "median") else "each evaluation")
     more = (f"; {need} prompts would bring it under {TARGET_SE} ({need / n:.1f}x the generation per evaluation)"
             if se > TARGET_SE else "")
     lc = " for the raw share; the LC fit's, bootstrapped in every report (_se), is larger" \
@@ -160,6 +160,13 @@ def dry_run(space: SearchSpace | str | os.PathLike, *, address=None, storage_pat
     except UserError as e:
         lines.append(f"memory: does not fit: {e}")
         refusals.append(f"memory: {e}")
+    try:  # what the run needs installed (bitsandbytes, Liger), as launch.check_inputs refuses it
+        from simpo_ray.config import check_packages
+
+        check_packages(space.default_config())
+    except UserError as e:
+        lines.append(f"packages: {e}")
+        refusals.append(str(e))
     for line in _sources(space.default_config(), refusals):
         lines.append(line)
     est = estimate_gpu_hours(space)

@@ -273,25 +273,41 @@ def resolved_space(space) -> dict[str, Any]:
         from simpo_ray.search.study import shown
 
         search["optuna_storage"] = shown(search["optuna_storage"])
-    for key, unset in (("warm_start", ()), ("warm_start_narrow", False), ("objectives", ()), ("modes", ()),
-                       ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None)):
-        if search.get(key) == unset:  # as a record from before these keys has it: absent
-            search.pop(key)
-    default = TrainConfig.__dataclass_fields__
-    for key in LATER_BASE_KEYS:  # at their defaults, as a record from before them has them: absent
-        if key in base and base[key] == default[key].default:
-            base.pop(key)
-    return json.loads(json.dumps({
+    return _trimmed(json.loads(json.dumps({
         "size_bucket": space.size_bucket, "task": space.task, "model_type": space.model_type,
         "base": base, "params": {n: p.to_dict() for n, p in space.params.items()},
         "resources": dataclasses.asdict(space.resources), "search": search,
         "points_to_evaluate": list(space.points_to_evaluate),
-    }, default=str))
+    }, default=str)))
+
+
+# Search keys added after search.json schema 2, with the value that means "not used".
+_LATER_SEARCH_KEYS = (("warm_start", []), ("warm_start_narrow", False), ("objectives", []), ("modes", []),
+                      ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None))
+
+
+def _trimmed(resolved: dict[str, Any]) -> dict[str, Any]:
+    """`resolved` (JSON form) without the later keys at their defaults, as a record from before
+    them has them: absent. Applied to both sides of a comparison, so a record written before or
+    after a key was added compares equal to the same space."""
+    search, base = resolved.get("search") or {}, resolved.get("base") or {}
+    for key, unset in _LATER_SEARCH_KEYS:
+        if key in search and search[key] == unset:
+            search.pop(key)
+    default = TrainConfig.__dataclass_fields__
+    for key in LATER_BASE_KEYS:
+        if key in base and base[key] == default[key].default:
+            base.pop(key)
+    return resolved
 
 
 def space_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """`key: stored -> current` for each dotted key where two `resolved_space` dicts differ."""
+    """`key: stored -> current` for each dotted key where two `resolved_space` dicts differ (later
+    keys at their defaults count as absent on both sides)."""
+    import copy
+
     out: list[str] = []
+    stored, current = _trimmed(copy.deepcopy(stored)), _trimmed(copy.deepcopy(current))
 
     def walk(a: Any, b: Any, key: str) -> None:
         if isinstance(a, dict) and isinstance(b, dict):

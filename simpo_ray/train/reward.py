@@ -113,7 +113,9 @@ def win_metrics(policy_scores: list[float], baseline_scores: list[float], policy
     """The reported metrics of one evaluation, over the sampled prompts; `eval/length_separates`
     says when the LC fit rests on its penalty (`generation_checks`)."""
     w = wins(policy_scores, baseline_scores, same_text)
-    soft = 1.0 / (1.0 + np.exp(-(np.asarray(policy_scores, np.float64) - np.asarray(baseline_scores, np.float64))))
+    from scipy.special import expit  # (no overflow warning for a large score gap)
+
+    soft = expit(np.asarray(policy_scores, np.float64) - np.asarray(baseline_scores, np.float64))
     if same_text is not None:  # the very same answer: a tie, as `wins` counts it
         soft = np.where(np.asarray(same_text, dtype=bool), 0.5, soft)
     return {

@@ -43,8 +43,8 @@ if TYPE_CHECKING:
 TOP_K = 5          # top trials per size that feed a trend
 LEVEL = 0.9        # prediction-interval coverage
 LOG_PARAMS = ("learning_rate",)  # fitted as log10(value); the others as the value itself
-LOSO_COLUMNS = ["size", "model", "n_params", "parameter", "predicted", "low", "high", "actual_best", "error",
-                "error_unit", "inside"]
+LOSO_COLUMNS = ["size", "model", "n_params", "parameter", "predicted", "low", "high", "actual_optimum",
+                "actual_best", "error", "error_unit", "inside"]
 
 
 # ---------------------------------------------------------------- the same size: trials to continue from
@@ -304,8 +304,9 @@ def describe(searches: list[FinishedSearch], space: SearchSpace, *, top_k: int =
 
 def leave_one_size_out(searches: Iterable[FinishedSearch], top_k: int = TOP_K, level: float = LEVEL) -> pd.DataFrame:
     """Per searched size and parameter: the prediction from the other sizes (unclipped) against
-    that size's best trial. `error` is log10(predicted / actual) for learning_rate (decades),
-    predicted - actual for the others; `inside`: the actual best lies in the interval (None where
+    that size's optimum (`actual_optimum`: the mean of its top trials, what the interval predicts;
+    its single best trial beside it). `error` is log10(predicted / optimum) for learning_rate
+    (decades), predicted - optimum for the others; `inside`: the actual best lies in the interval (None where
     the other sizes give no interval: two of them).
     `UserError` with fewer than three sizes."""
     searches = list(searches)
@@ -320,13 +321,15 @@ def leave_one_size_out(searches: Iterable[FinishedSearch], top_k: int = TOP_K, l
             continue
         best = records.best_trial(pd.concat([s.trials for s in group], ignore_index=True), group[0].mode)
         for p, t in trends.items():
-            if not any(p in s.searched for s in group):
+            own = _size_fit(group, p, top_k, {})  # the held-out size's optimum: what the interval predicts
+            if own is None:
                 continue
             centre, low, high = t.predict(group[0].n_params)
-            actual = float(best[p])
+            actual = 10.0 ** own[0].centre if t.log_value else own[0].centre
             error = math.log10(centre / actual) if t.log_value and actual > 0 else centre - actual
             rows.append({"size": group[0].label, "model": group[0].model, "n_params": group[0].n_params,
-                         "parameter": p, "predicted": centre, "low": low, "high": high, "actual_best": actual,
+                         "parameter": p, "predicted": centre, "low": low, "high": high, "actual_optimum": actual,
+                         "actual_best": float(best[p]),
                          "error": error, "error_unit": "decades" if t.log_value else "absolute",
                          # no interval from two sizes: "inside" would be true of anything
                          "inside": bool(low <= actual <= high) if t.has_interval else None})
