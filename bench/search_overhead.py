@@ -15,15 +15,22 @@ at each report, the worker's own `startup_s` and `train_time_s`):
   Ray start-up    = time_total_s(step 0) - startup_s - eval0: trial actor, TorchTrainer controller,
                     worker process spawn, imports before the worker's timer starts
   start-up        = Ray start-up + worker startup
-Not inside `wall`: teardown after the last report (fit() returning, actor reuse) - it shows in
-the search wall time against the sum of trial walls / concurrency.
+Not inside `wall`: the trial process's own start (Tune's clock starts once the process is up and
+the trial function unpickled) and teardown after the last report. The driver's clock (a Tune
+callback, `_DriverClock`) covers the first: from the trial's addition (a slot free; Tune then
+requests its actor) to its first report, less eval0 (driver: start-up), and to its last report
+(driver: wall).
+
+Two arms, the same search otherwise (`--arms`): `train_workers` (search.local_mode: false, a
+`TorchTrainer` per trial, as before issue 24) and `in_process` (search.local_mode: true, the
+default: the loop in the Tune trial's own process, infra/local_run.py).
 
 Baseline (a fresh subprocess, no Ray): the same pieces as train.py's worker loop (load_model,
 PolicyLogps, simpo_objective, AdamW, get_scheduler, the workers' Evaluator every eval_steps) for the
 space's default point, timed by phase; several trials in one process, as a plain Optuna loop
 would run them (imports paid once).
 
-Usage: .venv/bin/python bench/search_overhead.py [--quick]
+Usage: .venv/bin/python bench/search_overhead.py [--quick] [--arms train_workers,in_process]
 """
 
 from __future__ import annotations
@@ -158,6 +165,119 @@ def decompose(trials, curves) -> list[dict]:
     return rows
 
 
+class _DriverClock:
+    """Tune callback (driver side): when each trial was added (a slot free: its actor is requested
+    next) and when each of its results arrived, by the driver's clock. Tune's `time_total_s` starts
+    only once the trial process is up; this view includes the process start and the wait for the
+    previous trial's resources too."""
+    seen: dict = {}  # trial_id -> {"start": t, "results": [(step, t)]}
+
+    def __new__(cls):
+        from ray.tune import Callback
+
+        seen = cls.seen
+
+        class DriverClock(Callback):
+            def on_step_begin(self, iteration, trials, **info):
+                # A trial first appears when a slot is free (max_concurrent_trials): from then on
+                # it waits only for Ray (the ended trial's resources back, its process started).
+                now = time.time()
+                for trial in trials:
+                    seen.setdefault(trial.trial_id, {"start": now, "results": []})
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                seen.setdefault(trial.trial_id, {"start": float("nan"), "results": []})["results"].append(
+                    (result.get("step"), time.time()))
+
+        return DriverClock()
+
+
+def with_driver_clock():
+    """The search's callbacks plus `_DriverClock` (the bench's own probe; nothing else changes)."""
+    from simpo_ray.search import loggers, run
+
+    original = loggers.callbacks
+
+    def callbacks(*args, **kwargs):
+        return original(*args, **kwargs) + [_DriverClock()]
+
+    run.loggers.callbacks = callbacks  # run.py calls loggers.callbacks(...) through the module
+    return original
+
+
+ARMS = {  # search.local_mode: where a single-worker trial trains
+    "train_workers": False,  # a TorchTrainer per trial: controller + worker process (before)
+    "in_process": True,      # in the Tune trial's own process (infra/local_run.py; after)
+}
+
+
+def run_arm(arm: str, args, extra: dict, _search) -> dict:
+    load_s = load()
+    storage = _search.new_storage(f"overhead-{arm}")
+    res = _search.run(storage=storage, name=f"overhead-{arm}", num_samples=args.num_samples,
+                      max_steps=args.max_steps, scheduler="fifo", seed=args.seed,
+                      max_concurrent=args.max_concurrent, extra={**extra, "search.local_mode": ARMS[arm]})
+    load_e = load()
+    rows = decompose(res["trials"], res["curves"])
+    for r in rows:  # the driver's view: from the trial's start (its process requested) to its reports
+        clock = _DriverClock.seen.get(r["trial_id"], {})
+        times = [t for step, t in clock.get("results", [])]
+        if times and math.isfinite(clock.get("start", float("nan"))):
+            r["driver_wall_s"] = times[-1] - clock["start"]
+            r["driver_startup_s"] = times[0] - clock["start"] - (r["eval_ckpt_s"] / max(r["reports"], 1))
+            r["driver_startup_share"] = r["driver_startup_s"] / r["driver_wall_s"]
+        else:
+            r["driver_wall_s"] = r["driver_startup_s"] = r["driver_startup_share"] = float("nan")
+    sum_train = sum(r["train_time_s"] for r in rows)
+    sum_wall = sum(r["wall_s"] for r in rows)
+
+    def med(key):
+        return statistics.median(r[key] for r in rows)
+
+    headers = ["trial", "steps", "wall s", "train steps s", "worker startup s", "Ray startup s", "eval+ckpt s",
+               "train %", "start-up %", "eval %", "s/step", "driver: wall s", "driver: start-up s",
+               "driver: start-up %"]
+    trows = [[r["trial_id"][-5:], r["steps"], r["wall_s"], r["train_time_s"], r["worker_startup_s"],
+              r["ray_startup_s"], r["eval_ckpt_s"], 100 * r["train_share"], 100 * r["startup_share"],
+              100 * r["eval_share"], r["s_per_step"], r["driver_wall_s"], r["driver_startup_s"],
+              100 * r["driver_startup_share"]] for r in rows]
+    trows.append(["median", med("steps"), med("wall_s"), med("train_time_s"), med("worker_startup_s"),
+                  med("ray_startup_s"), med("eval_ckpt_s"), 100 * med("train_share"), 100 * med("startup_share"),
+                  100 * med("eval_share"), med("s_per_step"), med("driver_wall_s"), med("driver_startup_s"),
+                  100 * med("driver_startup_share")])
+
+    def mean(key):
+        return statistics.fmean(r[key] for r in rows)
+
+    def share(part, whole):  # of all the trials' wall time together
+        return sum(r[part] for r in rows) / sum(r[whole] for r in rows)
+
+    trows.append(["mean", mean("steps"), mean("wall_s"), mean("train_time_s"), mean("worker_startup_s"),
+                  mean("ray_startup_s"), mean("eval_ckpt_s"), 100 * share("train_time_s", "wall_s"),
+                  100 * share("startup_s", "wall_s"), 100 * share("eval_ckpt_s", "wall_s"), mean("s_per_step"),
+                  mean("driver_wall_s"), mean("driver_startup_s"), 100 * share("driver_startup_s", "driver_wall_s")])
+    # A reused trial process starts nothing (start-up ~0, the eval0 estimate's noise either side):
+    # the mean over trials is the cost a trial pays, the median would hide the first trials'.
+    startup_fixed = mean("startup_s")
+    s_step = med("s_per_step")
+    eval_per_step = med("eval_ckpt_s") / max(med("steps"), 1)  # evals scale with steps (every eval_steps)
+    # start-up share < 20%  <=>  startup / (startup + steps * (s_step + eval_per_step)) < 0.2
+    steps_for_20 = math.ceil(4 * startup_fixed / (s_step + eval_per_step))
+    search = {
+        "arm": arm, "local_mode": ARMS[arm], "num_trials": len(rows), "max_concurrent": args.max_concurrent,
+        "search_wall_s": res["wall_s"], "sum_trial_wall_s": sum_wall, "sum_train_time_s": sum_train,
+        "train_share_of_search_cpu": sum_train / (res["wall_s"] * args.max_concurrent),
+        "ideal_wall_s": sum_train / args.max_concurrent,
+        "mean_startup_s": startup_fixed, "startup_share": share("startup_s", "wall_s"),
+        "mean_driver_startup_s": mean("driver_startup_s"),
+        "driver_startup_share": share("driver_startup_s", "driver_wall_s"),
+        "steps_for_startup_under_20pct": steps_for_20,
+        "target_met": max(share("startup_s", "wall_s"), share("driver_startup_s", "driver_wall_s")) < 0.2,
+        "load_start": load_s, "load_end": load_e, "experiment_dir": res["exp"],
+    }
+    return {"rows": rows, "search": search, "md_trials": table(headers, trows)}
+
+
 def main(argv=None) -> int:
     p = parser(__doc__, "search_overhead")
     p.add_argument("--quick", action="store_true", help="smoke check: 2 trials x 40 steps, 1 baseline trial")
@@ -167,6 +287,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline-trials", type=int, default=2, help="trials of the in-process baseline")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--skip-baseline", action="store_true", help="only the Ray search")
+    p.add_argument("--arms", default="train_workers,in_process",
+                   help="where trials train (search.local_mode): train_workers (false), in_process (true)")
     p.add_argument("--baseline-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.baseline_worker:
@@ -186,48 +308,11 @@ def main(argv=None) -> int:
         baseline = run_baseline(args)
         baseline["load_before"] = load_b
         print(f"  baseline done, load {load()}", file=sys.stderr, flush=True)
-    load_s = load()
-    storage = _search.new_storage("overhead")
-    res = _search.run(storage=storage, name="overhead", num_samples=args.num_samples, max_steps=args.max_steps,
-                      scheduler="fifo", seed=args.seed, max_concurrent=args.max_concurrent, extra=extra)
-    load_e = load()
-    rows = decompose(res["trials"], res["curves"])
-    sum_train = sum(r["train_time_s"] for r in rows)
-    sum_wall = sum(r["wall_s"] for r in rows)
-
-    def med(key):
-        return statistics.median(r[key] for r in rows)
-
-    headers = ["trial", "steps", "wall s", "train steps s", "worker startup s", "Ray startup s", "eval+ckpt s",
-               "train %", "start-up %", "eval %", "s/step"]
-    trows = [[r["trial_id"][-5:], r["steps"], r["wall_s"], r["train_time_s"], r["worker_startup_s"],
-              r["ray_startup_s"], r["eval_ckpt_s"], 100 * r["train_share"], 100 * r["startup_share"],
-              100 * r["eval_share"], r["s_per_step"]] for r in rows]
-    trows.append(["median", med("steps"), med("wall_s"), med("train_time_s"), med("worker_startup_s"),
-                  med("ray_startup_s"), med("eval_ckpt_s"), 100 * med("train_share"), 100 * med("startup_share"),
-                  100 * med("eval_share"), med("s_per_step")])
-    md_trials = table(headers, trows)
-
-    startup_fixed = med("startup_s")
-    s_step = med("s_per_step")
-    eval_per_step = med("eval_ckpt_s") / max(med("steps"), 1)  # evals scale with steps (every eval_steps)
-    # start-up share < 20%  <=>  startup / (startup + steps * (s_step + eval_per_step)) < 0.2
-    steps_for_20 = math.ceil(4 * startup_fixed / (s_step + eval_per_step))
-    search = {
-        "num_trials": len(rows), "max_concurrent": args.max_concurrent, "search_wall_s": res["wall_s"],
-        "sum_trial_wall_s": sum_wall, "sum_train_time_s": sum_train,
-        "train_share_of_search_cpu": sum_train / (res["wall_s"] * args.max_concurrent),
-        "ideal_wall_s": sum_train / args.max_concurrent,
-        "median_startup_s": startup_fixed, "median_startup_share": med("startup_share"),
-        "steps_for_startup_under_20pct": steps_for_20, "target_met": med("startup_share") < 0.2,
-        "load_start": load_s, "load_end": load_e,
-    }
-    md_search = table(["trials x steps", "concurrency", "search wall s", "sum train-step s",
-                       "sum train / (wall x slots)", "median start-up s/trial", "median start-up share",
-                       "steps for start-up < 20%", "load start-end"],
-                      [[f"{len(rows)} x {args.max_steps}", args.max_concurrent, res["wall_s"], sum_train,
-                        f"{100 * search['train_share_of_search_cpu']:.0f}%", startup_fixed,
-                        f"{100 * search['median_startup_share']:.0f}%", steps_for_20, f"{load_s}-{load_e}"]])
+    with_driver_clock()
+    arms = {}
+    for arm in args.arms.split(","):
+        arms[arm] = run_arm(arm, args, extra, _search)
+        print(f"  arm {arm} done, load {load()}", file=sys.stderr, flush=True)
     md_base = ""
     if baseline:
         brows = []
@@ -241,18 +326,40 @@ def main(argv=None) -> int:
                         "train %", "setup %", "s/step", "load"], brows))
     print(f"\nSearch overhead, cpu-tiny space, fifo, {args.num_samples} trials x {args.max_steps} steps, "
           f"concurrency {args.max_concurrent} ({info['cpu_model']}, {info['cores']} cores, {info['date_utc']})")
-    print(md_trials)
+    for arm, out in arms.items():
+        print(f"\n{arm} (search.local_mode: {str(ARMS[arm]).lower()})")
+        print(out["md_trials"])
+    srows = [[arm, f"{len(out['rows'])} x {args.max_steps}", args.max_concurrent, out["search"]["search_wall_s"],
+              out["search"]["sum_train_time_s"], f"{100 * out['search']['train_share_of_search_cpu']:.0f}%",
+              out["search"]["mean_startup_s"], f"{100 * out['search']['startup_share']:.0f}%",
+              out["search"]["mean_driver_startup_s"], f"{100 * out['search']['driver_startup_share']:.0f}%",
+              out["search"]["steps_for_startup_under_20pct"],
+              f"{out['search']['load_start']}-{out['search']['load_end']}"] for arm, out in arms.items()]
+    md_search = table(["arm", "trials x steps", "concurrency", "search wall s", "sum train-step s",
+                       "sum train / (wall x slots)", "mean start-up s/trial", "start-up share",
+                       "driver: mean start-up s/trial", "driver: start-up share",
+                       "steps for start-up < 20%", "load start-end"], srows)
     print()
     print(md_search)
+    if "train_workers" in arms and "in_process" in arms:
+        before, after = arms["train_workers"]["search"], arms["in_process"]["search"]
+        print(f"\nin_process / train_workers: start-up per trial {after['mean_startup_s'] / before['mean_startup_s']:.2f}x "
+              f"(driver's clock {after['mean_driver_startup_s'] / before['mean_driver_startup_s']:.2f}x), "
+              f"search wall {after['search_wall_s'] / before['search_wall_s']:.2f}x")
     if md_base:
         print()
         print(md_base)
-    print(f"\nstart-up < 20% of a trial's wall at {args.max_steps} steps: "
-          f"{'MET' if search['target_met'] else 'NOT met'} (median {100 * search['median_startup_share']:.0f}%); "
-          f"needs about {steps_for_20} steps per trial at this step and eval cost")
+    for arm, out in arms.items():
+        search = out["search"]
+        print(f"{arm}: start-up < 20% of a trial's wall at {args.max_steps} steps: "
+              f"{'MET' if search['target_met'] else 'NOT met'} ({100 * search['startup_share']:.0f}% "
+              f"in Tune's time, {100 * search['driver_startup_share']:.0f}% by the driver's clock); "
+              f"needs about {search['steps_for_startup_under_20pct']} steps per trial at this step and eval cost")
+    md_trials = "\n\n".join(f"{arm}\n{out['md_trials']}" for arm, out in arms.items())
     out = write_json(args.out, {"benchmark": "search_overhead", "machine": info, "quick": args.quick,
-                                "settings": vars(args), "trials": rows, "search": search, "baseline": baseline,
-                                "experiment_dir": res["exp"],
+                                "settings": vars(args), "arms": {a: {"trials": o["rows"], "search": o["search"]}
+                                                                 for a, o in arms.items()},
+                                "baseline": baseline,
                                 "markdown": "\n\n".join(x for x in (md_trials, md_search, md_base) if x)})
     print(f"wrote {out}")
     return 0

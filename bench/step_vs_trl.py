@@ -11,7 +11,8 @@ What is timed on each side is one optimizer step on an identical batch:
          (torch.compile; inductor compiles C++ on this CPU) and with `compiled=False` -> backward
          -> clip_grad_norm -> AdamW.step. Needs `pip install --no-deps liger-kernel` (the `bench`
          extra); it runs on CPU without triton.
-  ours compiled: as ours, with `PolicyLogps(model, compile=True)` (the `torch_compile` key).
+  ours compiled: as ours, with `PolicyLogps(model, compile=True)`: the per-chunk head compiled, what
+                 `torch_compile` (null) does from a 32k vocabulary (true also compiles the blocks).
 The untimed warm-up steps include the compilation; its cost is reported (first step's wall time).
 Time per step is reported as process CPU time (`time.process_time`, 1 torch thread) - robust
 to other users' jobs on a shared box, unlike wall time, which is also reported (every run).
@@ -43,7 +44,7 @@ from _common import peak_mb as _peak_mb, rss_mb as _rss_mb  # noqa: E402
 BETA, GAMMA_BETA_RATIO, SFT_WEIGHT, LR = 2.0, 0.5, 0.5, 1e-3
 BIG_VOCAB = 128256
 # Each side as its users run it, and ours and Liger's both ways: Liger's chunked losses compile
-# by default (`compiled=True`); ours compiles the per-chunk head with `torch_compile: true`.
+# by default (`compiled=True`); ours compiles the per-chunk head (`torch_compile` from 32k tokens).
 IMPLS = ("simpo_ray", "simpo_ray_compiled", "trl", "liger", "liger_compiled")
 
 

@@ -48,6 +48,8 @@ class TrainConfig:
     # null (the default): on for vocabularies of 32k tokens or more, where it measurably helps
     # (128k: 1.17x faster steps, 0.70x step memory on CPU; bench/step_vs_trl.py), off below
     # (the bundled models' 51 tokens: 1.18x slower, and ~7 s of compiling per trial).
+    # true: the head and each decoder block (train/blocks.py, as torchtitan compiles a model; the
+    # blocks' speed on a GPU is not measured here, so only an explicit true turns them on).
     torch_compile: bool | None = None
     # The reference trainer turns dropout off (`disable_dropout: true`): SimPO's log-prob
     # comparisons are then deterministic, and a resumed run equals an uninterrupted one.

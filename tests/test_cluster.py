@@ -145,10 +145,12 @@ def test_four_trials_two_slots_no_deadlock_and_resources_returned(ray_two_cpus):
     from simpo_ray.search.run import trial_trainable
 
     info, storage = ray_two_cpus
-    space = load(TINY_SPACE)  # 1 worker x 1 CPU per trial
+    # 1 worker x 1 CPU per trial, trained by Train's workers (search.local_mode: false, as every
+    # multi-worker trial is): the Train-to-Tune relay where the deadlocks were.
+    space = load(TINY_SPACE, overrides={"search.local_mode": False})
     res = space.resources
     assert res == Resources(num_workers=1, cpus_per_worker=1.0)
-    # What every search trial runs (0-CPU trial driver, launch.make_trainer), with a stub loop.
+    # What such a search trial runs (0-CPU trial driver, launch.make_trainer), with a stub loop.
     trainable = trial_trainable(space, {}, str(storage / "four"), train_loop=_stub_loop)
     lrs = [1e-4, 2e-4, 3e-4, 4e-4]  # two rounds of two slots: where the old deadlock struck
     tuner = tune.Tuner(

@@ -445,3 +445,85 @@ def test_a_head_that_fails_to_compile_runs_eagerly_with_one_line(capsys):
     assert "no C++ compiler here" in err[0] and err[0].endswith("it runs eagerly")
     _chunked_label_logps(h.detach(), labels, 16, head, *args)
     assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ torch_compile: true, the decoder blocks
+
+def _policy_step(policy, pad):
+    """One forward/backward of PolicyLogps on the test pairs with `pad` extra tokens (another length)."""
+    out = policy(*batch_args(pad))
+    loss = out["chosen_logps"].sum() - 0.5 * out["rejected_logps"].sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+    return out["chosen_logps"].detach(), out["rejected_logps"].detach(), grads
+
+
+@pytest.mark.slow  # inductor compiles C++ in worker processes
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_decoder_blocks_give_the_eager_values_and_gradients_and_stop_recompiling(checkpointing):
+    """`torch_compile: true` compiles each decoder block in place: log-probs and every parameter's
+    gradient equal the eager model's to 1e-5 (fp32) at three batch lengths, with activation
+    checkpointing or without; the parameter names are unchanged (checkpoints and save_pretrained see
+    the same model); the third length compiles no new graph (dynamo's automatic dynamic shapes), and
+    the blocks share their graphs (fewer graphs than blocks x lengths)."""
+    import copy
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from simpo_ray.train.logps import PolicyLogps
+    from simpo_ray.train.model import enable_checkpointing
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_llama(7).train()
+    twin = copy.deepcopy(model)
+    if checkpointing:
+        enable_checkpointing(model)
+        enable_checkpointing(twin)
+    eager = PolicyLogps(model, verify=False, compile=False)
+    blocks = PolicyLogps(twin, verify=False, compile=False, compile_blocks=True)
+    assert [n for n, _ in blocks.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    assert len(blocks._blocks.blocks) == 2
+    graphs = []
+    for pad in (0, 3, 9):
+        want, got = _policy_step(eager, pad), _policy_step(blocks, pad)
+        for a, b in zip(want[:2], got[:2]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+        assert want[2].keys() == got[2].keys() and len(want[2]) == len(list(model.parameters()))
+        for name, g in want[2].items():
+            assert torch.allclose(g, got[2][name], rtol=1e-5, atol=1e-5), (name, (g - got[2][name]).abs().max())
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert blocks._blocks.active and graphs[0] >= 1  # it did compile, and did not fall back
+    assert graphs[2] == graphs[1], graphs  # the third length: nothing new
+    assert graphs[2] < 2 * 3, graphs       # not one graph per block per length
+
+
+def test_decoder_blocks_that_fail_to_compile_run_eagerly_with_one_line(capsys):
+    """A compiler that raises (as a missing toolchain or an unsupported op would): the values are
+    the eager ones, one `[simpo-ray] torch_compile: ...` line, and the blocks are eager after."""
+    import copy
+
+    import torch._dynamo
+
+    from simpo_ray.train.blocks import CompiledBlocks
+    from simpo_ray.train.logps import PolicyLogps
+
+    def no_compiler(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    torch._dynamo.reset()
+    model = tiny_llama(8)
+    eager = PolicyLogps(copy.deepcopy(model), verify=False, compile=False)
+    policy = PolicyLogps(model, verify=False, compile=False)
+    policy._blocks = CompiledBlocks(model, backend=no_compiler)
+    want = eager(*batch_args())
+    got = policy(*batch_args())
+    assert torch.allclose(got["chosen_logps"], want["chosen_logps"], atol=1e-6)
+    assert not policy._blocks.active and all(b._compiled_call_impl is None for b in policy._blocks.blocks)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("[simpo-ray] torch_compile: compiling the decoder blocks failed")
+    assert "no C++ compiler here" in err[0] and err[0].endswith("they run eagerly")
+    policy(*batch_args(2))
+    assert capsys.readouterr().err == ""

@@ -309,6 +309,66 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tm
 
 
 @pytest.mark.slow
+def test_a_killed_in_process_trial_restarts_from_its_checkpoint_and_finishes(ray_cluster, tmp_path):
+    """A single-worker search trial trains in its Tune trial's process (infra/local_run.py). SIGKILL
+    that process after its first checkpoint: Tune restarts the trial (search.max_failures: 1), which
+    resumes from that checkpoint; the search records it completed, one restart, every step once."""
+    import threading
+
+    from ray._private.state import actors
+
+    from simpo_ray.search.run import run_search
+
+    max_steps, every = 48, 4
+    overrides = {"base.max_steps": max_steps, "base.eval_steps": every, "base.logging_steps": every,
+                 "base.max_eval_samples": 32, "base.generation_eval_samples": 8,
+                 "base.per_device_train_batch_size": 8, "search.scheduler": "fifo", "search.max_failures": 1,
+                 "search.checkpoint_keep": 1}
+    exp_dir = tmp_path / "killed-trial"
+    killed: dict = {}
+    done = threading.Event()
+
+    def kill_after_first_checkpoint():
+        while not done.wait(0.05):
+            runs = list((exp_dir / "train_runs").glob("train-*"))
+            rows = _history(runs[0]) if runs else []
+            if any(r["step"] >= every and r.get("checkpoint_path") for r in rows):
+                trials = [a["Pid"] for a in actors().values()
+                          if a["State"] == "ALIVE" and a["ActorClassName"] == "ImplicitFunc" and a.get("Pid")]
+                if len(trials) == 1:
+                    killed["pid"], killed["after_step"] = trials[0], rows[-1]["step"]
+                    os.kill(trials[0], signal.SIGKILL)
+                    return
+                killed.setdefault("ambiguous", trials)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    try:
+        exp = run_search(TINY_SPACE, storage_path=str(tmp_path), name="killed-trial", num_samples=1,
+                         overrides=overrides, verbose=0)
+    finally:
+        done.set()
+        watcher.join(timeout=5)
+
+    assert "pid" in killed, f"no trial was killed: {killed}"
+    assert killed["after_step"] < max_steps, "the trial finished before the kill; make it longer"
+    trials = pd.read_csv(exp / "trials.csv", keep_default_na=False)
+    assert list(trials["status"]) == ["completed"] and int(trials["steps"].iloc[0]) == max_steps
+    rows = _history(next((exp / "train_runs").glob("train-*")))
+    steps = [r["step"] for r in rows]
+    assert steps.count(0) == 1, steps
+    resumed = [r for r in rows if r.get("restarts") == 1]
+    assert resumed and rows[-1]["restarts"] == 1 and rows[-1]["status"] == "completed"
+    first_after = resumed[0]["step"]
+    assert every < first_after <= killed["after_step"] + every, (steps, killed)
+    assert [r["step"] for r in resumed] == list(range(first_after, max_steps + 1, every))
+    assert resumed[0]["samples"] == first_after * 8
+    curves = pd.read_csv(exp / "curves.csv")
+    assert sorted(curves["step"]) == list(range(0, max_steps + 1, every))  # each step once
+    _assert_cluster_clean()
+
+
+@pytest.mark.slow
 def test_worker_failure_beyond_max_failures_is_an_error(ray_cluster, tmp_path):
     """max_failures=0 (a search's search.max_failures: 0): the same kill fails the run cleanly."""
     import threading

@@ -37,12 +37,12 @@ def history_callback(path: str | os.PathLike):
             row = dict(metrics[0])
             if checkpoint is not None:
                 row["checkpoint_path"] = checkpoint.path
-            self.storage.append_text(name, _fresh_line(self.storage, name) + json.dumps(row, default=float) + "\n")
+            self.storage.append_text(name, fresh_line(self.storage, name) + json.dumps(row, default=float) + "\n")
 
     return History()
 
 
-def _fresh_line(storage: Storage, name: str) -> str:
+def fresh_line(storage: Storage, name: str) -> str:
     """"\\n" when the file ends inside a line (a crash mid-append), else ""."""
     if storage.is_remote:
         text = storage.read_text(name)

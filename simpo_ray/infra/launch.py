@@ -141,13 +141,7 @@ def make_trainer(cfg: TrainConfig, data: dict[str, Any], resources: Resources, *
         from simpo_ray.train.loop import train_loop_per_worker as train_loop
     return TorchTrainer(
         train_loop,
-        train_loop_config={
-            "train": cfg.replace(output_dir=os.path.abspath(cfg.output_dir)).to_dict() if cfg.output_dir
-            else cfg.to_dict(),
-            "data": data, "threads": max(1, int(resources.cpus_per_worker)),
-            "strategy": strategy or decide_strategy(cfg, resources),
-            "resume_from": os.path.abspath(resume_from) if resume_from else None,
-        },
+        train_loop_config=loop_config(cfg, data, resources, strategy, resume_from),
         scaling_config=ScalingConfig(num_workers=resources.num_workers, use_gpu=resources.use_gpu,
                                      resources_per_worker=resources.worker_bundle),
         run_config=RunConfig(
@@ -158,6 +152,38 @@ def make_trainer(cfg: TrainConfig, data: dict[str, Any], resources: Resources, *
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
+
+
+def loop_config(cfg: TrainConfig, data: dict[str, Any], resources: Resources, strategy: str | None = None,
+                resume_from: str | None = None) -> dict[str, Any]:
+    """The config `train.loop.train_loop_per_worker` takes (see there)."""
+    return {
+        "train": cfg.replace(output_dir=os.path.abspath(cfg.output_dir)).to_dict() if cfg.output_dir
+        else cfg.to_dict(),
+        "data": data, "threads": max(1, int(resources.cpus_per_worker)),
+        "strategy": strategy or decide_strategy(cfg, resources),
+        "resume_from": os.path.abspath(resume_from) if resume_from else None,
+    }
+
+
+def run_in_process(cfg: TrainConfig, data: dict[str, Any], resources: Resources, local_run, *,
+                   train_loop: Callable[[dict], None] | None = None, strategy: str | None = None) -> None:
+    """One single-worker run in this process (what Ray Train's local mode is; Ray refuses its
+    worker APIs inside a Tune trial, so the loop runs with `worker.InProcessWorker`).
+
+    `local_run` (`local_run.LocalRun`) persists each report and checkpoint as Train would; the
+    run resumes from its latest checkpoint, so restarting it is calling this again.
+    """
+    if resources.num_workers != 1:
+        raise ValueError(f"a run in this process has one worker, not {resources.num_workers}")
+    if train_loop is None:
+        from simpo_ray.train.loop import train_loop_per_worker as train_loop
+    config = loop_config(cfg, data, resources, strategy)
+    config["report"] = local_run.report
+    latest = local_run.latest_checkpoint()
+    if latest:
+        config.update(resume_from=latest, restart=True)
+    train_loop(config)
 
 
 def final_metrics(result) -> dict[str, Any]:

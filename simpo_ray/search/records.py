@@ -283,7 +283,8 @@ def resolved_space(space) -> dict[str, Any]:
 
 # Search keys added after search.json schema 2, with the value that means "not used".
 _LATER_SEARCH_KEYS = (("warm_start", []), ("warm_start_narrow", False), ("objectives", []), ("modes", []),
-                      ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None))
+                      ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None),
+                      ("local_mode", True))
 
 
 def _trimmed(resolved: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from simpo_ray.infra import cluster, ray_workarounds
 from simpo_ray.errors import SearchStopped, UserError
 from simpo_ray.infra.history import history_callback
 from simpo_ray.io import check_name
-from simpo_ray.infra.launch import make_trainer
+from simpo_ray.infra.launch import make_trainer, run_in_process
 from simpo_ray.infra.launch import prepare_run
 from simpo_ray.search import disk, loggers, study
 from simpo_ray.search.lock import ExperimentLock
@@ -126,6 +126,7 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=False,
                                    restart_errored=False, resume_unfinished=True)
     else:
+        in_process = in_process_trials(space, exp_path)
         callbacks = loggers.callbacks(report_to, exp_path, name)  # pickled with the Tuner, kept on resume
         if need:
             callbacks.append(DiskWatch(root, need.in_flight))
@@ -135,11 +136,17 @@ def _search(space: SearchSpace, *, storage_path, name: str, address, resume: boo
                 metric=space.search.objective, mode=space.search.mode,
                 search_alg=make_searcher(space, study_storage, name), scheduler=make_scheduler(space),
                 num_samples=space.search.num_samples, max_concurrent_trials=slots,
+                # An in-process trial's process (its imports, Ray's process start) serves the next
+                # trial; a stopped trial's loop is blocked in its report (Tune's function trainables
+                # report synchronously) and ends there, so nothing trains after the stop.
+                reuse_actors=in_process,
             ),
             run_config=tune.RunConfig(
                 name=name, storage_path=root, stop=DivergenceStopper(),
                 progress_reporter=make_reporter(space), verbose=verbose,
-                failure_config=tune.FailureConfig(max_failures=0),
+                # In-process trials are restarted by Tune; a Train run restarts its own workers.
+                failure_config=tune.FailureConfig(
+                    max_failures=space.search.max_failures if in_process else 0),
                 callbacks=callbacks,
             ),
         )
@@ -215,18 +222,42 @@ def _write_failed(error: BaseException, exp_path: str, resume_command: str) -> s
             f"then resume it with: {resume_command}")
 
 
+def in_process_trials(space: SearchSpace, exp_path: str) -> bool:
+    """Whether trials train in their Tune trial's process (as Ray Train's local mode would, `LocalRun`):
+    single-worker trials, `search.local_mode` on, on local storage (a URI keeps Train's own
+    persistence), whose strategy the driver decides as DDP (one worker: no wrapper; FSDP, even at
+    one worker, and a strategy left to a GPU worker keep Train's process group)."""
+    from simpo_ray.io import is_uri
+    from simpo_ray.train.memory import decide_strategy
+
+    if not (space.search.local_mode and space.resources.num_workers == 1 and not is_uri(exp_path)):
+        return False
+    billions = space.estimate.params_billion if space.estimate else None
+    return decide_strategy(space.default_config(), space.resources, billions) == "ddp"
+
+
 def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
                     train_loop: Callable[[dict], None] | None = None):
     """The Tune function trainable: one `launch.make_trainer` run per trial, reports forwarded to Tune.
 
-    The trial driver requests no CPU or GPU (only `cluster.DRIVER_MEMORY_BYTES` of logical
-    memory): Train reserves the workers' resources in its own placement group, so a driver's CPU
-    would only starve them (docs/ray-runtime-notes.md §1). The tokenised data (`data`, object
-    store references) reaches trials through `tune.with_parameters`, never through the trial
-    config, so nothing large is saved with the experiment state. The Train run is named after
-    the trial, so a rerun trial resumes from its latest checkpoint. `train_loop`: tests only.
+    Single-worker trials (`in_process_trials`) run the training loop in the trial's own process,
+    through Ray Train's local mode; `LocalRun` writes the checkpoints and history where a Train
+    run writes them, and a trial Tune restarts (search.max_failures: it died, or raised) resumes
+    from its latest checkpoint. The trial requests the worker's resources.
+
+    Otherwise the trial driver requests no CPU or GPU (only `cluster.DRIVER_MEMORY_BYTES` of
+    logical memory): Train reserves the workers' resources in its own placement group, so a
+    driver's CPU would only starve them (docs/ray-runtime-notes.md §1), and restarts workers up to
+    search.max_failures times itself.
+
+    The tokenised data (`data`, object store references) reaches trials through
+    `tune.with_parameters`, never through the trial config, so nothing large is saved with the
+    experiment state. The Train run is named after the trial, so a rerun trial resumes from its
+    latest checkpoint. `train_loop`: tests only.
     """
     from ray import tune
+
+    from simpo_ray.infra.local_run import LocalRun
 
     train_storage = f"{exp_path}/train_runs"
     keep = space.search.checkpoint_keep
@@ -236,18 +267,25 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
     score, order = space.search.objective, space.search.mode
     plan = memory_plan(space)  # the strategy every trial uses (refused before Ray starts if none fits)
     strategy = plan.strategy if plan else None
+    local = in_process_trials(space, exp_path)
 
     def simpo_trial(params: dict, data=None) -> None:
+        trial_id = tune.get_context().get_trial_id()
+        cfg = space.trial_config(params, save_total_limit=keep, output_dir=None)
+        if local:
+            run = LocalRun(f"{train_storage}/train-{trial_id}", keep=keep, score=score, order=order,
+                           forward=tune.report)
+            run_in_process(cfg, data, space.resources, run, train_loop=train_loop, strategy=strategy)
+            return
         from ray.tune.integration.ray_train import TuneReportCallback
 
         for key, value in cluster.TRAIN_ENV_DEFAULTS.items():
             os.environ.setdefault(key, value)
         trainer = make_trainer(
-            space.trial_config(params, save_total_limit=keep, output_dir=None), data, space.resources,
-            storage_path=train_storage, name=f"train-{tune.get_context().get_trial_id()}",
+            cfg, data, space.resources, storage_path=train_storage, name=f"train-{trial_id}",
             max_failures=max_failures,
             callbacks=[TuneReportCallback(), history_callback(
-                f"{exp_path}/" + TRIAL_HISTORY.format(trial_id=tune.get_context().get_trial_id()))],
+                f"{exp_path}/" + TRIAL_HISTORY.format(trial_id=trial_id))],
             checkpoint_score_attribute=score, checkpoint_score_order=order, train_loop=train_loop,
             strategy=strategy,
         )
@@ -255,8 +293,9 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
         ray_workarounds.wait_for_tune_to_take_reports()  # else the trial can hang on its last report
 
     trainable = tune.with_parameters(simpo_trial, data=data)
-    return tune.with_resources(trainable, tune.PlacementGroupFactory(
-        [{"CPU": 0, "memory": cluster.DRIVER_MEMORY_BYTES}]))
+    bundle = ({**space.resources.worker_bundle, "memory": cluster.DRIVER_MEMORY_BYTES} if local
+              else {"CPU": 0, "memory": cluster.DRIVER_MEMORY_BYTES})
+    return tune.with_resources(trainable, tune.PlacementGroupFactory([bundle]))
 
 
 def _say(verbose: int, text: str) -> None:

@@ -96,6 +96,10 @@ class SearchSettings:
     max_concurrent: int | None = field(default=None, metadata=rng(1))
     seed: int = 0
     max_failures: int = field(default=1, metadata=rng(0))
+    # Single-worker trials train in their Tune trial's process (Ray Train's local mode,
+    # infra/local_run.py): no Train controller or worker process per trial. false: TorchTrainer
+    # workers, as multi-worker trials always have.
+    local_mode: bool = True
     checkpoint_keep: int = field(default=2, metadata=rng(1))
     points_to_evaluate: PointsSpec = field(default_factory=PointsSpec)
     # Finished searches to start from (simpo_ray.transfer.warm_start); absolute once loaded.

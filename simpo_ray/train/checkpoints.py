@@ -5,6 +5,7 @@ Hugging Face directory. DCP's pickled `.metadata` is read with a restricted unpi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import re
@@ -28,6 +29,15 @@ CONFIG_FILE = "train_config.yaml"      # the run's config, for export
 RNG_FILE = "rng_state_{rank}.pt"       # each rank's torch RNG state (a tensor)
 
 
+@contextlib.contextmanager
+def _one_process_is_meant():
+    """A run of one worker in its own process (no process group: a search's in-process trial,
+    export) saves and loads in one process, as intended; DCP warns so on every call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, counters: dict[str, Any],
                     cfg: TrainConfig, rank: int) -> None:
     """Every rank writes its shards of model and optimizer (DCP) into `directory`; rank 0 adds the
@@ -35,7 +45,8 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, scheduler, cou
     beyond DCP's own metadata, which is read back with a restricted unpickler."""
     directory.mkdir(parents=True, exist_ok=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+    with _one_process_is_meant():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
     torch.save(torch.get_rng_state(), directory / RNG_FILE.format(rank=rank))
     if rank == 0:
         (directory / STATE_FILE).write_text(json.dumps(
@@ -219,8 +230,9 @@ def _safe_load(state: dict, directory: Path, *, no_dist: bool = False) -> None:
     """`dcp.load` of `state` from `directory` through the restricted metadata reader and the safe
     planner; a refused or unreadable entry is one `UserError` line naming the checkpoint."""
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=_SafeLoadPlanner(),
-                 no_dist=no_dist)
+        with _one_process_is_meant():
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)), planner=_SafeLoadPlanner(),
+                     no_dist=no_dist)
     except CheckpointException as e:  # DCP gathers each rank's error as (exception, traceback)
         first = next(iter(e.failures.values()), (e, None))[0]
         raise UserError(f"{directory}: cannot load the checkpoint: {one_line(first, first=True)}") from None

@@ -3,12 +3,14 @@ objective with its logged metrics (Meng, Xia, Chen 2024, arXiv:2405.14734)."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from simpo_ray.data.collate import IGNORE_INDEX
-from simpo_ray.train.loss import logits_token_logps, simpo_loss, token_logps
+from simpo_ray.train.loss import _StopRecomputationError, logits_token_logps, simpo_loss, token_logps
 
 
 def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -52,9 +54,15 @@ class PolicyLogps(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, chunk_size: int | None = None, verify: bool = True,
-                 compile: bool | None = None):
+                 compile: bool | None = None, compile_blocks: bool = False):
         super().__init__()
         self.model = model
+        # `torch_compile: true`: each decoder block through torch.compile too (train/blocks.py).
+        self._blocks = None
+        if compile_blocks:
+            from simpo_ray.train.blocks import CompiledBlocks
+
+            self._blocks = CompiledBlocks(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         # `token_logps(compile=...)`: the per-chunk head through torch.compile; None: where it helps.
         self.compile = compile if compile is not None else config.vocab_size >= COMPILE_MIN_VOCAB
@@ -85,11 +93,12 @@ class PolicyLogps(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shifted = _shift_labels(labels)
         if not self._split:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = self._through_blocks(lambda: self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits)
             return logits_token_logps(logits, shifted, chunk_size=self.chunk_size)
-        hidden = self._decoder()(
+        hidden = self._through_blocks(lambda: self._decoder()(
             input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
+        ).last_hidden_state)
         head = self.model.get_output_embeddings()
         return token_logps(
             hidden,
@@ -101,6 +110,27 @@ class PolicyLogps(nn.Module):
             softcap=self.softcap,
             compile=self.compile,
         )
+
+    def _through_blocks(self, run):
+        """`run()`; if the compiled blocks fail where the eager ones do not, one line and eager blocks
+        from then on (an error of the model itself is raised from the eager call)."""
+        if self._blocks is None or not self._blocks.active:
+            return run()
+        try:
+            with self._blocks.tracing():
+                return run()
+        except (torch.OutOfMemoryError, _StopRecomputationError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a compiler's failure is any exception
+            self._blocks.eager()
+            out = run()
+            from simpo_ray.errors import one_line
+
+            cause = getattr(e, "inner_exception", None) or e
+            print(f"[simpo-ray] torch_compile: compiling the decoder blocks failed "
+                  f"({one_line(cause, innermost=True, with_type=True, limit=300)}); they run eagerly",
+                  file=sys.stderr, flush=True)
+            return out
 
     @torch.no_grad()
     def _verify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> None:

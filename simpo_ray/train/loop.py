@@ -1,8 +1,9 @@
 """The SimPO loop that every Ray Train worker runs (DDP: gloo on CPU, nccl on GPU).
 
 It trains, evaluates every `eval_steps`, checkpoints its state, stops on divergence, and
-reports metrics with `ray.train.report`; it knows nothing about Tune (whoever launched the run,
-`simpo_ray.infra.launch`, forwards the reports). `python -m simpo_ray.train` is `simpo_ray.cli`.
+reports metrics through its worker (`train.worker`: `ray.train.report`, or a sink in the caller's
+process); it knows nothing about Tune (whoever launched the run, `simpo_ray.infra.launch`,
+forwards the reports). `python -m simpo_ray.train` is `simpo_ray.cli`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
@@ -25,6 +23,7 @@ from simpo_ray.infra import ray_workarounds
 from simpo_ray.config import Resources, TrainConfig, from_dict
 from simpo_ray.errors import UserError
 from simpo_ray.train.evaluate import BOUNDED_EVAL_METRICS, Evaluator, log_line, progress_line, setup_line
+from simpo_ray.train.worker import InProcessWorker, RayTrainWorker
 from simpo_ray.train.step import DivergenceCheck, MetricWindow, all_ranks, batch_tokens, forward_backward, zero_grad
 
 
@@ -35,6 +34,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     as object-store references or cache paths, prepared once by the driver), `threads`,
     `strategy` (ddp|fsdp, or None: decided here) and `resume_from` (a checkpoint directory to
     start from when Ray Train has none of its own, e.g. on a different number of workers).
+    In the caller's process (one worker, `worker.InProcessWorker`, `infra.local_run`) `report` is
+    the callable that persists each report (metrics, checkpoint directory or None) in place of
+    `ray.train.report`, and `restart` says that `resume_from` is this run's own latest checkpoint.
     """
     t_start = time.perf_counter()  # start-up includes the imports below
     cfg = from_dict(config["train"])
@@ -43,9 +45,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars on every checkpoint
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    worker = InProcessWorker(config["report"]) if config.get("report") else RayTrainWorker()
+    rank, world, device = worker.rank, worker.world, worker.device
     torch.manual_seed(cfg.seed)
 
     from simpo_ray.train.model import load_tokenizer
@@ -53,10 +54,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from simpo_ray.data.collate import PairCollator
 
     tokenizer = load_tokenizer(cfg)
-    saved = _saved_counters(ray.train.get_checkpoint(), config.get("resume_from"))
+    send = worker.report
+    saved = _saved_counters(worker.checkpoint(), config.get("resume_from"))
     cfg, kept_steps, recipe_note = checkpoints.keep_recipe(saved, cfg, world)
     strategy = config.get("strategy") or _strategy(cfg, device, world)
-    policy, bare = parallel.build_policy(cfg, strategy, device, rank, world)
+    policy, bare = parallel.build_policy(cfg, strategy, device, rank, world, prepare=worker.prepare_model)
     train_ds = load_shared(config["data"]["train"])
     eval_ds = load_shared(config["data"]["eval"])
     collator = PairCollator(tokenizer.pad_token_id)
@@ -64,7 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
     loader = DataLoader(train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
                         collate_fn=collator, drop_last=True)
-    loader = ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+    loader = worker.prepare_loader(loader)
     if len(loader) < cfg.gradient_accumulation_steps:
         raise UserError(
             f"the training split has {len(train_ds)} pairs: too few for one optimizer step of "
@@ -85,7 +87,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
              "restarts": 0}
     if rank == 0:
         print(setup_line(cfg, strategy, world, device), flush=True)
-    _resume(ray.train.get_checkpoint(), config.get("resume_from"), bare.model, optimizer, scheduler, state, rank)
+    _resume(worker.checkpoint(), config.get("resume_from"), bare.model, optimizer, scheduler, state, rank,
+            restart=bool(config.get("restart")))
     state["batch_in_epoch"] = checkpoints.batches_done_here(state, cfg, world)
     state["recipe"] = checkpoints.recipe(cfg, world, total_steps)
     if recipe_note and rank == 0:
@@ -109,7 +112,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report = {**ev(), "step": 0, "epoch": 0.0, "samples": 0, "tokens": 0,
                   "learning_rate": scheduler.get_last_lr()[0], "train_time_s": 0.0,
                   "startup_s": startup_s, "total_steps": total_steps, "diverged": 0, "status": "running"}
-        ray.train.report(report)
+        send(report)
         if rank == 0:
             print(progress_line(report), flush=True)
         window_start = log_start = time.perf_counter()
@@ -133,7 +136,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             grad_norm = parallel.clip_grad_norm(policy, cfg.max_grad_norm)
             if not all_ranks(divergence.healthy(metrics["loss"].detach(), grad_norm)):
                 state["step"] += 1
-                _report_diverged(state, window, startup_s, rank)
+                _report_diverged(send, state, window, startup_s, rank)
                 return
             optimizer.step()
             scheduler.step()
@@ -159,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "status": "completed" if done else "running",
                 }
                 ckpt = state["step"] % save_every == 0 or done
-                _report(report, bare.model, optimizer, scheduler, state, cfg, rank, with_checkpoint=ckpt)
+                _report(send, report, bare.model, optimizer, scheduler, state, cfg, rank, with_checkpoint=ckpt)
                 if rank == 0:
                     print(progress_line(report), flush=True)
                 window, log = MetricWindow(), MetricWindow()
@@ -204,13 +207,17 @@ def _saved_counters(checkpoint, resume_from: str | None) -> dict | None:
     return checkpoints.saved_counters(Path(resume_from)) if resume_from else None
 
 
-def _resume(checkpoint, resume_from: str | None, model, optimizer, scheduler, state: dict, rank: int) -> None:
+def _resume(checkpoint, resume_from: str | None, model, optimizer, scheduler, state: dict, rank: int, *,
+            restart: bool = False) -> None:
     """Continue from Ray Train's latest checkpoint of this run (a restart after a worker failure),
-    else from `resume_from`: model, optimizer, scheduler, counters and RNG state. Reports then
-    carry how often this run was restarted."""
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state.update(checkpoints.load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank))
+    else from `resume_from` (`restart`: the run's own latest checkpoint, in local mode): model,
+    optimizer, scheduler, counters and RNG state. Reports then carry how often this run was restarted."""
+    if checkpoint or (restart and resume_from):
+        if checkpoint:
+            with checkpoint.as_directory() as ckpt_dir:
+                state.update(checkpoints.load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank))
+        else:
+            state.update(checkpoints.load_checkpoint(Path(resume_from), model, optimizer, scheduler, rank))
         state["restarts"] = state.get("restarts", 0) + 1
         what = f"restart {state['restarts']}"
     elif resume_from:
@@ -242,23 +249,23 @@ def _save_final_model(model, tokenizer, cfg: TrainConfig, rank: int) -> None:
         dist.barrier()
 
 
-def _report(report, model, optimizer, scheduler, state, cfg: TrainConfig, rank: int, *, with_checkpoint: bool) -> None:
+def _report(send, report, model, optimizer, scheduler, state, cfg: TrainConfig, rank: int, *, with_checkpoint: bool) -> None:
     """ray.train.report on every rank (it is a barrier); with a checkpoint, every rank writes its
     shards into its own directory and reports it: Ray Train gathers them into one checkpoint."""
     if not with_checkpoint:
-        ray.train.report(report)
+        send(report)
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoints.save_checkpoint(Path(tmp), model, optimizer, scheduler, dict(state), cfg, rank)
-        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        send(report, tmp)
 
 
-def _report_diverged(state, window, startup_s, rank) -> None:
+def _report_diverged(send, state, window, startup_s, rank) -> None:
     report = {name: 0.0 for name in BOUNDED_EVAL_METRICS}
     report.update({"step": state["step"], "samples": state["samples"], "tokens": state["tokens"],
                    "train_time_s": state["train_time_s"], "startup_s": startup_s,
                    "diverged": 1, "status": "diverged"})
-    ray.train.report(report)
+    send(report)
     if rank == 0:
         print(f"[simpo-ray] diverged at step {state['step']}: the loss or gradient norm became "
               "non-finite, or the loss exploded (above divergence_factor x its early level, or "

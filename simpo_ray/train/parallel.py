@@ -18,10 +18,12 @@ from simpo_ray.config import TrainConfig
 
 # ------------------------------------------------------------------------------- building
 
-def build_policy(cfg: TrainConfig, strategy: str, device: torch.device, rank: int, world: int):
+def build_policy(cfg: TrainConfig, strategy: str, device: torch.device, rank: int, world: int, *,
+                 prepare=None):
     """The `PolicyLogps` a worker trains: (module to call, `PolicyLogps` underneath).
 
-    DDP: the model loaded whole on every worker, wrapped by Ray Train. FSDP: built on the meta
+    DDP: the model loaded whole on every worker, wrapped by `prepare` (the worker's
+    `prepare_model`: Ray Train's DDP wrapper, or the device alone for one in-process worker). FSDP: built on the meta
     device (no worker holds a full copy), each `_no_split_modules` layer sharded, then the root;
     weights streamed from rank 0's copy (`broadcast_from_rank0`), so a node holds one full copy
     in CPU memory however many workers it runs.
@@ -30,23 +32,24 @@ def build_policy(cfg: TrainConfig, strategy: str, device: torch.device, rank: in
     from simpo_ray.train.model import apply_liger_kernel, load_model
 
     if strategy == "ddp":
-        import ray.train.torch
+        if prepare is None:
+            from simpo_ray.train.worker import RayTrainWorker
 
+            prepare = RayTrainWorker().prepare_model
         model = load_model(cfg, device=device)
         if cfg.use_liger_kernel:
             apply_liger_kernel(model, device)
         # Gradients as views into DDP's all-reduce buckets: without it DDP keeps a second copy of
         # every gradient in its buckets (4 bytes x all parameters; measured on an H200: 3B under
         # DDP allocated 77 GB against a 60 GB plan, docs/benchmarks.md).
-        policy = ray.train.torch.prepare_model(PolicyLogps(model, compile=cfg.torch_compile),
-                                               parallel_strategy_kwargs={"gradient_as_bucket_view": True})
+        policy = prepare(PolicyLogps(model, compile=cfg.torch_compile, compile_blocks=cfg.torch_compile is True), gradient_as_bucket_view=True)
         return policy, getattr(policy, "module", policy)
     if strategy != "fsdp":
         raise ValueError(f"unknown strategy {strategy!r}")
     model = empty_model(cfg)
     if cfg.use_liger_kernel:
         apply_liger_kernel(model, device)  # on the meta model: it rebinds modules' forward methods only
-    policy = PolicyLogps(model, compile=cfg.torch_compile)
+    policy = PolicyLogps(model, compile=cfg.torch_compile, compile_blocks=cfg.torch_compile is True)
     shard(policy, cfg, device, world)
     _fill_from_rank0(policy.model, cfg, rank)
     return policy, policy

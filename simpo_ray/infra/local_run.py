@@ -1,0 +1,111 @@
+"""A single-worker run in the calling process, persisted as a Ray Train run is.
+
+Ray Train's local mode (`ScalingConfig(num_workers=0)`) runs the training function in the
+process that calls `fit()`, without the controller actor, the worker process and their placement
+group: for a Tune trial, four of the seven processes a trial starts. Inside a Tune trial Ray
+refuses its worker APIs (`ray.train.get_context` and the rest raise), and local mode keeps
+nothing anyway (its reports and checkpoints go nowhere), so a trial runs the loop itself
+(`launch.run_in_process`, `train.worker.InProcessWorker`) and `LocalRun` does what Train's
+controller does for a run, with the same files in the same places, so that everything that reads
+a Train run reads this one:
+
+* each checkpoint is copied to `<run_dir>/checkpoint_<timestamp>` (the name Train gives it) through a
+  temporary directory renamed into place, so a crash mid-copy leaves no half checkpoint;
+* retention as `CheckpointConfig(num_to_keep, checkpoint_score_attribute, order)`: the `keep`
+  best by the score, and the latest always (a restart resumes from it);
+* every report is appended to `<run_dir>/history.jsonl` (with `checkpoint_path` when it saved one),
+  then handed to `forward` (`ray.tune.report` in a search);
+* a restart (the process died, or the training function raised and the caller runs it again)
+  resumes from `latest_checkpoint()`.
+
+Local storage only: a URI storage path keeps Train's own workers and persistence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from simpo_ray.infra.history import HISTORY_FILE, fresh_line, read_history
+from simpo_ray.io import Storage
+
+CHECKPOINT_PREFIX = "checkpoint_"
+_PARTIAL_PREFIX = ".partial-"
+
+
+class LocalRun:
+    """The persistence of one run whose training function reports through `report`."""
+
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int | None = None, score: str | None = None,
+                 order: str = "max", forward: Callable[[dict[str, Any]], None] | None = None) -> None:
+        if order not in ("max", "min"):
+            raise ValueError(f"order must be max or min, got {order!r}")
+        self.dir = Path(run_dir)
+        self.keep, self.score, self.order, self.forward = keep, score, order, forward
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._history = Storage(str(self.dir))
+        for partial in self.dir.glob(_PARTIAL_PREFIX + "*"):  # a copy a crash cut short
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def checkpoints(self) -> list[Path]:
+        """This run's whole checkpoints, oldest first (Train's names sort by time)."""
+        from simpo_ray.train.checkpoints import is_checkpoint
+
+        return sorted(p for p in self.dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and is_checkpoint(p))
+
+    def latest_checkpoint(self) -> str | None:
+        found = self.checkpoints()
+        return str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
+        """Persist `checkpoint_dir` (the caller may delete it on return), record the report, keep
+        the checkpoints retention keeps, then forward the report."""
+        row = dict(metrics)
+        if checkpoint_dir is not None:
+            row["checkpoint_path"] = str(self._persist(Path(checkpoint_dir)))
+        self._history.append_text(HISTORY_FILE, fresh_line(self._history, HISTORY_FILE) + json.dumps(row, default=float) + "\n")
+        if checkpoint_dir is not None:
+            self._retain()
+        if self.forward is not None:
+            self.forward(row)
+
+    def _persist(self, source: Path) -> Path:
+        name = CHECKPOINT_PREFIX + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        final = self.dir / name
+        while final.exists():  # two saves within a microsecond's clock tick
+            name += "0"
+            final = self.dir / name
+        partial = self.dir / (_PARTIAL_PREFIX + name)
+        shutil.copytree(source, partial)
+        os.replace(partial, final)
+        return final
+
+    def _retain(self) -> None:
+        """Delete the checkpoints neither among the `keep` best by `score` nor the latest."""
+        if not self.keep:
+            return
+        found = self.checkpoints()
+        if len(found) <= self.keep:
+            return
+        scores = {}
+        for row in read_history(self.dir / HISTORY_FILE):
+            path = row.get("checkpoint_path")
+            if path:
+                scores[Path(path).name] = row.get(self.score) if self.score else None
+        if self.score:
+            def rank(p: Path) -> tuple:  # best first; unscored or non-finite last, newer before older
+                value = scores.get(p.name)
+                good = isinstance(value, (int, float)) and math.isfinite(value)
+                return (0 if good else 1, (-value if self.order == "max" else value) if good else 0.0, -found.index(p))
+            kept = set(sorted(found, key=rank)[: self.keep])
+        else:
+            kept = set(found[-self.keep:])
+        kept.add(found[-1])
+        for path in found:
+            if path not in kept:
+                shutil.rmtree(path, ignore_errors=True)
