@@ -6,6 +6,14 @@ prints, for each candidate objective, its Spearman correlation with the success 
 trials (final values) and across every evaluation of every trial (step > 0). Also the share of
 each trial's time spent in evaluation (generation and reward scoring included), from the
 trials' reported time/eval_s against their training time, with and without start-up.
+
+`--baseline initial` (`reward_baseline: initial`): the win rates compare each answer with the
+starting model's answer to the same prompt, not with the dataset's chosen answer. On the bundled
+task the chosen answer is the correct one, so with `chosen` a correct answer ties the baseline by
+identity and the win rate is about half the success rate plus the reward model's errors: partly
+circular. `--seeds 0,1,2` runs one search per seed; the final-value correlation is then also
+given over all seeds' trials with a 95% bootstrap interval (2000 resamples of trials, within each
+seed's search, percentile), and per seed.
 """
 
 from __future__ import annotations
@@ -18,8 +26,9 @@ import pandas as pd
 
 from _common import REPO, load, parser, write_json
 
-CANDIDATES = ("eval/reward_win_rate_lc", "eval/reward_win_rate", "eval/reward_mean",
+CANDIDATES = ("eval/reward_win_rate_lc", "eval/reward_win_rate", "eval/reward_win_prob", "eval/reward_mean",
               "eval/preference_accuracy", "eval/rewards/margins", "eval/loss")
+BOOTSTRAP = 2000
 TRUTH = "eval/success_rate"
 
 
@@ -39,6 +48,29 @@ def correlations(curves: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def final_values(curves: pd.DataFrame) -> pd.DataFrame:
+    trained = curves[curves["step"] > 0]
+    return trained.sort_values("step").groupby("trial_id").last()
+
+
+def bootstrap_rho(final: pd.DataFrame, metric: str, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of Spearman's rho over resampled trials (each search resampled
+    within itself, so every resample keeps the seeds' mix)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(seed)
+    groups = [g[[metric, TRUTH]].dropna().to_numpy() for _, g in final.groupby("search")]
+    rhos = []
+    for _ in range(BOOTSTRAP):
+        sample = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups if len(g)])
+        if np.ptp(sample[:, 0]) == 0 or np.ptp(sample[:, 1]) == 0:
+            continue  # a resample of ties only has no rank correlation
+        rhos.append(spearmanr(sample[:, 0], sample[:, 1]).statistic)
+    lo, hi = np.percentile(rhos, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def eval_share(curves: pd.DataFrame) -> dict:
     per = curves.groupby("trial_id").agg(eval_s=("time/eval_s", "sum"), train_s=("train_time_s", "max"),
                                          startup_s=("startup_s", "max"),
@@ -55,7 +87,9 @@ def main() -> int:
     p = parser(__doc__, "objective_validity")
     p.add_argument("--space", default=str(REPO / "search_spaces" / "cpu-tiny.yaml"))
     p.add_argument("--num-samples", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma list: one search per seed (default 0)")
+    p.add_argument("--baseline", choices=("chosen", "initial"), default="chosen",
+                   help="reward_baseline of the win rates (default chosen, the space's)")
     p.add_argument("--experiment", nargs="*", help="finished search directories to read instead of searching")
     args = p.parse_args()
     load_before = load()
@@ -66,25 +100,44 @@ def main() -> int:
         from simpo_ray.search.run import run_search
 
         t0 = time.perf_counter()
-        exps = [run_search(args.space, storage_path=str(REPO / "bench" / "results" / "searches"),
-                           name=f"objective-validity-seed{args.seed}",
-                           overrides={"search.num_samples": args.num_samples, "search.seed": args.seed}, verbose=0)]
+        suffix = "" if args.baseline == "chosen" else f"-{args.baseline}"
+        exps = []
+        for seed in (int(x) for x in args.seeds.split(",")):
+            exps.append(run_search(args.space, storage_path=str(REPO / "bench" / "results" / "searches"),
+                                   name=f"objective-validity{suffix}-seed{seed}",
+                                   overrides={"search.num_samples": args.num_samples, "search.seed": seed,
+                                              "base.reward_baseline": args.baseline}, verbose=0))
+            print(f"  seed {seed} done, load {load()}", file=sys.stderr, flush=True)
         wall = time.perf_counter() - t0
-    curves = pd.concat([pd.read_csv(e / "curves.csv").assign(trial_id=lambda d, e=e: e.name + "/" + d["trial_id"])
+    curves = pd.concat([pd.read_csv(e / "curves.csv").assign(search=e.name,
+                                                             trial_id=lambda d, e=e: e.name + "/" + d["trial_id"])
                         for e in exps])
     rows = correlations(curves)
+    final = final_values(curves)
+    for r in rows:
+        r["ci95_final"] = bootstrap_rho(final, r["metric"]) if len(exps) > 1 or len(final) >= 8 else None
+        r["per_search_final"] = {}
+        for name, part in curves.groupby("search"):
+            one = correlations(part)
+            r["per_search_final"][name] = next(x["spearman_final"] for x in one if x["metric"] == r["metric"])
     cost = eval_share(curves)
     print(f"load average {load_before} before, {load()} after; searches: {', '.join(str(e) for e in exps)}"
           + (f"; wall {wall:.0f}s" if wall else ""))
-    print(f"\n| objective | Spearman with {TRUTH} (final, per trial) | (every eval, step > 0) | trials | points |")
-    print("|---|---|---|---|---|")
+    print(f"\nreward_baseline: {args.baseline}; {len(exps)} search(es) of {args.num_samples} trials")
+    print(f"\n| objective | Spearman with {TRUTH} (final, per trial) | 95% bootstrap interval | per search | "
+          "(every eval, step > 0) | trials | points |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['metric']} | {r['spearman_final']:+.2f} | {r['spearman_all']:+.2f} | {r['trials']} | {r['points']} |")
+        ci = f"[{r['ci95_final'][0]:+.2f}, {r['ci95_final'][1]:+.2f}]" if r["ci95_final"] else "-"
+        per = " ".join(f"{v:+.2f}" for v in r["per_search_final"].values())
+        print(f"| {r['metric']} | {r['spearman_final']:+.2f} | {ci} | {per} | {r['spearman_all']:+.2f} | "
+              f"{r['trials']} | {r['points']} |")
     print(f"\nevaluation's share of a trial: {cost['eval_share_mean']:.1%} of training+eval time on average "
           f"(max {cost['eval_share_max']:.1%}; {cost['eval_share_with_startup_mean']:.1%} counting start-up); "
           f"per trial {cost['eval_s_per_trial']:.1f}s eval (generation {cost['generation_s_per_trial']:.1f}s, "
           f"reward model {cost['reward_s_per_trial']:.1f}s) vs {cost['train_s_per_trial']:.1f}s training")
-    write_json(args.out, {"correlations": rows, "cost": cost, "experiments": [str(e) for e in exps],
+    write_json(args.out, {"baseline": args.baseline, "correlations": rows, "cost": cost,
+                          "experiments": [str(e) for e in exps],
                           "load_before": load_before, "load_after": load(), "wall_s": wall})
     return 0
 

@@ -12,7 +12,7 @@ import pytest
 
 from simpo_ray.infra.history import read_history
 from simpo_ray.infra.local_run import LocalRun
-from simpo_ray.train.checkpoints import CONFIG_FILE
+from simpo_ray.train.checkpoints import CONFIG_FILE, STATE_FILE
 
 
 def _checkpoint(tmp: Path, step: int) -> Path:
@@ -21,6 +21,7 @@ def _checkpoint(tmp: Path, step: int) -> Path:
     d.mkdir()
     (d / CONFIG_FILE).write_text("{}")
     (d / ".metadata").write_text("")
+    (d / STATE_FILE).write_text(json.dumps({"counters": {"step": step}}))
     (d / "step").write_text(str(step))
     return d
 
@@ -142,3 +143,41 @@ def test_which_trials_train_in_their_own_process(overrides, uri, expected):
 
     space = load(Path(__file__).resolve().parents[1] / "search_spaces" / "cpu-tiny.yaml", overrides=overrides)
     assert in_process_trials(space, "s3://bucket/exp" if uri else "/tmp/exp") is expected
+
+
+def test_a_staged_checkpoint_is_renamed_into_place_and_the_latest_is_by_step(tmp_path):
+    """The loop writes into `staging()`; the report takes that directory over (no copy), and a
+    staging directory never reported is removed. The latest checkpoint is the highest step, whatever
+    the names say (a clock set back gives a later step an earlier name)."""
+    run = LocalRun(tmp_path / "run", keep=3, score="acc")
+    with run.staging() as staged:
+        for name in (CONFIG_FILE, ".metadata"):
+            (Path(staged) / name).write_text("{}" if name == CONFIG_FILE else "")
+        (Path(staged) / STATE_FILE).write_text(json.dumps({"counters": {"step": 7}}))
+        inode = Path(staged).stat().st_ino
+        run.report({"step": 7, "acc": 0.5}, staged)
+        assert not Path(staged).exists()
+    kept = run.checkpoints()
+    assert len(kept) == 1 and kept[0].stat().st_ino == inode  # the same directory, renamed
+    early_name = run.dir / "checkpoint_2000-01-01_00-00-00.000000"  # step 9 under an older name
+    early_name.mkdir()
+    for name, text in ((CONFIG_FILE, "{}"), (".metadata", ""), (STATE_FILE, json.dumps({"counters": {"step": 9}}))):
+        (early_name / name).write_text(text)
+    assert run.latest_checkpoint() == str(early_name)
+    with pytest.raises(RuntimeError):
+        with run.staging() as staged:
+            raise RuntimeError("the loop failed before reporting")
+    assert not Path(staged).exists() and not list(run.dir.glob(".partial-*"))
+
+
+@pytest.mark.parametrize("granted, expected", [
+    ({"CPU": 1.0, "memory": 6.7e7}, True),
+    ({"CPU": 0.0, "memory": 6.7e7}, False),  # a trial Tune restored from before in-process trials
+    ({"CPU": 1.0}, True),
+])
+def test_a_trial_trains_in_process_only_when_it_holds_a_workers_resources(granted, expected):
+    from simpo_ray.search.run import _holds
+
+    assert _holds(granted, {"CPU": 1.0}) is expected
+    assert _holds({**granted, "GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}) is expected
+    assert _holds(granted, {"CPU": 1.0, "GPU": 1.0}) is False

@@ -41,6 +41,9 @@ DRIVER_MEMORY_BYTES = 64 * 2**20
 TRAIN_ENV_DEFAULTS = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # A reused trial process waits this long for the stopped trial's loop to leave (Tune's
+    # default, 2 s, fails the *next* trial when a large model takes longer to let go).
+    "TUNE_FUNCTION_THREAD_TIMEOUT_S": "120",
 }
 
 _EPS = 1e-9

@@ -178,8 +178,11 @@ def run_in_process(cfg: TrainConfig, data: dict[str, Any], resources: Resources,
         raise ValueError(f"a run in this process has one worker, not {resources.num_workers}")
     if train_loop is None:
         from simpo_ray.train.loop import train_loop_per_worker as train_loop
+    import gc
+
+    gc.collect()  # a reused trial process: the previous trial's model and optimizer go first
     config = loop_config(cfg, data, resources, strategy)
-    config["report"] = local_run.report
+    config["report"], config["staging"] = local_run.report, local_run.staging
     latest = local_run.latest_checkpoint()
     if latest:
         config.update(resume_from=latest, restart=True)

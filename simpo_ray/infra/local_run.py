@@ -9,8 +9,9 @@ nothing anyway (its reports and checkpoints go nowhere), so a trial runs the loo
 controller does for a run, with the same files in the same places, so that everything that reads
 a Train run reads this one:
 
-* each checkpoint is copied to `<run_dir>/checkpoint_<timestamp>` (the name Train gives it) through a
-  temporary directory renamed into place, so a crash mid-copy leaves no half checkpoint;
+* each checkpoint is written into a staging directory of the run (`staging()`) and renamed to
+  `<run_dir>/checkpoint_<timestamp>` (the name Train gives it) when reported, so a crash mid-write
+  leaves no half checkpoint and nothing is copied;
 * retention as `CheckpointConfig(num_to_keep, checkpoint_score_attribute, order)`: the `keep`
   best by the score, and the latest always (a restart resumes from it);
 * every report is appended to `<run_dir>/history.jsonl` (with `checkpoint_path` when it saved one),
@@ -23,6 +24,7 @@ Local storage only: a URI storage path keeps Train's own workers and persistence
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -53,18 +55,37 @@ class LocalRun:
             shutil.rmtree(partial, ignore_errors=True)
 
     def checkpoints(self) -> list[Path]:
-        """This run's whole checkpoints, oldest first (Train's names sort by time)."""
-        from simpo_ray.train.checkpoints import is_checkpoint
+        """This run's whole checkpoints, oldest first: by the step each saved (a name is local
+        wall-clock time, which a clock set back reorders), then by name."""
+        from simpo_ray.train.checkpoints import STATE_FILE, is_checkpoint, saved_counters
 
-        return sorted(p for p in self.dir.glob(CHECKPOINT_PREFIX + "*") if p.is_dir() and is_checkpoint(p))
+        found = [p for p in self.dir.glob(CHECKPOINT_PREFIX + "*")
+                 if p.is_dir() and is_checkpoint(p) and (p / STATE_FILE).is_file()]
+        steps = {p: (saved_counters(p) or {}).get("step", -1) for p in found}
+        return sorted(found, key=lambda p: (steps[p], p.name))
 
     def latest_checkpoint(self) -> str | None:
         found = self.checkpoints()
         return str(found[-1]) if found else None
 
+    @contextlib.contextmanager
+    def staging(self):
+        """A directory in the run's folder to write a checkpoint into; `report` takes it over by a
+        rename (nothing copied, nothing large deleted while a stopped trial's loop unwinds). Left
+        behind by a crash, it is dropped when the run next opens."""
+        name = _PARTIAL_PREFIX + "staged-" + datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+        path = self.dir / name
+        path.mkdir()
+        try:
+            yield str(path)
+        finally:
+            if path.exists():  # not reported (the loop raised before)
+                shutil.rmtree(path, ignore_errors=True)
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
-        """Persist `checkpoint_dir` (the caller may delete it on return), record the report, keep
-        the checkpoints retention keeps, then forward the report."""
+        """Persist `checkpoint_dir` (a `staging()` directory is renamed into place; any other is
+        copied, and the caller may delete it on return), record the report, keep the checkpoints
+        retention keeps, then forward the report."""
         row = dict(metrics)
         if checkpoint_dir is not None:
             row["checkpoint_path"] = str(self._persist(Path(checkpoint_dir)))
@@ -80,6 +101,9 @@ class LocalRun:
         while final.exists():  # two saves within a microsecond's clock tick
             name += "0"
             final = self.dir / name
+        if source.parent == self.dir and source.name.startswith(_PARTIAL_PREFIX):
+            os.replace(source, final)  # written in place by the loop: whole once renamed
+            return final
         partial = self.dir / (_PARTIAL_PREFIX + name)
         shutil.copytree(source, partial)
         os.replace(partial, final)

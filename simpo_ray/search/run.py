@@ -270,17 +270,24 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
     local = in_process_trials(space, exp_path)
 
     def simpo_trial(params: dict, data=None) -> None:
-        trial_id = tune.get_context().get_trial_id()
+        context = tune.get_context()
+        trial_id = context.get_trial_id()
         cfg = space.trial_config(params, save_total_limit=keep, output_dir=None)
-        if local:
+        for key, value in cluster.TRAIN_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        # A trial restored from a search started before in-process trials (Tune keeps the
+        # resources it asked for then: none) trains as it did then, through Train's workers.
+        if local and _holds(context.get_trial_resources().required_resources, space.resources.worker_bundle):
+            if not os.path.exists(f"{exp_path}/search.json"):  # written by the driver before any trial
+                raise UserError(f"this trial runs on a node that does not see the storage path {exp_path}; "
+                                "use storage every node shares (NFS or a URI such as s3://...) or "
+                                "search.local_mode: false")
             run = LocalRun(f"{train_storage}/train-{trial_id}", keep=keep, score=score, order=order,
                            forward=tune.report)
             run_in_process(cfg, data, space.resources, run, train_loop=train_loop, strategy=strategy)
             return
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        for key, value in cluster.TRAIN_ENV_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         trainer = make_trainer(
             cfg, data, space.resources, storage_path=train_storage, name=f"train-{trial_id}",
             max_failures=max_failures,
@@ -296,6 +303,11 @@ def trial_trainable(space: SearchSpace, data: dict[str, Any], exp_path: str, *,
     bundle = ({**space.resources.worker_bundle, "memory": cluster.DRIVER_MEMORY_BYTES} if local
               else {"CPU": 0, "memory": cluster.DRIVER_MEMORY_BYTES})
     return tune.with_resources(trainable, tune.PlacementGroupFactory([bundle]))
+
+
+def _holds(granted: dict[str, float], bundle: dict[str, float]) -> bool:
+    """Whether the trial's granted resources include one worker's bundle."""
+    return all(granted.get(key, 0.0) + 1e-9 >= need for key, need in bundle.items())
 
 
 def _say(verbose: int, text: str) -> None:

@@ -3,11 +3,15 @@
 of a model is the same code, so they share their compiled graphs.
 
 Each block is compiled in place (`nn.Module.compile`): parameter names, `state_dict`, FSDP2's
-per-block sharding (applied after: the compiled call runs inside FSDP's hooks), activation
-checkpointing and `save_pretrained` see the same model. Shapes: the first batch compiles with its
-sequence length; a second length recompiles once with the length dynamic (dynamo's automatic
-dynamic shapes), and no batch length after that compiles again (`tests/test_logps.py` counts
-dynamo's graphs). If compiling fails, `PolicyLogps` turns the blocks back to eager with one line.
+per-block sharding (applied after; dynamo leaves FSDP's hooks out of the graph,
+`skip_fsdp_hooks`), activation checkpointing and `save_pretrained` see the same model. Shapes: the
+first batch compiles with its sequence length; a second length recompiles once with the length
+dynamic (dynamo's automatic dynamic shapes), and no batch length after that compiles again
+(`tests/test_logps.py` counts dynamo's graphs). Generation and the one-time log-prob check run the
+blocks eagerly (`logps._eager_blocks`). If compiling the forward fails in a one-process run,
+`PolicyLogps` turns the blocks back to eager with one line; under a process group it fails the
+run instead (ranks falling back one by one would mismatch their collectives), and a failure
+compiling the backward (AOTAutograd compiles it lazily) is not caught. Not measured on a GPU.
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ class CompiledBlocks:
     def __init__(self, model: nn.Module, backend="inductor") -> None:
         self.blocks = decoder_blocks(model)
         if not self.blocks:
-            raise ValueError(f"{type(model).__name__} names no decoder block class (_no_split_modules) "
-                             "to compile; set torch_compile: null or false")
+            from simpo_ray.errors import UserError
+
+            raise UserError(f"torch_compile: true: {type(model).__name__} names no decoder block class "
+                            "(_no_split_modules) to compile; set torch_compile: null (the head only) or false")
         for block in self.blocks:
             block.compile(backend=backend)
         self.active = True

@@ -3,6 +3,7 @@ objective with its logged metrics (Meng, Xia, Chen 2024, arXiv:2405.14734)."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -35,6 +36,17 @@ COMPILE_MIN_VOCAB = 32768
 def logps_chunk_tokens(vocab_size: int) -> int:
     """Tokens per log-prob chunk for a vocabulary: the most whose fp32 logits fit LOGITS_CHUNK_BYTES."""
     return max(16, min(2048, LOGITS_CHUNK_BYTES // (4 * vocab_size)))
+
+
+@contextlib.contextmanager
+def _eager_blocks(blocks):
+    """Compiled decoder blocks (`train.blocks`) run eagerly inside (torch.compiler's force_eager
+    stance, this thread); nothing changes without them."""
+    if blocks is None or not blocks.active:
+        yield
+        return
+    with torch.compiler.set_stance("force_eager"):
+        yield
 
 
 class PolicyLogps(nn.Module):
@@ -80,8 +92,10 @@ class PolicyLogps(nn.Module):
 
     def generate(self, *args, **kwargs):
         """The wrapped model's `generate` (registered as an FSDP forward method when sharded, so
-        the root's parameters are gathered for it)."""
-        return self.model.generate(*args, **kwargs)
+        the root's parameters are gathered for it). Compiled blocks run eagerly here: each decoding
+        step changes the KV cache's shapes and state, which would recompile them step after step."""
+        with _eager_blocks(self._blocks):
+            return self.model.generate(*args, **kwargs)
 
     def _decoder(self) -> nn.Module | None:
         if hasattr(self.model, "get_decoder"):
@@ -122,6 +136,10 @@ class PolicyLogps(nn.Module):
         except (torch.OutOfMemoryError, _StopRecomputationError):
             raise
         except Exception as e:  # noqa: BLE001 - a compiler's failure is any exception
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                raise  # ranks falling back one by one would run mismatched collectives: fail the run
             self._blocks.eager()
             out = run()
             from simpo_ray.errors import one_line
@@ -138,8 +156,9 @@ class PolicyLogps(nn.Module):
         self.model.eval()
         try:
             ids, mask, lab = input_ids[:1], attention_mask[:1], labels[:1]
-            ours, n = self._sum_logps(ids, mask, lab)
-            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            with _eager_blocks(self._blocks):  # one eval-mode check: no graphs of its own
+                ours, n = self._sum_logps(ids, mask, lab)
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
             shifted = _shift_labels(lab)
             keep = shifted != IGNORE_INDEX
             ref = logits.log_softmax(-1).gather(-1, shifted.clamp(min=0).unsqueeze(-1)).squeeze(-1)

@@ -9,7 +9,6 @@ forwards the reports). `python -m simpo_ray.train` is `simpo_ray.cli`.
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start from when Ray Train has none of its own, e.g. on a different number of workers).
     In the caller's process (one worker, `worker.InProcessWorker`, `infra.local_run`) `report` is
     the callable that persists each report (metrics, checkpoint directory or None) in place of
-    `ray.train.report`, and `restart` says that `resume_from` is this run's own latest checkpoint.
+    `ray.train.report`, `staging` (optional) gives the directory a checkpoint is written into, and
+    `restart` says that `resume_from` is this run's own latest checkpoint.
     """
     t_start = time.perf_counter()  # start-up includes the imports below
     cfg = from_dict(config["train"])
@@ -45,7 +45,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars on every checkpoint
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    worker = InProcessWorker(config["report"]) if config.get("report") else RayTrainWorker()
+    worker = (InProcessWorker(config["report"], config.get("staging")) if config.get("report")
+              else RayTrainWorker())
     rank, world, device = worker.rank, worker.world, worker.device
     torch.manual_seed(cfg.seed)
 
@@ -162,7 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "status": "completed" if done else "running",
                 }
                 ckpt = state["step"] % save_every == 0 or done
-                _report(send, report, bare.model, optimizer, scheduler, state, cfg, rank, with_checkpoint=ckpt)
+                _report(worker, report, bare.model, optimizer, scheduler, state, cfg, rank, with_checkpoint=ckpt)
                 if rank == 0:
                     print(progress_line(report), flush=True)
                 window, log = MetricWindow(), MetricWindow()
@@ -249,15 +250,17 @@ def _save_final_model(model, tokenizer, cfg: TrainConfig, rank: int) -> None:
         dist.barrier()
 
 
-def _report(send, report, model, optimizer, scheduler, state, cfg: TrainConfig, rank: int, *, with_checkpoint: bool) -> None:
-    """ray.train.report on every rank (it is a barrier); with a checkpoint, every rank writes its
-    shards into its own directory and reports it: Ray Train gathers them into one checkpoint."""
+def _report(worker, report, model, optimizer, scheduler, state, cfg: TrainConfig, rank: int, *,
+            with_checkpoint: bool) -> None:
+    """The worker's report on every rank (Ray Train's is a barrier); with a checkpoint, every rank
+    writes its shards into its own directory and reports it: Ray Train gathers them into one
+    checkpoint (an in-process run's sink takes its staging directory over by a rename)."""
     if not with_checkpoint:
-        send(report)
+        worker.report(report)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with worker.checkpoint_dir() as tmp:
         checkpoints.save_checkpoint(Path(tmp), model, optimizer, scheduler, dict(state), cfg, rank)
-        send(report, tmp)
+        worker.report(report, tmp)
 
 
 def _report_diverged(send, state, window, startup_s, rank) -> None:

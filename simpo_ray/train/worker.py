@@ -44,6 +44,13 @@ class RayTrainWorker:
 
         return ray.train.torch.prepare_model(module, parallel_strategy_kwargs=ddp_kwargs)
 
+    def checkpoint_dir(self):
+        """Where to write a checkpoint that `report` then hands over (a temporary directory: Ray
+        Train copies it to the run's storage)."""
+        import tempfile
+
+        return tempfile.TemporaryDirectory()
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
         """`ray.train.report` (a barrier over the workers); the checkpoint is Ray's to persist."""
         import ray.train
@@ -60,9 +67,18 @@ class InProcessWorker:
 
     rank, world = 0, 1
 
-    def __init__(self, sink: Callable[[dict[str, Any], str | None], None]) -> None:
-        self.sink = sink
+    def __init__(self, sink: Callable[[dict[str, Any], str | None], None], staging=None) -> None:
+        self.sink, self.staging = sink, staging
         self.device = _own_device()
+
+    def checkpoint_dir(self):
+        """The sink's staging directory where it has one (in the run's folder: handed over by a
+        rename, nothing copied or deleted), else a temporary directory."""
+        if self.staging is not None:
+            return self.staging()
+        import tempfile
+
+        return tempfile.TemporaryDirectory()
 
     def checkpoint(self):
         return None  # a restart's checkpoint arrives as `resume_from` with `restart`
@@ -78,14 +94,26 @@ class InProcessWorker:
 
 
 def _own_device() -> torch.device:
-    """The trial's GPU where Ray gave it one (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU."""
+    """The GPU Ray gave the trial (its id's place in CUDA_VISIBLE_DEVICES, as Ray Train's
+    `get_device` finds it), else the CPU; a GPU given to a process where CUDA is unusable is an
+    error, not a silent CPU run."""
+    import os
+
     import ray
 
-    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
-        device = torch.device("cuda", 0)
-        torch.cuda.set_device(device)
-        return device
-    return torch.device("cpu")
+    ids = [str(i) for i in ray.get_gpu_ids()] if ray.is_initialized() else []
+    if not ids:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from simpo_ray.errors import UserError
+
+        raise UserError(f"Ray gave this trial GPU {ids[0]} but torch cannot use CUDA here "
+                        f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); install a CUDA build of torch")
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    index = visible.index(ids[0]) if ids[0] in visible else int(ids[0])
+    device = torch.device("cuda", index)
+    torch.cuda.set_device(device)
+    return device
 
 
 class _OnDevice:
