@@ -526,15 +526,25 @@ def test_import_is_light():
 
 def test_the_dry_run_states_the_objectives_noise_at_the_first_rung():
     """A rate over n generated prompts: SE up to 0.5/sqrt(n) (cpu-tiny: 128 prompts, 0.0442), and
-    ceil((0.5/0.03)^2) = 278 prompts to bring it under 0.03; the 7b space's 64 prompts: 0.0625."""
+    ceil((0.5/0.03)^2) = 278 prompts to bring it under 0.03. The LC win rate's is 1.2x that (0.075
+    measured at 64 prompts): the real spaces' 400 prompts give 1.2 x 0.025 = 0.030, nothing more
+    to add; at 64 it would be 0.075 and ceil((0.6/0.03)^2) = 400 prompts. What one evaluation
+    generates: 400 / 4 workers = 100 per worker, in batches of 50 on the 1b-3b space."""
     from simpo_ray.search.plan import _objective_noise
 
     [tiny] = _objective_noise(load(SPACES / "cpu-tiny.yaml"))
-    assert tiny == ("objective noise: eval/success_rate over 128 generated prompts has a standard error up to "
+    assert tiny == ("objective noise: eval/success_rate over 128 generated prompts has a standard error of about "
                     "0.044 (0.5/sqrt(n)) at the first asha rung (step 200); 278 prompts would bring it under "
-                    "0.03 (2.2x the generation per evaluation)")
-    [big] = _objective_noise(load(SPACES / "7b.yaml"))
-    assert "over 64 generated prompts has a standard error up to 0.062" in big and "4.3x" in big
+                    "0.03 (2.2x the generation per evaluation); each evaluation generates 128 answers per worker "
+                    "in 1 batch(es)")
+    for name in ("1b-3b", "7b", "8b-13b", "13b-30b"):
+        [big] = _objective_noise(load(SPACES / f"{name}.yaml"))
+        assert "over 400 generated prompts has a standard error of about 0.030" in big, big
+        assert "would bring it under" not in big
+    [small] = _objective_noise(load(SPACES / "1b-3b.yaml"))
+    assert small.endswith("each evaluation generates 100 answers per worker in 2 batch(es) of up to 512 new tokens")
+    [old] = _objective_noise(load(SPACES / "7b.yaml", overrides={"base.generation_eval_samples": 64}))
+    assert "standard error of about 0.075" in old and "400 prompts would bring it under 0.03 (6.2x" in old
 
 
 def test_the_dry_run_refuses_an_optimizer_that_is_not_installed_as_the_run_does(monkeypatch):
