@@ -532,11 +532,14 @@ def test_the_dry_run_states_the_objectives_noise_at_the_first_rung():
     generates: 400 / 4 workers = 100 per worker, in batches of 50 on the 1b-3b space."""
     from simpo_ray.search.plan import _objective_noise
 
-    [tiny] = _objective_noise(load(SPACES / "cpu-tiny.yaml"))
+    [tiny] = _objective_noise(load(SPACES / "cpu-tiny.yaml", overrides={"base.generation_eval_samples": 128}))
     assert tiny == ("objective noise: eval/success_rate over 128 generated prompts has a standard error of about "
                     "0.044 (0.5/sqrt(n)) at the first asha rung (step 200); 278 prompts would bring it under "
                     "0.03 (2.2x the generation per evaluation); each evaluation generates 128 answers per worker "
                     "in 1 batch(es)")
+    [all_prompts] = _objective_noise(load(SPACES / "cpu-tiny.yaml"))  # the space's own: all 512
+    assert "over 512 generated prompts has a standard error of about 0.022" in all_prompts
+    assert "would bring it under" not in all_prompts
     for name in ("1b-3b", "7b", "8b-13b", "13b-30b"):
         [big] = _objective_noise(load(SPACES / f"{name}.yaml"))
         assert "over 400 generated prompts has a standard error of about 0.030" in big, big
