@@ -89,6 +89,20 @@ class _ListeningWatch:
         self.seen |= _listening_sockets()
 
 
+def _kill_when(done, killed: dict, rows, ready, pids) -> None:
+    """Every 50 ms until `done`: once `ready(rows())`, SIGKILL the one process `pids()` names and
+    record its pid and the last reported step in `killed` (several: recorded as ambiguous, retried)."""
+    while not done.wait(0.05):
+        found = rows()
+        if ready(found):
+            live = pids()
+            if len(live) == 1:
+                killed["pid"], killed["after_step"] = live[0], found[-1]["step"]
+                os.kill(live[0], signal.SIGKILL)
+                return
+            killed.setdefault("ambiguous", live)
+
+
 def _checkpoint_dirs(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
 
@@ -263,21 +277,11 @@ def test_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, tm
     cfg = TrainConfig(**BASE, max_steps=max_steps, eval_steps=every, save_total_limit=2)
     run_dir = tmp_path / "killed"
     killed: dict = {}
-
     done = threading.Event()
-
-    def kill_after_first_checkpoint():
-        while not done.wait(0.05):
-            rows = _history(run_dir)
-            if any(r["step"] >= every for r in rows):  # the first checkpointed report is in
-                workers = live_train_worker_pids()
-                if len(workers) == 1:
-                    killed["pid"], killed["after_step"] = workers[0], rows[-1]["step"]
-                    os.kill(workers[0], signal.SIGKILL)
-                    return
-                killed.setdefault("ambiguous", workers)
-
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    # once the first checkpointed report is in
+    watcher = threading.Thread(target=_kill_when, daemon=True, args=(
+        done, killed, lambda: _history(run_dir), lambda rows: any(r["step"] >= every for r in rows),
+        live_train_worker_pids))
     watcher.start()
     try:
         result = run_training(cfg, num_workers=1, storage_path=str(tmp_path), name="killed", max_failures=1)
@@ -328,20 +332,17 @@ def test_a_killed_in_process_trial_restarts_from_its_checkpoint_and_finishes(ray
     killed: dict = {}
     done = threading.Event()
 
-    def kill_after_first_checkpoint():
-        while not done.wait(0.05):
-            runs = list((exp_dir / "train_runs").glob("train-*"))
-            rows = _history(runs[0]) if runs else []
-            if any(r["step"] >= every and r.get("checkpoint_path") for r in rows):
-                trials = [a["Pid"] for a in actors().values()
-                          if a["State"] == "ALIVE" and a["ActorClassName"] == "ImplicitFunc" and a.get("Pid")]
-                if len(trials) == 1:
-                    killed["pid"], killed["after_step"] = trials[0], rows[-1]["step"]
-                    os.kill(trials[0], signal.SIGKILL)
-                    return
-                killed.setdefault("ambiguous", trials)
+    def rows():
+        runs = list((exp_dir / "train_runs").glob("train-*"))
+        return _history(runs[0]) if runs else []
 
-    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    def trial_pids():
+        return [a["Pid"] for a in actors().values()
+                if a["State"] == "ALIVE" and a["ActorClassName"] == "ImplicitFunc" and a.get("Pid")]
+
+    watcher = threading.Thread(target=_kill_when, daemon=True, args=(
+        done, killed, rows, lambda found: any(r["step"] >= every and r.get("checkpoint_path") for r in found),
+        trial_pids))
     watcher.start()
     try:
         exp = run_search(TINY_SPACE, storage_path=str(tmp_path), name="killed-trial", num_samples=1,

@@ -53,6 +53,9 @@ class LocalRun:
         self._history = Storage(str(self.dir))
         for partial in self.dir.glob(_PARTIAL_PREFIX + "*"):  # a copy a crash cut short
             shutil.rmtree(partial, ignore_errors=True)
+        # Each checkpoint's score (by directory name), read from the history once, then kept up to date.
+        self._scores = {Path(row["checkpoint_path"]).name: row.get(score) if score else None
+                        for row in read_history(self.dir / HISTORY_FILE) if row.get("checkpoint_path")}
 
     def checkpoints(self) -> list[Path]:
         """This run's whole checkpoints, oldest first: by the step each saved (a name is local
@@ -89,6 +92,7 @@ class LocalRun:
         row = dict(metrics)
         if checkpoint_dir is not None:
             row["checkpoint_path"] = str(self._persist(Path(checkpoint_dir)))
+            self._scores[Path(row["checkpoint_path"]).name] = row.get(self.score) if self.score else None
         self._history.append_text(HISTORY_FILE, fresh_line(self._history, HISTORY_FILE) + json.dumps(row, default=float) + "\n")
         if checkpoint_dir is not None:
             self._retain()
@@ -116,17 +120,13 @@ class LocalRun:
         found = self.checkpoints()
         if len(found) <= self.keep:
             return
-        scores = {}
-        for row in read_history(self.dir / HISTORY_FILE):
-            path = row.get("checkpoint_path")
-            if path:
-                scores[Path(path).name] = row.get(self.score) if self.score else None
         if self.score:
-            def rank(p: Path) -> tuple:  # best first; unscored or non-finite last, newer before older
-                value = scores.get(p.name)
+            def rank(item: tuple[int, Path]) -> tuple:  # best first; unscored or non-finite last, newer first
+                age, p = item
+                value = self._scores.get(p.name)
                 good = isinstance(value, (int, float)) and math.isfinite(value)
-                return (0 if good else 1, (-value if self.order == "max" else value) if good else 0.0, -found.index(p))
-            kept = set(sorted(found, key=rank)[: self.keep])
+                return (0 if good else 1, (-value if self.order == "max" else value) if good else 0.0, -age)
+            kept = {p for _, p in sorted(enumerate(found), key=rank)[: self.keep]}
         else:
             kept = set(found[-self.keep:])
         kept.add(found[-1])
