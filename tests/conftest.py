@@ -47,10 +47,12 @@ def ray_cluster():
     """A local 2-CPU Ray cluster shared by the tests that need one (started on first use)."""
     import ray
 
+    from simpo_ray.infra.cluster import shutdown_ray
+
     if ray.is_initialized():
-        ray.shutdown()
+        shutdown_ray()  # e.g. the cluster a search run in this process started (its reaper too)
     yield _start_ray()
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +71,9 @@ def _ray_leak_check(request):
 
     left = leftovers(timeout_s=60)
     if left:
-        ray.shutdown()
+        from simpo_ray.infra.cluster import shutdown_ray
+
+        shutdown_ray()
         _start_ray()
         pytest.fail(f"{request.node.nodeid} left the shared Ray cluster holding: {'; '.join(left)} "
                     "(the cluster was restarted)")

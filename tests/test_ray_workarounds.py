@@ -175,6 +175,61 @@ def test_reaper_reaps_this_jobs_leak_and_leaves_another_jobs_alone(ray_cluster):
     assert resources_settled(timeout_s=30), (ray.available_resources(), ray.cluster_resources())
 
 
+# ---------------------------------------------------------------- the reaper and shutdown
+
+
+def test_a_reaper_tick_after_shutdown_fails_instead_of_starting_ray(monkeypatch):
+    """CI once saw a reaper tick race the fixture's `ray.shutdown()`: the tick's
+    `ray.util.remove_placement_group` (wrapped to start Ray when none is connected) began a
+    second cluster from the reaper thread, and the main thread's `ray.init` failed. With no Ray
+    connected, the reaper's removal raises Ray's own "not connected" error and starts nothing
+    (the fast tier's guard turns any `ray.init` into an error naming the test)."""
+    import ray
+
+    from simpo_ray.infra import ray_workarounds
+
+    # This process as after `ray.shutdown()`, even where the session's cluster is up.
+    monkeypatch.setattr(ray._private.worker, "global_worker", ray._private.worker.Worker())
+    assert not ray.is_initialized()
+    with pytest.raises(ray.exceptions.RaySystemError, match="ray.init"):
+        ray_workarounds._remove_placement_group(ray.PlacementGroupID.from_random())
+    assert not ray.is_initialized()
+
+
+def test_stopping_the_reaper_waits_for_a_tick_in_progress(monkeypatch):
+    """`stop_orphan_reaper` (called by `cluster.shutdown_ray` before `ray.shutdown()`) returns
+    only after the thread has ended, a tick in progress included, and no tick starts after it."""
+    import threading
+
+    import ray
+
+    from simpo_ray.infra import ray_workarounds
+
+    ticks: list[tuple[float, float]] = []
+    in_tick = threading.Event()
+
+    def slow_tick():
+        start = time.monotonic()
+        in_tick.set()
+        time.sleep(0.5)
+        ticks.append((start, time.monotonic()))
+        return 0
+
+    monkeypatch.setattr(ray_workarounds, "reaper_needed", lambda: True)
+    monkeypatch.setattr(ray_workarounds, "reap_orphan_placement_groups", slow_tick)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    assert ray_workarounds.start_orphan_reaper(interval_s=0.01) is not None
+    thread = ray_workarounds._reaper_thread
+    assert in_tick.wait(10)
+    ray_workarounds.stop_orphan_reaper()
+    stopped = time.monotonic()
+    assert not thread.is_alive()
+    assert ticks and ticks[-1][1] <= stopped  # the tick in progress finished before the return
+    n = len(ticks)
+    time.sleep(0.2)
+    assert len(ticks) == n and ray_workarounds._reaper_thread is None
+
+
 # ---------------------------------------------------------------- when the reaper runs
 
 

@@ -314,3 +314,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     if reap_orphans:
         ray_workarounds.start_orphan_reaper()
     return ClusterInfo.from_ray()
+
+
+def shutdown_ray() -> None:
+    """`ray.shutdown()` after this driver's own threads that talk to Ray (the orphan reaper)
+    have stopped: a tick racing the shutdown must not reach a Ray API on a cluster going away."""
+    import ray
+
+    ray_workarounds.stop_orphan_reaper()
+    ray.shutdown()

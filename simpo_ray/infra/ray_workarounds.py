@@ -36,6 +36,7 @@ FORCE_REAPER_ENV = "SIMPO_RAY_FORCE_PG_REAPER"  # "1": run the reaper on another
 
 _warned: set[str] = set()
 _reaper_stop: threading.Event | None = None
+_reaper_thread: threading.Thread | None = None
 
 
 def _warn_once(kind: str, message: str, *args) -> None:
@@ -278,7 +279,6 @@ def reap_orphan_placement_groups() -> int:
     import ray
     from ray._private.state import actors, state
     from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     job_id = ray.get_runtime_context().get_job_id()
     table = actors()
@@ -289,12 +289,28 @@ def reap_orphan_placement_groups() -> int:
         if not is_orphan_placement_group(pg, dead, job_id):
             continue
         try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            _remove_placement_group(ray.PlacementGroupID(pg.placement_group_id))
             removed += 1
         except Exception as e:  # noqa: BLE001 - e.g. raced with Train's own cleanup; retried next tick
             _warn_once("remove-pg", "could not remove orphaned placement group %s: %s",
                        pg.placement_group_id.hex(), one_line(e, with_type=True))
     return removed + _end_orphan_cleaners(table, job_id)
+
+
+def _remove_placement_group(pg_id) -> None:
+    """Ask the GCS to remove placement group `pg_id`; raises when this process is not connected.
+
+    Not `ray.util.remove_placement_group`: it is wrapped by `client_mode_wrap`, which starts a
+    new default Ray cluster when none is connected. A reaper tick racing `ray.shutdown()` then
+    started a second cluster from its thread while the main thread started its own, and the
+    main thread's `ray.init` failed ("Perhaps you called ray.init twice by accident?"): seen once
+    in CI, 25 tests on the shared cluster errored.
+    """
+    import ray
+
+    worker = ray._private.worker.global_worker
+    worker.check_connected()
+    worker.core_worker.remove_placement_group(pg_id)
 
 
 def _end_orphan_cleaners(table: dict, job_id: str) -> int:
@@ -424,16 +440,30 @@ def end_dead_session_processes(root: str, *, wait_s: float = 5.0) -> list[str]:
     return ended
 
 
+def stop_orphan_reaper(timeout_s: float = 30.0) -> None:
+    """Stop the reaper started in this process, if any, and wait for its thread to end (a tick
+    in progress finishes first): call before `ray.shutdown()`, so that no tick runs against a
+    cluster going away (`cluster.shutdown_ray` does)."""
+    global _reaper_stop, _reaper_thread
+    stop, thread = _reaper_stop, _reaper_thread
+    _reaper_stop = _reaper_thread = None
+    if stop is not None:
+        stop.set()
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout_s)
+        if thread.is_alive():
+            _warn_once("reaper-join", "the orphan placement-group reaper did not stop within %.0fs",
+                       timeout_s)
+
+
 def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
     """Run `reap_orphan_placement_groups` every `interval_s` in a daemon thread of this driver,
     when `reaper_needed()`; returns the event that stops it (None when not started). A reaper
     started earlier in this process is stopped first."""
-    global _reaper_stop
+    global _reaper_stop, _reaper_thread
     import ray
 
-    if _reaper_stop is not None:
-        _reaper_stop.set()
-        _reaper_stop = None
+    stop_orphan_reaper()
     if not reaper_needed():
         return None
     stop = threading.Event()
@@ -446,7 +476,8 @@ def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
                 _warn_once(f"reap-{type(e).__name__}", "orphan placement-group reaper: %s "
                            "(continuing)", one_line(e, with_type=True))
 
-    threading.Thread(target=loop, name="simpo-ray-pg-reaper", daemon=True).start()
+    _reaper_thread = threading.Thread(target=loop, name="simpo-ray-pg-reaper", daemon=True)
+    _reaper_thread.start()
     _reaper_stop = stop
     return stop
 
