@@ -217,7 +217,7 @@ def fake_ray_start(monkeypatch):
     monkeypatch.setattr(ray, "init", fake_init)
     monkeypatch.setattr(cluster_mod.time, "sleep", lambda s: None)
     monkeypatch.setattr(ray_workarounds, "start_orphan_reaper", lambda: None)
-    monkeypatch.setattr(ray_workarounds, "end_dead_session_processes", lambda root: [])
+    monkeypatch.setattr(cluster_mod.guard, "end_dead_session_processes", lambda root: [])
     monkeypatch.setattr(cluster_mod.guard, "start", lambda root, session: None)  # no cluster to guard
     monkeypatch.setattr(ClusterInfo, "from_ray", classmethod(lambda cls: cluster({"CPU": 2})))
     return calls, plan

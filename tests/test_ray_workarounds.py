@@ -322,7 +322,7 @@ def _session_processes(root: str, session: str) -> dict[int, str]:
     """{pid: kind} of the live Ray processes of `session` (a name) under `root`."""
     import psutil
 
-    from simpo_ray.infra.ray_workarounds import _ray_process_info
+    from simpo_ray.infra.guard import _ray_process_info
 
     out = {}
     for proc in psutil.process_iter():
@@ -349,7 +349,7 @@ def test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts():
 
     import psutil
 
-    from simpo_ray.infra.ray_workarounds import end_dead_session_processes
+    from simpo_ray.infra.guard import end_dead_session_processes
 
     root = tempfile.mkdtemp(prefix="srr", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     driver = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, root], cwd=ROOT, stdout=subprocess.PIPE,

@@ -6,7 +6,7 @@ say how many trials' worker groups fit at once, or why not even one does.
 
 A private local cluster listens on 127.0.0.1 only and keeps its files under `ray_temp_dir()`
 (not Ray's shared /tmp/ray), so that processes a killed search left behind can be found and
-ended when the next one starts (`ray_workarounds.end_dead_session_processes`).
+ended when the next one starts (`guard.end_dead_session_processes`).
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: 
     sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     ray_env_defaults()
     # Processes that a SIGKILLed search's private cluster left behind (issue: they outlive it).
-    ray_workarounds.end_dead_session_processes(ray_temp_dir())
+    guard.end_dead_session_processes(ray_temp_dir())
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     env_vars = dict(runtime_env.get("env_vars") or {})
     for k, v in TRAIN_ENV_DEFAULTS.items():

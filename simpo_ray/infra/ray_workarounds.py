@@ -298,14 +298,8 @@ def reap_orphan_placement_groups() -> int:
 
 
 def _remove_placement_group(pg_id) -> None:
-    """Ask the GCS to remove placement group `pg_id`; raises when this process is not connected.
-
-    Not `ray.util.remove_placement_group`: it is wrapped by `client_mode_wrap`, which starts a
-    new default Ray cluster when none is connected. A reaper tick racing `ray.shutdown()` then
-    started a second cluster from its thread while the main thread started its own, and the
-    main thread's `ray.init` failed ("Perhaps you called ray.init twice by accident?"): seen once
-    in CI, 25 tests on the shared cluster errored.
-    """
+    """Remove placement group `pg_id`; raises when not connected. Not `ray.util.remove_placement_group`,
+    which starts a new Ray cluster when none is connected (docs/ray-runtime-notes.md §6)."""
     import ray
 
     worker = ray._private.worker.global_worker
@@ -349,101 +343,9 @@ def _end_orphan_cleaners(table: dict, job_id: str) -> int:
     return ended
 
 
-# ---------------------------------------------------------------- leftovers of a killed driver
-#
-# After SIGKILL of a driver that started a private cluster, its gcs_server and raylet exit, but
-# its DashboardAgent and RuntimeEnvAgent outlive it for a minute or more: they block for 60 s
-# at a time publishing an error to the dead GCS, ignoring SIGTERM meanwhile. A search started
-# next must not depend on (or share the machine with) them. Private clusters keep their
-# sessions under their own root (`cluster.ray_temp_dir()`), so the processes of a session whose
-# raylet and gcs_server are gone can be told apart from any live cluster's and SIGKILLed.
-# REMOVE when Ray's agents exit by themselves once their raylet is gone (check: the test
-# `test_agents_of_a_killed_driver_are_ended_when_the_next_cluster_starts` finds no agent alive
-# right after the driver's SIGKILL).
-_RAY_SCRIPTS = ("/ray/_private/workers/", "/ray/dashboard/", "/ray/_private/runtime_env/agent/",
-                "/ray/autoscaler/_private/monitor.py", "/ray/_private/log_monitor.py")
-_SESSION_OWNERS = ("raylet", "gcs_server")
-
-
-def _ray_process_info(proc, root: str) -> tuple[str, str] | None:
-    """(session dir under `root`, kind) of one of Ray's own processes of a session under
-    `root`, or None. Kind: the process name (raylet, gcs_server) or its command."""
-    try:
-        cmdline = proc.cmdline()
-        name = proc.name()
-    except (psutil.Error, OSError) as e:  # gone, or not ours to read
-        logger.debug("skipping pid %s: %s", proc.pid, one_line(e, with_type=True))
-        return None
-    text = " ".join(cmdline)
-    if not (name in _SESSION_OWNERS or text.startswith("ray::") or any(s in text for s in _RAY_SCRIPTS)):
-        return None
-    pattern = re.compile(re.escape(root.rstrip("/")) + r"/(session_[^/\s]+)")
-    found = pattern.search(text)
-    if found is None:
-        try:
-            found = pattern.search(" ".join(f.path for f in proc.open_files()))
-        except (psutil.Error, OSError) as e:
-            logger.debug("skipping pid %s (open files): %s", proc.pid, one_line(e, with_type=True))
-            return None
-    if found is None:
-        return None
-    return found.group(1), (name if name in _SESSION_OWNERS else text[:60])
-
-
-def end_dead_session_processes(root: str, *, wait_s: float = 5.0) -> list[str]:
-    """SIGKILL this user's Ray processes of sessions under `root` whose raylet and gcs_server
-    are both gone; returns what was ended ("<session> <kind> pid <n>"). A session with a live
-    raylet or gcs_server (a running cluster, or one being started) is never touched, and only
-    Ray's own processes are (raylet, gcs_server, `ray::` workers and agents, Ray's scripts):
-    never a driver."""
-    if not os.path.isdir(root):
-        return []
-    me = os.getpid()
-    uid = os.getuid()
-    sessions: dict[str, list] = {}
-    live: set[str] = set()
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid == me or proc.uids().real != uid:
-                continue
-        except (psutil.Error, OSError) as e:
-            logger.debug("skipping pid %s (owner): %s", proc.pid, one_line(e, with_type=True))
-            continue
-        info = _ray_process_info(proc, root)
-        if info is None:
-            continue
-        session, kind = info
-        sessions.setdefault(session, []).append((proc, kind))
-        if kind in _SESSION_OWNERS:
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    live.add(session)
-            except (psutil.Error, OSError) as e:  # ended meanwhile: not live
-                logger.debug("pid %s ended while checked: %s", proc.pid, one_line(e, with_type=True))
-    ended, victims = [], []
-    for session, procs in sessions.items():
-        if session in live:
-            continue
-        for proc, kind in procs:
-            try:
-                proc.kill()
-                victims.append(proc)
-                ended.append(f"{session} {kind} pid {proc.pid}")
-            except psutil.NoSuchProcess:
-                continue
-            except Exception as e:  # noqa: BLE001
-                _warn_once("end-dead-session", "could not end a leftover Ray process (pid %s): %s",
-                           proc.pid, one_line(e, with_type=True))
-    if victims:
-        psutil.wait_procs(victims, timeout=wait_s)
-        logger.info("ended %d process(es) left by dead Ray sessions under %s", len(victims), root)
-    return ended
-
-
 def stop_orphan_reaper(timeout_s: float = 30.0) -> None:
-    """Stop the reaper started in this process, if any, and wait for its thread to end (a tick
-    in progress finishes first): call before `ray.shutdown()`, so that no tick runs against a
-    cluster going away (`cluster.shutdown_ray` does)."""
+    """Stop this process's reaper and wait for its thread (a tick in progress finishes first):
+    before `ray.shutdown()` (`cluster.shutdown_ray`), no tick may meet a cluster going away."""
     global _reaper_stop, _reaper_thread
     stop, thread = _reaper_stop, _reaper_thread
     _reaper_stop = _reaper_thread = None
