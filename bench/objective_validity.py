@@ -14,6 +14,13 @@ identity and the win rate is about half the success rate plus the reward model's
 circular. `--seeds 0,1,2` runs one search per seed; the final-value correlation is then also
 given over all seeds' trials with a 95% bootstrap interval (2000 resamples of trials, within each
 seed's search, percentile), and per seed.
+
+`--variant verbose`: the same searches on `bundled:sort-verbose`, whose raters liked a filler tail
+(" ok" repeated) that the checked success rate ignores, judged by `bundled:reward-verbose`, which
+learnt that liking from them (`bundled/task.py`). There a win rate that follows verbosity rather
+than the success rate is being gamed; the table adds each objective's correlation with the
+answers' length, and a side-by-side table of the trials' final raw and LC win rates, success
+rate and lengths.
 """
 
 from __future__ import annotations
@@ -30,6 +37,26 @@ CANDIDATES = ("eval/reward_win_rate_lc", "eval/reward_win_rate", "eval/reward_wi
               "eval/preference_accuracy", "eval/rewards/margins", "eval/loss")
 BOOTSTRAP = 2000
 TRUTH = "eval/success_rate"
+LENGTH = "eval/gen_length"  # mean answer length in tokens (the bundled tokenizer: one per character)
+VARIANTS = {
+    "sort": {},
+    "verbose": {"dataset_mixer": {"bundled:sort-verbose": 1.0}, "reward_model_name_or_path": "bundled:reward-verbose"},
+}
+
+
+def variant_space(space: str, variant: str, out_dir: Path) -> str:
+    """`space` with the variant's dataset and reward model (written beside the searches)."""
+    import yaml
+
+    if variant == "sort":
+        return space
+    data = yaml.safe_load(Path(space).read_text())
+    data["base"].update(VARIANTS[variant])
+    data["name"] = f"{data['name']}-{variant}"
+    out = out_dir / f"{Path(space).stem}-{variant}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(out)
 
 
 def correlations(curves: pd.DataFrame) -> list[dict]:
@@ -90,6 +117,8 @@ def main() -> int:
     p.add_argument("--seeds", default="0", help="comma list: one search per seed (default 0)")
     p.add_argument("--baseline", choices=("chosen", "initial"), default="chosen",
                    help="reward_baseline of the win rates (default chosen, the space's)")
+    p.add_argument("--variant", choices=tuple(VARIANTS), default="sort",
+                   help="bundled dataset: sort, or verbose (length-biased labels and reward model)")
     p.add_argument("--experiment", nargs="*", help="finished search directories to read instead of searching")
     args = p.parse_args()
     load_before = load()
@@ -100,10 +129,13 @@ def main() -> int:
         from simpo_ray.search.run import run_search
 
         t0 = time.perf_counter()
-        suffix = "" if args.baseline == "chosen" else f"-{args.baseline}"
+        suffix = ("" if args.variant == "sort" else f"-{args.variant}") + \
+            ("" if args.baseline == "chosen" else f"-{args.baseline}")
+        storage = REPO / "bench" / "results" / "searches"
+        space = variant_space(args.space, args.variant, storage)
         exps = []
         for seed in (int(x) for x in args.seeds.split(",")):
-            exps.append(run_search(args.space, storage_path=str(REPO / "bench" / "results" / "searches"),
+            exps.append(run_search(space, storage_path=str(storage),
                                    name=f"objective-validity{suffix}-seed{seed}",
                                    overrides={"search.num_samples": args.num_samples, "search.seed": seed,
                                               "base.reward_baseline": args.baseline}, verbose=0))
@@ -120,6 +152,14 @@ def main() -> int:
         for name, part in curves.groupby("search"):
             one = correlations(part)
             r["per_search_final"][name] = next(x["spearman_final"] for x in one if x["metric"] == r["metric"])
+    final_all = final_values(curves)
+    length_rho = {}
+    if LENGTH in final_all:
+        from scipy.stats import spearmanr
+
+        for metric in (TRUTH, *CANDIDATES[:3]):
+            if metric in final_all:
+                length_rho[metric] = float(spearmanr(final_all[metric], final_all[LENGTH]).statistic)
     cost = eval_share(curves)
     print(f"load average {load_before} before, {load()} after; searches: {', '.join(str(e) for e in exps)}"
           + (f"; wall {wall:.0f}s" if wall else ""))
@@ -132,11 +172,27 @@ def main() -> int:
         per = " ".join(f"{v:+.2f}" for v in r["per_search_final"].values())
         print(f"| {r['metric']} | {r['spearman_final']:+.2f} | {ci} | {per} | {r['spearman_all']:+.2f} | "
               f"{r['trials']} | {r['points']} |")
+    if length_rho:
+        print(f"\nSpearman with the answers' length ({LENGTH}, final, per trial): "
+              + ", ".join(f"{m} {v:+.2f}" for m, v in length_rho.items()))
+        cols = [TRUTH, "eval/reward_win_rate", "eval/reward_win_rate_lc", "eval/reward_win_prob", LENGTH,
+                "eval/baseline_gen_length"]
+        side = final_all[[c for c in cols if c in final_all]].sort_values(LENGTH)
+        print("\nfinal values per trial, by answer length:\n")
+        print("| trial | " + " | ".join(c.removeprefix("eval/") for c in side.columns) + " |")
+        print("|---|" + "---|" * len(side.columns))
+        for trial, r in side.iterrows():
+            print(f"| {trial} | " + " | ".join(f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" for v in r) + " |")
+        means = side.mean()
+        print(f"| mean | " + " | ".join(f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}" for v in means) + " |")
     print(f"\nevaluation's share of a trial: {cost['eval_share_mean']:.1%} of training+eval time on average "
           f"(max {cost['eval_share_max']:.1%}; {cost['eval_share_with_startup_mean']:.1%} counting start-up); "
           f"per trial {cost['eval_s_per_trial']:.1f}s eval (generation {cost['generation_s_per_trial']:.1f}s, "
           f"reward model {cost['reward_s_per_trial']:.1f}s) vs {cost['train_s_per_trial']:.1f}s training")
-    write_json(args.out, {"baseline": args.baseline, "correlations": rows, "cost": cost,
+    write_json(args.out, {"baseline": args.baseline, "variant": args.variant, "correlations": rows, "cost": cost,
+                          "length_spearman": length_rho,
+                          "final": final_all.reset_index()[["trial_id", *[c for c in (TRUTH, *CANDIDATES, LENGTH)
+                                                                          if c in final_all]]].to_dict("records"),
                           "experiments": [str(e) for e in exps],
                           "load_before": load_before, "load_after": load(), "wall_s": wall})
     return 0

@@ -87,6 +87,42 @@ def test_some_rejected_answers_are_longer_than_chosen():
     assert 0.15 < shorter < 0.35  # drop (0.25)
 
 
+def test_the_verbose_variants_tail_is_ignored_by_its_check_and_only_there():
+    assert task.content("0135 ok ok") == "0135" and task.content(" 0135 ok\n") == "0135"
+    assert task.check("sort: 5301", "0135 ok ok ok", verbose=True)
+    assert task.check("sort: 5301", "0135", verbose=True)
+    assert not task.check("sort: 5301", "0135 ok")  # bundled:sort: a tail is an error
+    assert not task.check("sort: 5301", "0135ok", verbose=True)  # not the tail: no space
+    assert not task.check("sort: 5301", "0136 ok", verbose=True)  # wrong under its tail
+    assert not task.check("sort: 5301", "0135 ok 7", verbose=True)
+    assert not task.check("sort: 5301", " ok ok", verbose=True)
+    assert task.answer_budget(True) >= task.MAX_LEN + task.MAX_FILLERS * len(task.FILLER)
+
+
+def test_the_verbose_variant_has_the_raters_length_bias_and_the_same_mistakes():
+    """Tails on VERBOSE_CHOSEN of the chosen and VERBOSE_REJECTED of the rejected answers before
+    the 10% label noise swaps pairs: expected shares 0.6 * 0.9 + 0.2 * 0.1 = 0.56 (chosen) and
+    0.2 * 0.9 + 0.6 * 0.1 = 0.24 (rejected), binomial SE 0.008 over 4000 rows."""
+    plain = task.load_split("train_prefs")
+    rows = task.load_split("train_prefs", verbose=True)
+    tailed = lambda side: sum(_text(r, side) != task.content(_text(r, side)) for r in rows) / len(rows)  # noqa: E731
+    assert tailed("chosen") == pytest.approx(0.56, abs=0.03)
+    assert tailed("rejected") == pytest.approx(0.24, abs=0.03)
+    assert all(1 <= (_text(r, s).count(task.FILLER)) <= task.MAX_FILLERS
+               for r in rows for s in ("chosen", "rejected") if _text(r, s) != task.content(_text(r, s)))
+    # Under the tails, the same kind of pairs: 10% of the chosen answers are wrong (the noise).
+    wrong = sum(not task.check(r["prompt"], _text(r, "chosen"), verbose=True) for r in rows)
+    assert wrong == 400
+    assert not set(rows["prompt"]) & set(task.load_split("test_prefs", verbose=True)["prompt"])
+    # bundled:sort is what it was before the variant existed (the rows' hash under the old code)
+    import hashlib
+    import json
+
+    old = hashlib.sha256(json.dumps(task.generate_pairs(50, seed=0, split="train_prefs")).encode()).hexdigest()
+    assert old.startswith("6f7a3875")
+    assert all(_text(r, "chosen") == task.content(_text(r, "chosen")) for r in plain)
+
+
 def test_splits_have_disjoint_prompts_and_their_defaults():
     train, test = task.load_split("train_prefs"), task.load_split("test_prefs")
     assert (len(train), len(test)) == (4000, 512)

@@ -667,3 +667,20 @@ def test_a_data_file_that_is_not_utf8_says_so(tmp_path):
     src.write_bytes(raw)
     with pytest.raises(UserError, match=r"d\.jsonl is not UTF-8 text \(byte 0xf6 on line 1, offset \d+\); save it as UTF-8"):
         load_raw(cfg_for({str(src): 1.0}))
+
+
+def test_the_bundled_datasets_by_name():
+    """`bundled:sort-verbose` loads its length-biased rows; an unknown bundled name is one error
+    naming the datasets there are."""
+    from simpo_ray.bundled import task
+    from simpo_ray.config import TrainConfig
+    from simpo_ray.data.sources import load_raw
+    from simpo_ray.errors import UserError
+
+    train, test = load_raw(TrainConfig(dataset_mixer={"bundled:sort-verbose": 1.0}))
+    assert (len(train), len(test)) == (4000, 512)
+    tails = [r["chosen"][1]["content"] for r in train if r["chosen"][1]["content"].endswith(task.FILLER)]
+    assert 0.5 < len(tails) / len(train) < 0.62
+    with pytest.raises(UserError, match=r"unknown bundled dataset; the bundled datasets are 'bundled:sort', "
+                                        r"'bundled:sort-verbose'"):
+        load_raw(TrainConfig(dataset_mixer={"bundled:sorts": 1.0}))

@@ -150,6 +150,28 @@ def test_bundled_reward_model_is_built_with_its_held_out_accuracy(capsys):
     assert right > dropped and right > extra
 
 
+@pytest.mark.slow  # builds bundled:reward-verbose (about 25 s)
+def test_the_verbose_reward_model_learnt_its_raters_liking_for_the_tail():
+    """bundled:reward-verbose, trained on bundled:sort-verbose, scores a correct answer with a
+    filler tail above the same answer without it on nearly every held-out prompt (the length bias
+    the variant plants), and still prefers a correct answer to one with a digit dropped, more often
+than not."""
+    from simpo_ray.bundled import task
+    from simpo_ray.bundled.reward_model import META_FILE, ensure_reward_model
+
+    meta = json.loads((ensure_reward_model(verbose=True) / META_FILE).read_text())
+    assert meta["verbose"] and meta["heldout_pair_accuracy"] >= 0.7  # 0.748 measured
+    scorer = RewardScorer("bundled:reward-verbose")
+    prompts = task.load_split("test_prefs", verbose=True)["prompt"][:200]
+    turns = [[{"role": "user", "content": p}] for p in prompts]
+    correct = [task.answer(p) for p in prompts]
+    plain = scorer.score(turns, correct)
+    tailed = scorer.score(turns, [c + task.FILLER * 2 for c in correct])
+    assert sum(t > p for t, p in zip(tailed, plain)) / len(prompts) > 0.9
+    dropped = scorer.score(turns, [c[1:] for c in correct])
+    assert sum(p > d for p, d in zip(plain, dropped)) / len(prompts) > 0.6  # 0.68 measured
+
+
 def _saved(tmp_path, model_cls, **config):
     from transformers import LlamaConfig
 

@@ -10,6 +10,9 @@ length-normalised reward is for.
 
 Train and test prompts are disjoint by construction: a prompt belongs to ``test_prefs`` iff a
 stable hash of it falls in a fixed bucket, whatever the seed or ``n``.
+
+``bundled:sort-verbose`` is the same task with a length bias in its labels (see `FILLER`): the
+case the length-controlled win rate exists for.
 """
 
 from __future__ import annotations
@@ -38,6 +41,38 @@ SPLITS = {
 }
 TEST_BUCKETS = 8  # one prompt in TEST_BUCKETS goes to test_prefs
 
+# ---- the length-biased variant, `bundled:sort-verbose`
+# An answer may end with a filler tail, FILLER one to MAX_FILLERS times ("0135 ok ok"), that
+# adds nothing; the raters who labelled the pairs liked it anyway: the chosen answer carries a
+# tail in VERBOSE_CHOSEN of the pairs, the rejected one in VERBOSE_REJECTED (drawn apart). A
+# reward model trained on these pairs (`bundled:reward-verbose`) learns to score the tail up,
+# and a policy trained on them learns to write it; the checked success rate ignores the tail
+# (`content`), so verbosity neither helps nor hurts an answer. A win rate that rises with it
+# measures the length bias, which the length-controlled win rate is meant to remove.
+FILLER = " ok"
+MAX_FILLERS = 4
+VERBOSE_CHOSEN, VERBOSE_REJECTED = 0.6, 0.2
+VERBOSE_MAX_ANSWER_TOKENS = MAX_LEN + MAX_FILLERS * len(FILLER) + 4
+DATASETS = {"bundled:sort": False, "bundled:sort-verbose": True}  # name -> verbose
+
+
+def is_verbose(dataset_names) -> bool:
+    """Whether any of `dataset_names` is the verbose variant (its tail-blind check then applies)."""
+    return any(DATASETS.get(n, False) for n in dataset_names)
+
+
+def answer_budget(verbose: bool = False) -> int:
+    """Tokens a generated answer may take: the longest answer, its tail, and slack."""
+    return VERBOSE_MAX_ANSWER_TOKENS if verbose else MAX_ANSWER_TOKENS
+
+
+def content(completion: str) -> str:
+    """The answer without its filler tail (and surrounding whitespace): ``"0135 ok ok"`` -> ``"0135"``."""
+    text = completion.strip()
+    while text.endswith(FILLER.strip()) and text[:-len(FILLER.strip())].endswith(" "):
+        text = text[:-len(FILLER)].rstrip()
+    return text
+
 
 def _digits_of(prompt: str) -> str:
     if not prompt.startswith(PREFIX):
@@ -50,9 +85,10 @@ def answer(prompt: str) -> str:
     return "".join(sorted(_digits_of(prompt)))
 
 
-def check(prompt: str, completion: str) -> bool:
-    """True iff ``completion`` (surrounding whitespace ignored) is the sorted digit string."""
-    return completion.strip() == answer(prompt)
+def check(prompt: str, completion: str, *, verbose: bool = False) -> bool:
+    """True iff ``completion`` (surrounding whitespace ignored; with ``verbose``, its filler tail
+    too) is the sorted digit string."""
+    return (content(completion) if verbose else completion.strip()) == answer(prompt)
 
 
 def is_test_prompt(prompt: str) -> bool:
@@ -95,6 +131,11 @@ def corrupt(correct: str, kind: str, rng: random.Random) -> str:
     return "".join(s)
 
 
+def _tail(text: str, p: float, rng: random.Random) -> str:
+    """`text`, with probability `p` followed by FILLER one to MAX_FILLERS times."""
+    return text + FILLER * rng.randint(1, MAX_FILLERS) if rng.random() < p else text
+
+
 def _row(prompt: str, chosen: str, rejected: str) -> dict:
     user = {"role": "user", "content": prompt}
     return {
@@ -112,12 +153,15 @@ def generate_pairs(
     split: str | None = None,
     min_len: int = MIN_LEN,
     max_len: int = MAX_LEN,
+    verbose: bool = False,
 ) -> list[dict]:
     """``n`` preference pairs in UltraFeedback chat format, deterministic in ``seed``.
 
     ``label_noise`` is the fraction of pairs (exactly ``round(label_noise * n)``) whose chosen
     and rejected answers are swapped. ``split`` ("train_prefs"/"test_prefs") keeps only prompts
-    of that split; None draws from all prompts.
+    of that split; None draws from all prompts. ``verbose``: the length-biased variant (filler
+    tails on VERBOSE_CHOSEN of the chosen and VERBOSE_REJECTED of the rejected answers, drawn
+    before the label noise swaps pairs); without it the pairs are those of ``bundled:sort``.
     """
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise={label_noise} must be in [0, 1]")
@@ -137,6 +181,8 @@ def generate_pairs(
         while wrong == correct:  # e.g. "unsorted" can reshuffle into sorted order; "000" can't err by swap
             kind = rng.choices(ERROR_TYPES, weights=ERROR_WEIGHTS)[0]
             wrong = corrupt(correct, kind, rng)
+        if verbose:
+            correct, wrong = _tail(correct, VERBOSE_CHOSEN, rng), _tail(wrong, VERBOSE_REJECTED, rng)
         rows.append(_row(prompt, correct, wrong))
     for i in rng.sample(range(n), round(label_noise * n)):
         r = rows[i]
@@ -145,9 +191,11 @@ def generate_pairs(
 
 
 def load_split(
-    split: str, *, n: int | None = None, seed: int | None = None, label_noise: float | None = None
+    split: str, *, n: int | None = None, seed: int | None = None, label_noise: float | None = None,
+    verbose: bool = False,
 ) -> datasets.Dataset:
-    """``train_prefs`` (4000 rows, 10% label noise) or ``test_prefs`` (512 rows, clean) as a Dataset."""
+    """``train_prefs`` (4000 rows, 10% label noise) or ``test_prefs`` (512 rows, clean) as a
+    Dataset; ``verbose``: of ``bundled:sort-verbose``."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
     d_n, d_seed, d_noise = SPLITS[split]
@@ -156,5 +204,6 @@ def load_split(
         seed=d_seed if seed is None else seed,
         label_noise=d_noise if label_noise is None else label_noise,
         split=split,
+        verbose=verbose,
     )
     return datasets.Dataset.from_list(rows)

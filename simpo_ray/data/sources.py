@@ -3,7 +3,8 @@
 
 Sources (keys of `dataset_mixer`) are Hugging Face Hub dataset names, local `.json`/`.jsonl`/
 `.parquet` files, local directories (`<split>.jsonl` etc., a `save_to_disk` DatasetDict, or a
-downloaded hub snapshot such as `data/train_prefs-00000-of-00001.parquet`), or `bundled:sort`.
+downloaded hub snapshot such as `data/train_prefs-00000-of-00001.parquet`), or `bundled:sort`
+(`bundled:sort-verbose`: its length-biased variant).
 Rows are either plain strings (`prompt`, `chosen`, `rejected`) or UltraFeedback-style chat
 conversations (`chosen`/`rejected` message lists ending in the assistant turn, `prompt` optional).
 
@@ -113,11 +114,12 @@ def _load_source(name: str, train_split: str, eval_split: str, holdout: float = 
 def _load_bundled(name: str, split: str) -> Dataset:
     from simpo_ray.bundled import task
 
-    if name != "bundled:sort":
-        raise UserError(f"dataset '{name}': unknown bundled dataset; the bundled dataset is 'bundled:sort'")
+    if name not in task.DATASETS:
+        raise UserError(f"dataset '{name}': unknown bundled dataset; the bundled datasets are "
+                        f"{', '.join(map(repr, task.DATASETS))}")
     if split not in task.SPLITS:
         raise UserError(f"dataset '{name}': unknown split '{split}'; available: {', '.join(task.SPLITS)}")
-    return task.load_split(split)
+    return task.load_split(split, verbose=task.DATASETS[name])
 
 
 NEWLINE = b"\n"

@@ -42,18 +42,18 @@ def check_inputs(cfg: TrainConfig):
 
     from simpo_ray.data.prepare import prepare_datasets
     from simpo_ray.train.model import load_tokenizer
-    from simpo_ray.train.reward import BUNDLED_REWARD, resolve_reward_path
+    from simpo_ray.train.reward import BUNDLED_REWARDS, resolve_reward_path
 
     check_packages(cfg)  # bitsandbytes, Liger: what this run needs installed
     # No progress bars: they would land on stderr before a one-line error (the CLI contract).
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        if cfg.reward_model_name_or_path == BUNDLED_REWARD:
+        if cfg.reward_model_name_or_path in BUNDLED_REWARDS:
             # Built here, once, not by the workers: transformers' save_pretrained writes nothing
             # on a rank other than 0 of a process group, and the first worker to build would
             # leave a cache entry without weights.
-            resolve_reward_path(BUNDLED_REWARD)
+            resolve_reward_path(cfg.reward_model_name_or_path)
         return prepare_datasets(cfg, load_tokenizer(cfg))
     finally:
         if bars_were_on:

@@ -282,9 +282,9 @@ def reward_params(cfg: Any) -> float:
     try:
         from transformers import AutoConfig
 
-        from simpo_ray.train.reward import BUNDLED_REWARD, resolve_reward_path
+        from simpo_ray.train.reward import BUNDLED_REWARDS, resolve_reward_path
 
-        local = name == BUNDLED_REWARD or Path(name).expanduser().is_dir()
+        local = name in BUNDLED_REWARDS or Path(name).expanduser().is_dir()
         config = AutoConfig.from_pretrained(resolve_reward_path(name) if local else name, local_files_only=True)
         return ModelShape.from_config(config, name).total_params
     except (OSError, ValueError, KeyError, AttributeError):

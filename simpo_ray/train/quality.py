@@ -31,7 +31,7 @@ def max_new_tokens(cfg: TrainConfig, bundled: bool) -> int:
     if bundled:
         from simpo_ray.bundled import task
 
-        return task.MAX_ANSWER_TOKENS
+        return task.answer_budget(task.is_verbose(cfg.dataset_mixer))
     return generation.DEFAULT_MAX_NEW_TOKENS
 
 
@@ -85,8 +85,9 @@ class GenerationEval:
     def _success_rate(self, answers: list[generation.Answer]) -> float:
         from simpo_ray.bundled import task
 
-        return self._share(sum(task.check(self.rows[i]["prompt"], a.text) for i, a in zip(self.mine, answers)),
-                           len(answers))
+        verbose = task.is_verbose(self.cfg.dataset_mixer)  # a filler tail is neither right nor wrong
+        return self._share(sum(task.check(self.rows[i]["prompt"], a.text, verbose=verbose)
+                               for i, a in zip(self.mine, answers)), len(answers))
 
     def _share(self, count: int, n: int) -> float:
         """count / n summed over the workers (every worker calls it: a collective)."""

@@ -21,6 +21,7 @@ from simpo_ray.errors import UserError, one_line
 from simpo_ray.train.generation_checks import LENGTH_SEPARATES, length_separates
 
 BUNDLED_REWARD = "bundled:reward"
+BUNDLED_REWARDS = (BUNDLED_REWARD, "bundled:reward-verbose")  # built here (bundled.reward_model)
 
 
 # ---------------------------------------------------------------- win rates
@@ -138,11 +139,12 @@ def win_metrics(policy_scores: list[float], baseline_scores: list[float], policy
 # ---------------------------------------------------------------- the reward model
 
 def resolve_reward_path(name: str) -> str:
-    """``bundled:reward`` → the built bundled reward model; otherwise as `model.resolve_model_path`."""
-    if name == BUNDLED_REWARD:
-        from simpo_ray.bundled.reward_model import ensure_reward_model
+    """``bundled:reward`` (or ``bundled:reward-verbose``) → the built bundled reward model;
+    otherwise as `model.resolve_model_path`."""
+    if name in BUNDLED_REWARDS:
+        from simpo_ray.bundled.reward_model import NAMES, ensure_reward_model
 
-        return str(ensure_reward_model())
+        return str(ensure_reward_model(NAMES[name]))
     from simpo_ray.train.model import resolve_model_path
 
     return resolve_model_path(name)

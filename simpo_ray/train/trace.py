@@ -333,10 +333,10 @@ def trace_run(cfg: TrainConfig, resources: Any, params_billion: float | None = N
     reward = None
     name = cfg.reward_model_name_or_path
     if name:
-        from simpo_ray.train.reward import BUNDLED_REWARD, resolve_reward_path
+        from simpo_ray.train.reward import BUNDLED_REWARDS, resolve_reward_path
 
         try:
-            reward, _ = config_for(resolve_reward_path(name) if name == BUNDLED_REWARD else name)
+            reward, _ = config_for(resolve_reward_path(name) if name in BUNDLED_REWARDS else name)
         except KeyError:  # not readable offline and not a known family: planned by its size only
             reward = None
     shape = memory.ModelShape.from_config(config, source)
