@@ -180,10 +180,11 @@ def test_reaper_reaps_this_jobs_leak_and_leaves_another_jobs_alone(ray_cluster):
 
 def test_a_reaper_tick_after_shutdown_fails_instead_of_starting_ray(monkeypatch):
     """CI once saw a reaper tick race the fixture's `ray.shutdown()`: the tick's
-    `ray.util.remove_placement_group` (wrapped to start Ray when none is connected) began a
-    second cluster from the reaper thread, and the main thread's `ray.init` failed. With no Ray
-    connected, the reaper's removal raises Ray's own "not connected" error and starts nothing
-    (the fast tier's guard turns any `ray.init` into an error naming the test)."""
+    `ray.get_runtime_context()` or `ray.util.remove_placement_group` (both start Ray when none is
+    connected) began a second cluster from the reaper thread, and the main thread's `ray.init`
+    failed. With no Ray connected, a whole tick and the removal raise Ray's own "not connected"
+    error and start nothing (the fast tier's guard turns any `ray.init` into an error naming
+    the test)."""
     import ray
 
     from simpo_ray.infra import ray_workarounds
@@ -191,6 +192,8 @@ def test_a_reaper_tick_after_shutdown_fails_instead_of_starting_ray(monkeypatch)
     # This process as after `ray.shutdown()`, even where the session's cluster is up.
     monkeypatch.setattr(ray._private.worker, "global_worker", ray._private.worker.Worker())
     assert not ray.is_initialized()
+    with pytest.raises(ray.exceptions.RaySystemError, match="ray.init"):
+        ray_workarounds.reap_orphan_placement_groups()
     with pytest.raises(ray.exceptions.RaySystemError, match="ray.init"):
         ray_workarounds._remove_placement_group(ray.PlacementGroupID.from_random())
     assert not ray.is_initialized()

@@ -2,11 +2,11 @@
 
 Each is a defect or an unwanted default of this Ray version, not part of the tool's logic: the
 orphan placement-group reaper, restoring the caller's SIGINT handler after `fit()`, quieting
-Train's per-report log lines and Ray's console noise, turning off Train's print patch, ending
-the agents a SIGKILLed driver's cluster leaves behind, and keeping a private cluster's node on
-127.0.0.1 (`loopback_only`); no other module touches `ray._private`. PyTorch's
-store on loopback is `simpo_ray.infra.loopback`. Why each is needed and how it was measured:
-docs/ray-runtime-notes.md; each says when it can go.
+Train's per-report log lines and Ray's console noise, turning off Train's print patch, and
+keeping a private cluster's node on 127.0.0.1 (`loopback_only`); no other module touches
+`ray._private`. Ending the agents a SIGKILLed driver's cluster leaves behind is
+`simpo_ray.infra.guard`; PyTorch's store on loopback is `simpo_ray.infra.loopback`. Why each is
+needed and how it was measured: docs/ray-runtime-notes.md; each says when it can go.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ FORCE_REAPER_ENV = "SIMPO_RAY_FORCE_PG_REAPER"  # "1": run the reaper on another
 _warned: set[str] = set()
 _reaper_stop: threading.Event | None = None
 _reaper_thread: threading.Thread | None = None
+_reaper_lock = threading.Lock()
 
 
 def _warn_once(kind: str, message: str, *args) -> None:
@@ -275,12 +276,16 @@ def is_orphan_placement_group(pg, dead_actor_ids: set[str], job_id: str) -> bool
 
 def reap_orphan_placement_groups() -> int:
     """Remove this job's orphaned placement groups and end this job's orphaned
-    PlacementGroupCleaner actors; return how many were removed or ended."""
+    PlacementGroupCleaner actors; return how many were removed or ended. Raises when this process
+    is not connected to Ray: no call here may start a cluster (`ray.get_runtime_context` and
+    `ray.util.remove_placement_group` would, docs/ray-runtime-notes.md §6)."""
     import ray
     from ray._private.state import actors, state
     from ray.core.generated import gcs_pb2
 
-    job_id = ray.get_runtime_context().get_job_id()
+    worker = ray._private.worker.global_worker
+    worker.check_connected()
+    job_id = worker.current_job_id.hex()
     table = actors()
     dead = {actor_id for actor_id, a in table.items() if a.get("State") == "DEAD"}
     removed = 0
@@ -294,12 +299,12 @@ def reap_orphan_placement_groups() -> int:
         except Exception as e:  # noqa: BLE001 - e.g. raced with Train's own cleanup; retried next tick
             _warn_once("remove-pg", "could not remove orphaned placement group %s: %s",
                        pg.placement_group_id.hex(), one_line(e, with_type=True))
-    return removed + _end_orphan_cleaners(table, job_id)
+    return removed + _end_orphan_cleaners(table, job_id, worker.current_node_id.hex())
 
 
 def _remove_placement_group(pg_id) -> None:
-    """Remove placement group `pg_id`; raises when not connected. Not `ray.util.remove_placement_group`,
-    which starts a new Ray cluster when none is connected (docs/ray-runtime-notes.md §6)."""
+    """Remove placement group `pg_id`; raises when not connected (not `ray.util.remove_placement_group`,
+    which would start a cluster)."""
     import ray
 
     worker = ray._private.worker.global_worker
@@ -307,20 +312,17 @@ def _remove_placement_group(pg_id) -> None:
     worker.core_worker.remove_placement_group(pg_id)
 
 
-def _end_orphan_cleaners(table: dict, job_id: str) -> int:
+def _end_orphan_cleaners(table: dict, job_id: str, here: str) -> int:
     """End this job's PlacementGroupCleaner actors whose owner (the controller) is dead.
 
     The cleaner is detached and unnamed: no handle can be had for `ray.kill` (the core worker's
     `kill_actor` fails without one, and `get_actor_handle` aborts the process). It runs on the
     head node (where this driver runs), so its process gets SIGTERM after checking that it
     really is that actor's Ray worker; the raylet's "worker died ... SIGTERM" message about it
-    is kept off the console by `quiet_ray_console`.
+    is kept off the console by `quiet_ray_console`. `here`: this node's id (hex).
     """
-    import ray
-
     alive = {(a["Address"].get("IPAddress"), a["Address"].get("Port"))
              for a in table.values() if a["State"] == "ALIVE"}
-    here = ray.get_runtime_context().get_node_id()
     ended = 0
     for a in table.values():
         if (a["ActorClassName"] != "PlacementGroupCleaner" or a["State"] != "ALIVE"
@@ -345,17 +347,15 @@ def _end_orphan_cleaners(table: dict, job_id: str) -> int:
 
 def stop_orphan_reaper(timeout_s: float = 30.0) -> None:
     """Stop this process's reaper and wait for its thread (a tick in progress finishes first):
-    before `ray.shutdown()` (`cluster.shutdown_ray`), no tick may meet a cluster going away."""
+    before `ray.shutdown()` (`cluster.shutdown_ray`; at exit, before Ray's own shutdown)."""
     global _reaper_stop, _reaper_thread
-    stop, thread = _reaper_stop, _reaper_thread
-    _reaper_stop = _reaper_thread = None
+    with _reaper_lock:
+        stop, thread = _reaper_stop, _reaper_thread
+        _reaper_stop = _reaper_thread = None
     if stop is not None:
         stop.set()
     if thread is not None and thread is not threading.current_thread():
         thread.join(timeout_s)
-        if thread.is_alive():
-            _warn_once("reaper-join", "the orphan placement-group reaper did not stop within %.0fs",
-                       timeout_s)
 
 
 def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
@@ -363,12 +363,18 @@ def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
     when `reaper_needed()`; returns the event that stops it (None when not started). A reaper
     started earlier in this process is stopped first."""
     global _reaper_stop, _reaper_thread
+    import atexit
+
     import ray
 
     stop_orphan_reaper()
     if not reaper_needed():
         return None
     stop = threading.Event()
+    # Ray shuts down at exit (an atexit handler registered at `import ray`); handlers run last
+    # registered first, so this one stops the reaper before.
+    atexit.unregister(stop_orphan_reaper)
+    atexit.register(stop_orphan_reaper)
 
     def loop() -> None:
         while not stop.wait(interval_s) and ray.is_initialized():
@@ -378,9 +384,10 @@ def start_orphan_reaper(interval_s: float = 1.0) -> threading.Event | None:
                 _warn_once(f"reap-{type(e).__name__}", "orphan placement-group reaper: %s "
                            "(continuing)", one_line(e, with_type=True))
 
-    _reaper_thread = threading.Thread(target=loop, name="simpo-ray-pg-reaper", daemon=True)
-    _reaper_thread.start()
-    _reaper_stop = stop
+    thread = threading.Thread(target=loop, name="simpo-ray-pg-reaper", daemon=True)
+    with _reaper_lock:
+        _reaper_stop, _reaper_thread = stop, thread
+    thread.start()
     return stop
 
 
