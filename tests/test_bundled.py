@@ -96,6 +96,10 @@ def test_the_verbose_variants_tail_is_ignored_by_its_check_and_only_there():
     assert not task.check("sort: 5301", "0136 ok", verbose=True)  # wrong under its tail
     assert not task.check("sort: 5301", "0135 ok 7", verbose=True)
     assert not task.check("sort: 5301", " ok ok", verbose=True)
+    # a tail cut by the token budget after a whole filler: still only a tail
+    assert task.check("sort: 5301", "0135 ok ok o", verbose=True)
+    assert not task.check("sort: 5301", "0135 o", verbose=True)  # no whole filler before it
+    assert not task.check("sort: 5301", "0135 ok o o", verbose=True)
     assert task.answer_budget(True) >= task.MAX_LEN + task.MAX_FILLERS * len(task.FILLER)
 
 

@@ -18,6 +18,7 @@ case the length-controlled win rate exists for.
 from __future__ import annotations
 
 import random
+import re
 import zlib
 
 import datasets
@@ -54,6 +55,9 @@ MAX_FILLERS = 4
 VERBOSE_CHOSEN, VERBOSE_REJECTED = 0.6, 0.2
 VERBOSE_MAX_ANSWER_TOKENS = MAX_LEN + MAX_FILLERS * len(FILLER) + 4
 DATASETS = {"bundled:sort": False, "bundled:sort-verbose": True}  # name -> verbose
+_WORD = FILLER.strip()
+# Whole fillers at the end, then perhaps the start of one more (cut by the token budget).
+_TAIL = re.compile(rf"(?:\s+{re.escape(_WORD)})+(?:\s+(?:{'|'.join(re.escape(_WORD[:k]) for k in range(1, len(_WORD)))}))?$")
 
 
 def is_verbose(dataset_names) -> bool:
@@ -67,11 +71,9 @@ def answer_budget(verbose: bool = False) -> int:
 
 
 def content(completion: str) -> str:
-    """The answer without its filler tail (and surrounding whitespace): ``"0135 ok ok"`` -> ``"0135"``."""
-    text = completion.strip()
-    while text.endswith(FILLER.strip()) and text[:-len(FILLER.strip())].endswith(" "):
-        text = text[:-len(FILLER)].rstrip()
-    return text
+    """The answer without its filler tail (and surrounding whitespace): ``"0135 ok ok"`` ->
+    ``"0135"``; a tail cut short by the token budget after a whole filler too (``"0135 ok o"``)."""
+    return _TAIL.sub("", completion.strip())
 
 
 def _digits_of(prompt: str) -> str:
