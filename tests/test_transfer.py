@@ -401,6 +401,29 @@ def test_warm_start_dry_run_predicts_inside_the_documented_range(tmp_path, capsy
                           "narrow to: no interval from 2 sizes") and "\n" not in err, err
 
 
+def test_warm_start_top_k_enqueues_the_nearest_sizes_best_trials_in_rank_order(tmp_path):
+    """`search.warm_start_points: top_k`: after the default, the k best trials of the finished
+    size nearest the target (small, not tiny, for base), in the order plain pandas ranks them
+    (completed or stopped early, best `best_objective` first); the trend's point is not enqueued."""
+    from simpo_ray.search.plan import load
+
+    dirs = ladder_dirs(tmp_path, sizes=("tiny", "small"))
+    base = TINY_SPACE.with_name("cpu-base.yaml")
+    space = load(base, warm_start=[str(d) for d in dirs],
+                 overrides={"search.warm_start_points": "top_k", "search.warm_start_top_k": 2})
+    small = next(d for d in dirs if "small" in d.name)
+    t = pd.read_csv(small / "trials.csv", dtype={"trial_id": str})
+    t = t[t["status"].isin(["completed", "stopped_early"])].sort_values("best_objective", ascending=False)
+    expected = [{p: float(r[p]) for p in guide.PARAMS} for _, r in t.head(2).iterrows()]
+    assert space.points_to_evaluate[0] == pytest.approx(space.documented_default())
+    assert space.points_to_evaluate[1:3] == [pytest.approx(e) for e in expected]
+    assert [label.split(" (")[0] for label in space.point_labels[1:3]] == ["top 1 of cpu/small", "top 2 of cpu/small"]
+    assert not any(label.startswith("transferred from") for label in space.point_labels)
+    assert any("not enqueued (search.warm_start_points: top_k)" in line for line in space.warm.lines)
+    none = load(base, warm_start=[str(d) for d in dirs], overrides={"search.warm_start_points": "none"})
+    assert len(none.points_to_evaluate) == 1
+
+
 def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
     from simpo_ray.search.records import resolved_space, space_differences
     from simpo_ray.search.plan import load
@@ -418,6 +441,13 @@ def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
     cold = resolved_space(load(base))
     assert "warm_start" not in cold["search"] and "warm_start_narrow" not in cold["search"]
     assert space_differences(cold, resolved_space(warm)) != []
+    # warm_start_top_k is read only by warm_start_points: top_k, so it differs only there
+    k5 = load(base, warm_start=[str(tmp_path)], overrides={"search.warm_start_top_k": 5})
+    assert space_differences(resolved_space(warm), resolved_space(k5)) == []
+    top3, top5 = (load(base, warm_start=[str(tmp_path)], overrides={"search.warm_start_points": "top_k",
+                                                                     "search.warm_start_top_k": k}) for k in (3, 5))
+    diffs = space_differences(resolved_space(top3), resolved_space(top5))
+    assert "search.warm_start_top_k: '<unset>' -> 5" in diffs  # (3, the default, is written as absent)
     cmd = _resume_command(str(base), None, "warm", None, {"warm_start": [str(d) for d in dirs]})
     assert f"--warm-start {dirs[0]} {dirs[1]} --resume" in cmd
 
@@ -426,6 +456,9 @@ def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
     ({"warm_start": [3]}, "search.warm_start[0]: expected a non-empty string, got 3"),
     ({"warm_start_narrow": "yes"}, "search.warm_start_narrow: expected true or false, got 'yes'"),
     ({"warm_start_narrow": True}, "search.warm_start_narrow: true needs finished searches"),
+    ({"warm_start_points": "top_k"}, "search.warm_start_points: 'top_k' needs finished searches"),
+    ({"warm_start_points": "best"}, "search.warm_start_points: 'best' is not allowed"),
+    ({"warm_start_top_k": 0}, "search.warm_start_top_k: 0"),
     ({"warm_start": ["no/such/dir"]}, "no/such/dir: no such directory"),
 ])
 def test_warm_start_settings_are_validated(search, needle):

@@ -16,17 +16,17 @@ if TYPE_CHECKING:
 
 
 def add_points(space: SearchSpace, spec: PointsSpec, model_name: str,
-               transferred: tuple[str, dict[str, float]] | None = None) -> None:
-    """Fill points_to_evaluate: guide default first, then the warm start's `transferred` (label,
-    point of all four parameters: `simpo_ray.transfer.warm_start`), references, reasoning example, extra."""
+               transferred: list[tuple[str, dict[str, float]]] | None = None) -> None:
+    """Fill points_to_evaluate: guide default first, then the warm start's `transferred` ((label,
+    point of all four parameters), in order: `simpo_ray.transfer.warm_start`), references,
+    reasoning example, extra."""
     searched = space.params
     fixed = space.fixed_params()
     default = space.documented_default()
     candidates: list[tuple[str, dict[str, float]]] = [
         (f"guide default ({space.size_bucket}, task {space.task or '-'}, "
          f"model type {space.model_type or '-'})", default)]
-    if transferred is not None:
-        candidates.append(transferred)
+    candidates += transferred or []
     if spec.references:
         for ref in guide.reference_settings(model_name):
             candidates.append((f"SimPO reference {ref.name} ({ref.source.rsplit('/', 1)[-1]})", ref.params()))

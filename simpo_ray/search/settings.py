@@ -105,6 +105,11 @@ class SearchSettings:
     # Finished searches to start from (simpo_ray.transfer.warm_start); absolute once loaded.
     warm_start: tuple[str, ...] = ()
     warm_start_narrow: bool = False
+    # What a warm start enqueues after the documented default (bench/warm_start.py measures them):
+    # trend: the point the size trends predict; top_k: the warm_start_top_k best trials of the
+    # finished size nearest this one (zero-shot transfer by rank); none: nothing.
+    warm_start_points: Literal["trend", "top_k", "none"] = "trend"
+    warm_start_top_k: int = field(default=3, metadata=rng(1))
     # A multi-objective search (search.objective given as a list): all its metrics and modes;
     # `objective`/`mode` are then the first (the primary). Empty for one objective.
     objectives: tuple[str, ...] = ()
@@ -118,6 +123,9 @@ class SearchSettings:
         if self.warm_start_narrow and not self.warm_start:
             raise ConfigError("warm_start_narrow: true needs finished searches to narrow from "
                               "(search.warm_start or --warm-start)")
+        if self.warm_start_points != "trend" and not self.warm_start:
+            raise ConfigError(f"warm_start_points: {self.warm_start_points!r} needs finished searches to "
+                              "transfer from (search.warm_start or --warm-start)")
         if self.sampler == "random" and (self.tpe_multivariate is not None or self.tpe_startup_trials is not None):
             raise ConfigError("tpe_multivariate / tpe_startup_trials: set for sampler: random, which has no "
                               "model; use sampler: tpe or drop them")

@@ -8,8 +8,11 @@ working directory, as every other path of a space, and recorded absolute). It
    searches) and, with `search.warm_start_narrow`, narrows each searched range to the predicted
    interval (`transfer.narrowed_ranges`: inside the documented range unless
    `allow_out_of_range`; intersected with the space's own range: it never widens one);
-2. fills the start points (`points.add_points`) with the predicted point right after the
-   guide's documented default, labelled `transferred from sizes ...`;
+2. fills the start points (`points.add_points`) right after the guide's documented default
+   with what `search.warm_start_points` says: the predicted point (`trend`, labelled
+   `transferred from sizes ...`), or the `warm_start_top_k` best trials of the finished size
+   nearest in parameter count (`top_k`, labelled `top i of <size>`; zero-shot transfer by rank),
+   or nothing (`none`);
 3. takes the ranked trials of the same size bucket and model (`finished.same_size_trials`,
    inside the final ranges) for the searcher, which adds them to Optuna's study as COMPLETE
    trials (`tune.make_searcher`: `OptunaSearch.add_evaluated_point`), so they are not rerun. A start
@@ -42,13 +45,13 @@ class WarmStart:
     """What a warm start gave a space (kept small: the space travels to every trial)."""
 
     trials: list[tuple[dict[str, float], float]]  # (params, value) for the searcher, best first
-    transferred: dict[str, float] | None          # the predicted point as enqueued (None: not enqueued)
+    transferred: dict[str, float] | None          # the first transferred point as enqueued (None: none)
     sources: list[dict[str, Any]]                 # search.json's search.warm_started_from
     lines: list[str] = field(default_factory=list)  # what --dry-run prints
 
     def summary(self) -> str:
         used = ", ".join(s["size"] for s in self.sources)
-        point = "a transferred point enqueued after the default" if self.transferred else "no transferred point"
+        point = "transferred point(s) enqueued after the default" if self.transferred else "no transferred point"
         return f"warm start from {len(self.sources)} finished search(es) ({used}): {len(self.trials)} " \
                f"finished trial(s) handed to the searcher, {point}"
 
@@ -85,18 +88,26 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
         predicted = {**space.documented_default(), **transfer.predict_point(trends, n, space.size_bucket, **kw)}
     elif space.search.warm_start_narrow:
         lines.append("search.warm_start_narrow: ranges not narrowed (no size trend to predict from)")
-    add_points(space, spec, model_name, transferred=(label, predicted) if predicted else None)
+    how = space.search.warm_start_points
+    if how == "top_k":
+        transferred = _top_k(searches, space, target, n, space.search.warm_start_top_k, lines)
+    else:
+        transferred = [(label, predicted)] if predicted and how == "trend" else []
+    add_points(space, spec, model_name, transferred=transferred)
     trials = [({p: float(space.params[p].clip(v)) for p, v in point.items()}, value)
               for point, value in finished.same_size_trials(searches, space)]
     lines += _drop_evaluated(space, trials)
     enqueued = None
-    if predicted and label in space.point_labels:
-        i = space.point_labels.index(label)
-        enqueued = space.points_to_evaluate[i]
-        lines.append(f"transferred point enqueued as point {i + 1} of {len(space.points_to_evaluate)}: "
-                     + " ".join(f"{k}={v:.3g}" for k, v in enqueued.items()))
-    elif predicted:
-        lines.append("transferred point not enqueued: the same as an earlier point (see notes)")
+    for name, _ in transferred:
+        if name in space.point_labels:
+            i = space.point_labels.index(name)
+            enqueued = enqueued or space.points_to_evaluate[i]
+            lines.append(f"{name}: enqueued as point {i + 1} of {len(space.points_to_evaluate)}: "
+                         + " ".join(f"{k}={v:.3g}" for k, v in space.points_to_evaluate[i].items()))
+        else:
+            lines.append(f"{name}: not enqueued (see above and the notes)")
+    if predicted and how != "trend":
+        lines.append(f"the size trends' point is not enqueued (search.warm_start_points: {how})")
     other = sorted({f"{s.objective} ({s.mode})" for s in searches if (s.size_bucket, s.model) != target}
                    - {f"{space.search.objective} ({space.search.mode})"})
     if other and trends:
@@ -109,6 +120,41 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
     space.warm = WarmStart(trials, enqueued, sources)
     space.warm.lines = transfer.describe(searches, space) + lines
     return space.warm
+
+
+def _top_k(searches, space: SearchSpace, target: tuple[str, str], n: float | None, k: int,
+           lines: list[str]) -> list[tuple[str, dict[str, float]]]:
+    """The `k` best finished trials of the finished search (of another size) nearest `n`
+    parameters, best first, as full points (a parameter it did not search: its fixed value,
+    else this space's documented default)."""
+    others = [s for s in searches if (s.size_bucket, s.model) != target and s.n_params]
+    if not others or n is None:
+        lines.append("search.warm_start_points top_k: no finished search of another size with a known "
+                     "parameter count" + ("" if n is not None else ", or this model's count is unknown")
+                     + "; nothing transferred")
+        return []
+    nearest = min(others, key=lambda s: (abs(math.log(s.n_params / n)), -s.n_params))
+    default = space.documented_default()
+    ranked = nearest.ranked()  # completed or stopped early, with a finite score, best first
+    out = []
+    for i, (_, row) in enumerate(ranked.head(k).iterrows()):
+        point = dict(default)
+        for p in default:
+            if p in nearest.searched and p in row and not _isnan(row[p]):
+                point[p] = float(row[p])
+            elif nearest.fixed_value(p) is not None:
+                point[p] = nearest.fixed_value(p)
+        out.append((f"top {i + 1} of {nearest.label} ({nearest.objective} {row['best_objective']:.4g})", point))
+    lines.append(f"search.warm_start_points top_k: the {len(out)} best trial(s) of {nearest.label} "
+                 f"({format_count(nearest.n_params)} parameters, the finished size nearest this one)")
+    return out
+
+
+def _isnan(x: Any) -> bool:
+    try:
+        return math.isnan(float(x))
+    except (TypeError, ValueError):
+        return True
 
 
 def _narrow(space: SearchSpace, ranges: dict[str, tuple[float, float]]) -> list[str]:
