@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,9 @@ def search(space: str, storage: Path, name: str, seed: int, overrides: dict, war
     if record.exists() and json.loads(record.read_text()).get("state") == "finished":
         print(f"reusing {storage / name}", flush=True)
         return {"exp": storage / name, "wall_s": float("nan"), "load": float("nan"), "reused": True}
+    if (storage / name).exists():  # an interrupted run of this bench: start that arm again
+        print(f"removing the unfinished {storage / name}", flush=True)
+        shutil.rmtree(storage / name)
     t0 = time.perf_counter()
     exp = run_search(str(REPO / "search_spaces" / f"{space}.yaml"), storage_path=str(storage), name=name,
                      seed=seed, warm_start=warm, num_samples=num_samples, overrides=overrides, verbose=0)

@@ -209,9 +209,10 @@ def _tune_parser() -> argparse.ArgumentParser:
             "\n"
             "warm start (--warm-start, or search.warm_start: [dirs] in the space; paths relative to the\n"
             "working directory): finished searches of the same size bucket and model hand their ranked\n"
-            "trials to Optuna as completed trials (not rerun); searches of other sizes give a trend per\n"
-            "parameter against model size, and the point it predicts runs right after the documented\n"
-            "default. --warm-start-narrow (search.warm_start_narrow: true) also narrows each searched\n"
+            "trials to Optuna as completed trials (not rerun); the best 3 trials of the finished size\n"
+            "nearest this one run right after the documented default (search.warm_start_points: top_k;\n"
+            "trend: instead the point a trend per parameter against model size predicts).\n"
+            "--warm-start-narrow (search.warm_start_narrow: true) also narrows each searched\n"
             "range to the predicted interval (never outside the documented range unless\n"
             "--allow-out-of-range). --dry-run prints the trials handed over, the trends and the point.\n"
         ),

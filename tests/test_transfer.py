@@ -370,12 +370,18 @@ def test_warm_start_gives_the_searcher_completed_trials_and_the_default_still_ru
 
 def test_warm_start_dry_run_predicts_inside_the_documented_range(tmp_path, capsys, monkeypatch):
     """Two searched sizes: a centre per parameter inside the documented range, enqueued after the
-    default, and no interval (0 degrees of freedom between sizes), so --warm-start-narrow is refused."""
+    default (`search.warm_start_points: trend`), and no interval (0 degrees of freedom between
+    sizes), so --warm-start-narrow is refused."""
+    import yaml
+
     from simpo_ray.cli import tune_main
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     dirs = ladder_dirs(tmp_path, sizes=("tiny", "small"))
-    base = TINY_SPACE.with_name("cpu-base.yaml")
+    raw = yaml.safe_load(TINY_SPACE.with_name("cpu-base.yaml").read_text())
+    raw["search"]["warm_start_points"] = "trend"
+    base = tmp_path / "cpu-base-trend.yaml"
+    base.write_text(yaml.safe_dump(raw))
     assert tune_main(["--space", str(base), "--dry-run", "--warm-start", *map(str, dirs)]) == 0
     out = capsys.readouterr().out.splitlines()
     [start] = [i for i, line in enumerate(out) if line.startswith("predicted point for cpu/base")]
@@ -422,6 +428,9 @@ def test_warm_start_top_k_enqueues_the_nearest_sizes_best_trials_in_rank_order(t
     assert any("not enqueued (search.warm_start_points: top_k)" in line for line in space.warm.lines)
     none = load(base, warm_start=[str(d) for d in dirs], overrides={"search.warm_start_points": "none"})
     assert len(none.points_to_evaluate) == 1
+    default = load(base, warm_start=[str(d) for d in dirs])  # top_k, 3, unless told otherwise
+    assert [label.split(" (")[0] for label in default.point_labels[1:]] == [
+        "top 1 of cpu/small", "top 2 of cpu/small", "top 3 of cpu/small"]
 
 
 def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
@@ -441,12 +450,12 @@ def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
     cold = resolved_space(load(base))
     assert "warm_start" not in cold["search"] and "warm_start_narrow" not in cold["search"]
     assert space_differences(cold, resolved_space(warm)) != []
-    # warm_start_top_k is read only by warm_start_points: top_k, so it differs only there
+    # warm_start_top_k is read only under warm_start_points top_k (the default), so it differs only there
+    trend3, trend5 = (load(base, warm_start=[str(tmp_path)], overrides={"search.warm_start_points": "trend",
+                                                                         "search.warm_start_top_k": k}) for k in (3, 5))
+    assert space_differences(resolved_space(trend3), resolved_space(trend5)) == []
     k5 = load(base, warm_start=[str(tmp_path)], overrides={"search.warm_start_top_k": 5})
-    assert space_differences(resolved_space(warm), resolved_space(k5)) == []
-    top3, top5 = (load(base, warm_start=[str(tmp_path)], overrides={"search.warm_start_points": "top_k",
-                                                                     "search.warm_start_top_k": k}) for k in (3, 5))
-    diffs = space_differences(resolved_space(top3), resolved_space(top5))
+    diffs = space_differences(resolved_space(warm), resolved_space(k5))
     assert "search.warm_start_top_k: '<unset>' -> 5" in diffs  # (3, the default, is written as absent)
     cmd = _resume_command(str(base), None, "warm", None, {"warm_start": [str(d) for d in dirs]})
     assert f"--warm-start {dirs[0]} {dirs[1]} --resume" in cmd

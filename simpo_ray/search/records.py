@@ -284,7 +284,7 @@ def resolved_space(space) -> dict[str, Any]:
 # Search keys added after search.json schema 2, with the value that means "not used".
 _LATER_SEARCH_KEYS = (("warm_start", []), ("warm_start_narrow", False), ("objectives", []), ("modes", []),
                       ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None),
-                      ("local_mode", True), ("warm_start_points", "trend"), ("warm_start_top_k", 3))
+                      ("local_mode", True), ("warm_start_points", None), ("warm_start_top_k", 3))
 
 
 def _trimmed(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -295,7 +295,7 @@ def _trimmed(resolved: dict[str, Any]) -> dict[str, Any]:
     for key, unset in _LATER_SEARCH_KEYS:
         if key in search and search[key] == unset:
             search.pop(key)
-    if search.get("warm_start_points", "trend") != "top_k":
+    if search.get("warm_start_points") in ("trend", "none") or not search.get("warm_start"):
         search.pop("warm_start_top_k", None)  # read only by top_k: no difference otherwise
     default = TrainConfig.__dataclass_fields__
     for key in LATER_BASE_KEYS:

@@ -105,10 +105,11 @@ class SearchSettings:
     # Finished searches to start from (simpo_ray.transfer.warm_start); absolute once loaded.
     warm_start: tuple[str, ...] = ()
     warm_start_narrow: bool = False
-    # What a warm start enqueues after the documented default (bench/warm_start.py measures them):
-    # trend: the point the size trends predict; top_k: the warm_start_top_k best trials of the
-    # finished size nearest this one (zero-shot transfer by rank); none: nothing.
-    warm_start_points: Literal["trend", "top_k", "none"] = "trend"
+    # What a warm start enqueues after the documented default: trend, the point the size trends
+    # predict; top_k, the warm_start_top_k best trials of the finished size nearest this one
+    # (zero-shot transfer by rank); none, nothing. null: top_k, which reached the cold search's
+    # best in fewer trials where the trend's point did not (bench/warm_start.py, README).
+    warm_start_points: Literal["trend", "top_k", "none"] | None = None
     warm_start_top_k: int = field(default=3, metadata=rng(1))
     # A multi-objective search (search.objective given as a list): all its metrics and modes;
     # `objective`/`mode` are then the first (the primary). Empty for one objective.
@@ -123,7 +124,7 @@ class SearchSettings:
         if self.warm_start_narrow and not self.warm_start:
             raise ConfigError("warm_start_narrow: true needs finished searches to narrow from "
                               "(search.warm_start or --warm-start)")
-        if self.warm_start_points != "trend" and not self.warm_start:
+        if self.warm_start_points is not None and not self.warm_start:
             raise ConfigError(f"warm_start_points: {self.warm_start_points!r} needs finished searches to "
                               "transfer from (search.warm_start or --warm-start)")
         if self.sampler == "random" and (self.tpe_multivariate is not None or self.tpe_startup_trials is not None):

@@ -9,10 +9,10 @@ working directory, as every other path of a space, and recorded absolute). It
    interval (`transfer.narrowed_ranges`: inside the documented range unless
    `allow_out_of_range`; intersected with the space's own range: it never widens one);
 2. fills the start points (`points.add_points`) right after the guide's documented default
-   with what `search.warm_start_points` says: the predicted point (`trend`, labelled
-   `transferred from sizes ...`), or the `warm_start_top_k` best trials of the finished size
-   nearest in parameter count (`top_k`, labelled `top i of <size>`; zero-shot transfer by rank),
-   or nothing (`none`);
+   with what `search.warm_start_points` says: the `warm_start_top_k` best trials of the finished
+   size nearest in parameter count (`top_k`, the default, labelled `top i of <size>`; zero-shot
+   transfer by rank), the predicted point (`trend`, labelled `transferred from sizes ...`), or
+   nothing (`none`);
 3. takes the ranked trials of the same size bucket and model (`finished.same_size_trials`,
    inside the final ranges) for the searcher, which adds them to Optuna's study as COMPLETE
    trials (`tune.make_searcher`: `OptunaSearch.add_evaluated_point`), so they are not rerun. A start
@@ -38,6 +38,12 @@ from simpo_ray.transfer.model_size import format_count
 if TYPE_CHECKING:
     from simpo_ray.search.settings import PointsSpec
     from simpo_ray.search.space import SearchSpace
+
+
+# What a warm start enqueues when search.warm_start_points is not set: on the bundled ladder the
+# nearest size's best trials reached the cold search's best sooner (bench/warm_start.py, 5 seeds)
+# where the trends' point, extrapolated from two sizes, did not (3 seeds).
+DEFAULT_POINTS = "top_k"
 
 
 @dataclass
@@ -88,7 +94,7 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
         predicted = {**space.documented_default(), **transfer.predict_point(trends, n, space.size_bucket, **kw)}
     elif space.search.warm_start_narrow:
         lines.append("search.warm_start_narrow: ranges not narrowed (no size trend to predict from)")
-    how = space.search.warm_start_points
+    how = space.search.warm_start_points or DEFAULT_POINTS
     if how == "top_k":
         transferred = _top_k(searches, space, target, n, space.search.warm_start_top_k, lines)
     else:
