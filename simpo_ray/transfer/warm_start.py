@@ -144,23 +144,13 @@ def _top_k(searches, space: SearchSpace, target: tuple[str, str], n: float | Non
     ranked = nearest.ranked()  # completed or stopped early, with a finite score, best first
     out = []
     for i, (_, row) in enumerate(ranked.head(k).iterrows()):
-        point = dict(default)
-        for p in default:
-            if p in nearest.searched and p in row and not _isnan(row[p]):
-                point[p] = float(row[p])
-            elif nearest.fixed_value(p) is not None:
-                point[p] = nearest.fixed_value(p)
+        # as finished.same_size_trials reads a trial (its trials.csv was validated on load)
+        value = {p: float(row[p]) if p in nearest.searched else nearest.fixed_value(p) for p in default}
+        point = {p: default[p] if v is None else v for p, v in value.items()}
         out.append((f"top {i + 1} of {nearest.label} ({nearest.objective} {row['best_objective']:.4g})", point))
     lines.append(f"search.warm_start_points top_k: the {len(out)} best trial(s) of {nearest.label} "
                  f"({format_count(nearest.n_params)} parameters, the finished size nearest this one)")
     return out
-
-
-def _isnan(x: Any) -> bool:
-    try:
-        return math.isnan(float(x))
-    except (TypeError, ValueError):
-        return True
 
 
 def _narrow(space: SearchSpace, ranges: dict[str, tuple[float, float]]) -> list[str]:
