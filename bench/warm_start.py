@@ -9,6 +9,8 @@ all with the same space, budget, trial count, scheduler (ASHA) and seed:
   model size predicts base's point, queued right after the documented default;
 - `warm-topk`: `search.warm_start_points: top_k`: the 3 best trials of the nearest finished size
   (small) queued after the default instead (zero-shot transfer by rank);
+- `warm-prior`: `search.warm_start_points: prior`: 3 points drawn (seeded by the search's seed)
+  from a truncated normal per parameter around the trends' point (`transfer.prior`, piBO style);
 - `warm-narrow`: `--warm-start --warm-start-narrow` (refused from two source sizes, which give no
   interval, so not among the default arms).
 The trials are cheaper than the space's (`--steps`, default 300 of its 600, ASHA's grace period
@@ -43,6 +45,7 @@ import _search  # noqa: E402
 OBJECTIVE = "eval/success_rate"
 ARMS = {"cold": {}, "warm": {"search.warm_start_points": "trend"},
         "warm-topk": {"search.warm_start_points": "top_k", "search.warm_start_top_k": 3},
+        "warm-prior": {"search.warm_start_points": "prior", "search.warm_start_prior_samples": 3},
         "warm-narrow": {"search.warm_start_points": "trend", "search.warm_start_narrow": True}}
 
 

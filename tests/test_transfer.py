@@ -433,6 +433,28 @@ def test_warm_start_top_k_enqueues_the_nearest_sizes_best_trials_in_rank_order(t
         "top 1 of cpu/small", "top 2 of cpu/small", "top 3 of cpu/small"]
 
 
+def test_warm_start_top_k_pools_the_searches_of_the_nearest_size(tmp_path):
+    """Two finished searches of small (different trials): the top k are the best of both
+    together, in the order plain pandas ranks their concatenated tables."""
+    from simpo_ray.search.plan import load
+
+    dirs = ladder_dirs(tmp_path / "a", sizes=("tiny", "small"))
+    rng = np.random.default_rng(5)
+    t = trials_table(bundled_param_count("small"), 8, rng, c=0.8)
+    t = t.assign(beta=t["beta"].clip(2, 10))
+    dirs.append(write_search(tmp_path / "b" / "cpu-small-again", t.assign(rank=rank_column(t, "max")),
+                             model_name_or_path="bundled:small", num_samples=8, state="finished"))
+    space = load(TINY_SPACE.with_name("cpu-base.yaml"), warm_start=[str(d) for d in dirs],
+                 overrides={"search.warm_start_top_k": 4})
+    both = pd.concat([pd.read_csv(d / "trials.csv").assign(src=d.name) for d in dirs if "small" in d.name],
+                     ignore_index=True)
+    both = both[both["status"].isin(["completed", "stopped_early"])].sort_values("best_objective", ascending=False)
+    assert set(both.head(4)["src"]) == {"cpu-small", "cpu-small-again"}  # the top 4 draw on both
+    assert space.points_to_evaluate[1:5] == [pytest.approx({p: float(r[p]) for p in guide.PARAMS})
+                                              for _, r in both.head(4).iterrows()]
+    assert any("cpu/small" in line and "2 searches pooled" in line for line in space.warm.lines)
+
+
 def test_warm_start_is_recorded_and_older_records_still_compare(tmp_path):
     from simpo_ray.search.records import resolved_space, space_differences
     from simpo_ray.search.plan import load

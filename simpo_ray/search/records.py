@@ -24,6 +24,7 @@ from simpo_ray.errors import UserError
 from simpo_ray.config import TrainConfig
 from simpo_ray.guide import PARAMS
 from simpo_ray.io import Storage
+from simpo_ray.search.settings import DEFAULT_WARM_START_POINTS
 
 # interrupted: the search was stopped (Ctrl-C, SIGTERM of the driver) while the trial was
 # running or waiting; `--resume` reruns it. It never ranks.
@@ -284,7 +285,8 @@ def resolved_space(space) -> dict[str, Any]:
 # Search keys added after search.json schema 2, with the value that means "not used".
 _LATER_SEARCH_KEYS = (("warm_start", []), ("warm_start_narrow", False), ("objectives", []), ("modes", []),
                       ("tpe_multivariate", None), ("tpe_startup_trials", None), ("optuna_storage", None),
-                      ("local_mode", True), ("warm_start_points", None), ("warm_start_top_k", 3))
+                      ("local_mode", True), ("warm_start_points", None), ("warm_start_top_k", 3),
+                      ("warm_start_prior_samples", 3))
 
 
 def _trimmed(resolved: dict[str, Any]) -> dict[str, Any]:
@@ -295,8 +297,10 @@ def _trimmed(resolved: dict[str, Any]) -> dict[str, Any]:
     for key, unset in _LATER_SEARCH_KEYS:
         if key in search and search[key] == unset:
             search.pop(key)
-    if search.get("warm_start_points") in ("trend", "none") or not search.get("warm_start"):
-        search.pop("warm_start_top_k", None)  # read only by top_k: no difference otherwise
+    how = search.get("warm_start_points") or DEFAULT_WARM_START_POINTS
+    for key, reader in (("warm_start_top_k", "top_k"), ("warm_start_prior_samples", "prior")):
+        if how != reader or not search.get("warm_start"):
+            search.pop(key, None)  # read only by that kind of start point: no difference otherwise
     default = TrainConfig.__dataclass_fields__
     for key in LATER_BASE_KEYS:
         if key in base and base[key] == default[key].default:

@@ -30,6 +30,12 @@ TimeAttr = Literal["step", "samples", "tokens", "training_iteration"]
 Mode = Literal["max", "min"]
 
 
+# What a warm start enqueues when search.warm_start_points is not set: on the bundled ladder the
+# nearest size's best trials reached the cold search's best sooner than the trends' point or draws
+# around it (bench/warm_start.py, 5 seeds; README "Transfer across sizes").
+DEFAULT_WARM_START_POINTS = "top_k"
+
+
 DISTRIBUTIONS = typing.get_args(Distribution)
 
 
@@ -107,10 +113,11 @@ class SearchSettings:
     warm_start_narrow: bool = False
     # What a warm start enqueues after the documented default: trend, the point the size trends
     # predict; top_k, the warm_start_top_k best trials of the finished size nearest this one
-    # (zero-shot transfer by rank); none, nothing. null: top_k, which reached the cold search's
-    # best in fewer trials where the trend's point did not (bench/warm_start.py, README).
-    warm_start_points: Literal["trend", "top_k", "none"] | None = None
+    # (zero-shot transfer by rank); prior, warm_start_prior_samples points drawn around the
+    # trends' point (transfer.prior); none, nothing. null: DEFAULT_WARM_START_POINTS.
+    warm_start_points: Literal["trend", "top_k", "prior", "none"] | None = None
     warm_start_top_k: int = field(default=3, metadata=rng(1))
+    warm_start_prior_samples: int = field(default=3, metadata=rng(1))
     # A multi-objective search (search.objective given as a list): all its metrics and modes;
     # `objective`/`mode` are then the first (the primary). Empty for one objective.
     objectives: tuple[str, ...] = ()

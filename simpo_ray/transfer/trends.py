@@ -94,14 +94,20 @@ class Trend:
         """(centre, low, high) at `n_params`, unclipped (low/high infinite when dof < 1)."""
         from scipy.special import stdtrit
 
-        x0 = math.log10(n_params)
-        y = self.intercept + self.slope * x0
+        y = self.intercept + self.slope * math.log10(n_params)
         if not self.has_interval:
             half = math.inf
         else:
-            se = self.residual_sd * math.sqrt(1 + 1 / self.weight + (x0 - self.x_mean) ** 2 / self.sxx)
-            half = float(stdtrit(self.dof, (1 + self.level) / 2)) * se
+            half = float(stdtrit(self.dof, (1 + self.level) / 2)) * self.prediction_se(n_params)
         return self._value(y), self._value(y - half), self._value(y + half)
+
+    def prediction_se(self, n_params: float) -> float:
+        """The standard error of a new size's optimum at `n_params` (in the fitted scale; nan
+        without an interval): s * sqrt(1 + 1/S + (x0 - mean x)^2 / Sxx)."""
+        if not self.has_interval:
+            return math.nan
+        x0 = math.log10(n_params)
+        return self.residual_sd * math.sqrt(1 + 1 / self.weight + (x0 - self.x_mean) ** 2 / self.sxx)
 
     def formula(self) -> str:
         y = f"log10 {self.param}" if self.log_value else self.param

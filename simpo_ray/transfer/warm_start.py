@@ -11,8 +11,9 @@ working directory, as every other path of a space, and recorded absolute). It
 2. fills the start points (`points.add_points`) right after the guide's documented default
    with what `search.warm_start_points` says: the `warm_start_top_k` best trials of the finished
    size nearest in parameter count (`top_k`, the default, labelled `top i of <size>`; zero-shot
-   transfer by rank), the predicted point (`trend`, labelled `transferred from sizes ...`), or
-   nothing (`none`);
+   transfer by rank), the predicted point (`trend`, labelled `transferred from sizes ...`),
+   `warm_start_prior_samples` points drawn around it (`prior`, `transfer.prior`, labelled
+   `prior draw i of k`), or nothing (`none`);
 3. takes the ranked trials of the same size bucket and model (`finished.same_size_trials`,
    inside the final ranges) for the searcher, which adds them to Optuna's study as COMPLETE
    trials (`tune.make_searcher`: `OptunaSearch.add_evaluated_point`), so they are not rerun. A start
@@ -30,20 +31,18 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from simpo_ray.transfer import finished, trends as transfer
+import pandas as pd
+
+from simpo_ray.search import records
+from simpo_ray.transfer import finished, prior, trends as transfer
 from simpo_ray.errors import UserError
 from simpo_ray.search.points import add_points
+from simpo_ray.search.settings import DEFAULT_WARM_START_POINTS as DEFAULT_POINTS
 from simpo_ray.transfer.model_size import format_count
 
 if TYPE_CHECKING:
     from simpo_ray.search.settings import PointsSpec
     from simpo_ray.search.space import SearchSpace
-
-
-# What a warm start enqueues when search.warm_start_points is not set: on the bundled ladder the
-# nearest size's best trials reached the cold search's best sooner (bench/warm_start.py, 5 seeds)
-# where the trends' point, extrapolated from two sizes, did not (3 seeds).
-DEFAULT_POINTS = "top_k"
 
 
 @dataclass
@@ -97,6 +96,10 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
     how = space.search.warm_start_points or DEFAULT_POINTS
     if how == "top_k":
         transferred = _top_k(searches, space, target, n, space.search.warm_start_top_k, lines)
+    elif how == "prior":
+        transferred = _prior(trends, space, n, lines) if predicted else []
+        if not predicted:
+            lines.append("search.warm_start_points prior: no size trend to draw around; nothing transferred")
     else:
         transferred = [(label, predicted)] if predicted and how == "trend" else []
     add_points(space, spec, model_name, transferred=transferred)
@@ -112,7 +115,7 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
                          + " ".join(f"{k}={v:.3g}" for k, v in space.points_to_evaluate[i].items()))
         else:
             lines.append(f"{name}: not enqueued (see above and the notes)")
-    if predicted and how != "trend":
+    if predicted and how not in ("trend", "prior"):
         lines.append(f"the size trends' point is not enqueued (search.warm_start_points: {how})")
     other = sorted({f"{s.objective} ({s.mode})" for s in searches if (s.size_bucket, s.model) != target}
                    - {f"{space.search.objective} ({space.search.mode})"})
@@ -130,9 +133,9 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
 
 def _top_k(searches, space: SearchSpace, target: tuple[str, str], n: float | None, k: int,
            lines: list[str]) -> list[tuple[str, dict[str, float]]]:
-    """The `k` best finished trials of the finished search (of another size) nearest `n`
-    parameters, best first, as full points (a parameter it did not search: its fixed value,
-    else this space's documented default)."""
+    """The `k` best finished trials of the finished size (another than this one) nearest `n`
+    parameters, its searches pooled, best first, as full points (a parameter a search did not
+    vary: its fixed value, else this space's documented default)."""
     others = [s for s in searches if (s.size_bucket, s.model) != target and s.n_params]
     if not others or n is None:
         lines.append("search.warm_start_points top_k: no finished search of another size with a known "
@@ -140,17 +143,39 @@ def _top_k(searches, space: SearchSpace, target: tuple[str, str], n: float | Non
                      + "; nothing transferred")
         return []
     nearest = min(others, key=lambda s: (abs(math.log(s.n_params / n)), -s.n_params))
+    group = [s for s in others if (s.size_bucket, s.model) == (nearest.size_bucket, nearest.model)]
     default = space.documented_default()
-    ranked = nearest.ranked()  # completed or stopped early, with a finite score, best first
-    out = []
-    for i, (_, row) in enumerate(ranked.head(k).iterrows()):
-        # as finished.same_size_trials reads a trial (its trials.csv was validated on load)
-        value = {p: float(row[p]) if p in nearest.searched else nearest.fixed_value(p) for p in default}
-        point = {p: default[p] if v is None else v for p, v in value.items()}
-        out.append((f"top {i + 1} of {nearest.label} ({nearest.objective} {row['best_objective']:.4g})", point))
+    # the searches of that size pooled; each trial read as finished.same_size_trials reads one
+    # (its trials.csv was validated on load): a parameter its search did not vary takes the value
+    # it was fixed at, else this space's documented default
+    pooled = []
+    for s in group:
+        t = s.trials.copy()
+        for p in default:
+            fixed = None if p in s.searched else s.fixed_value(p)
+            t[p] = t[p].astype(float) if p in s.searched else (default[p] if fixed is None else fixed)
+        pooled.append(t)
+    ranked = records.ranked(pd.concat(pooled, ignore_index=True), nearest.mode)  # completed or stopped early
+    out = [(f"top {i + 1} of {nearest.label} ({nearest.objective} {row['best_objective']:.4g})",
+            {p: float(row[p]) for p in default}) for i, (_, row) in enumerate(ranked.head(k).iterrows())]
+    searches_text = "" if len(group) == 1 else f", {len(group)} searches pooled"
     lines.append(f"search.warm_start_points top_k: the {len(out)} best trial(s) of {nearest.label} "
-                 f"({format_count(nearest.n_params)} parameters, the finished size nearest this one)")
+                 f"({format_count(nearest.n_params)} parameters, the finished size nearest this one{searches_text})")
     return out
+
+
+def _prior(trends, space: SearchSpace, n: float, lines: list[str]) -> list[tuple[str, dict[str, float]]]:
+    """`warm_start_prior_samples` points drawn around the trends' point (`transfer.prior`), as
+    full points (a parameter this space does not search: its documented default)."""
+    k = space.search.warm_start_prior_samples
+    found = prior.priors(trends, n, space.size_bucket, space.params, task=space.task, model_type=space.model_type,
+                         allow_out_of_range=space.allow_out_of_range)
+    lines.append(f"search.warm_start_points prior: {k} point(s) drawn (seed {space.search.seed}) from, per "
+                 "searched parameter:")
+    lines += [f"  {found[p].describe(param)}" for p, param in space.params.items()]
+    default = space.documented_default()
+    return [(f"prior draw {i + 1} of {k} (around the size trends' point)", {**default, **point})
+            for i, point in enumerate(prior.draw(found, space.params, k, space.search.seed))]
 
 
 def _narrow(space: SearchSpace, ranges: dict[str, tuple[float, float]]) -> list[str]:
