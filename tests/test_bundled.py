@@ -241,6 +241,12 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(tiny):
     assert batched == one_by_one
     assert success_rate(model, tok, prompts) == sum(
         task.check(p, a) for p, a in zip(prompts, one_by_one)) / len(prompts)
+    # bundled:sort-verbose's helpers: a longer budget (room for a filler tail; greedy decoding
+    # only runs on where the shorter budget cut an answer) and the tail-blind check
+    verbose = generate_answers(model, tok, prompts, batch_size=64, verbose=True)
+    assert all(v.startswith(a) for v, a in zip(verbose, one_by_one)) and verbose != one_by_one
+    assert success_rate(model, tok, prompts, verbose=True) == sum(
+        task.check(p, v, verbose=True) for p, v in zip(prompts, verbose)) / len(prompts)
     assert tok.padding_side == "right"  # untouched: left padding is per call
     prompts64 = task.load_split("test_prefs", n=64)["prompt"]
     t0 = time.perf_counter()

@@ -16,7 +16,12 @@ the line, between sizes; the interval is the t prediction interval of a size's o
 `centre +- t(level, S - 2) * s * sqrt(1 + 1/S + (x0 - mean x)^2 / Sxx)`: none with two sizes
 (0 degrees of freedom: `Trend.has_interval` is False, and `--warm-start-narrow` is refused),
 t = 6.31 at 90% with three; wider farther from the searched sizes. Its coverage is tested on
-planted trends (tests/test_transfer.py). No bootstrap over trials or seeds yet. No Ray here.
+planted trends (tests/test_transfer.py). Several searches (seeds) of one size are pooled before
+its top trials are taken. No bootstrap over trials or seeds: from three sizes on, the optima's
+scatter about the line already holds each optimum's own noise (which trials and seeds a size
+drew), so resampling them would count it twice; from two sizes a bootstrap would measure only
+that noise, not how far sizes' optima stray from a line, which no number of trials or seeds at
+two sizes can tell. No Ray here.
 """
 
 from __future__ import annotations
