@@ -17,7 +17,8 @@ The trials are cheaper than the space's (`--steps`, default 300 of its 600, ASHA
 a third of that; `--num-samples`, default 8) so that five seeds per arm fit the machine; the
 source searches run at the same step budget (a size's best learning rate depends on it).
 A search whose directory under --storage already holds a finished search of that name is
-reused, not rerun.
+reused, not rerun. With --sources-per-seed each seed's warm arms start from tiny and small
+searches run with that seed (the sources' cost is not counted: it is spent once per ladder).
 
 Per seed, the target is the cold search's best `eval/success_rate` less the objective's noise
 (the binomial standard error of a rate near 0.5 on the space's generation prompts): the compute
@@ -91,6 +92,10 @@ def main() -> int:
     p.add_argument("--num-samples", type=int, default=8, help="trials per cpu-base search (default 8)")
     p.add_argument("--steps", type=int, default=300, help="training steps per trial, every search (default 300)")
     p.add_argument("--storage", default=str(REPO / "bench" / "results" / "searches"))
+    p.add_argument("--sources-per-seed", action="store_true",
+                   help="search cpu-tiny and cpu-small once per seed, with that seed (seed 0: the shared "
+                        "sources), so that the warm arms' seeds differ in what they transfer too, not only in "
+                        "their own search")
     args = p.parse_args()
     storage = Path(args.storage)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -111,16 +116,22 @@ def main() -> int:
         tag += "-src" + hashlib.sha256("\n".join(sources).encode()).hexdigest()[:6]  # other sources: other arms
     else:
         sources = [str(search(s, storage, f"warm-source-{s}-{tag}", 0, steps)["exp"]) for s in ("cpu-tiny", "cpu-small")]
+    if args.sources_per_seed and args.sources:
+        p.error("--sources-per-seed runs its own sources: drop --sources")
     rows = []
     for seed in seeds:
-        runs = {}
+        runs, warm_tag, seed_sources = {}, tag, sources
+        if args.sources_per_seed and seed != 0:
+            warm_tag = f"{tag}-ps"  # other sources: other warm searches (the cold one is the same)
+            seed_sources = [str(search(s, storage, f"warm-source-{s}-{tag}-seed{seed}", seed, steps)["exp"])
+                            for s in ("cpu-tiny", "cpu-small")]
         for arm in arms:
-            name = f"base-{arm}-{tag}-n{args.num_samples}-seed{seed}"
+            name = f"base-{arm}-{tag if arm == 'cold' else warm_tag}-n{args.num_samples}-seed{seed}"
             runs[arm] = search("cpu-base", storage, name, seed, {**steps, **ARMS[arm]}, num_samples=args.num_samples,
-                               warm=None if arm == "cold" else sources)
+                               warm=None if arm == "cold" else seed_sources)
         best = pd.read_csv(runs["cold"]["exp"] / "trials.csv")["best_objective"].max()
         target = best - noise
-        row = {"seed": seed, "cold_best": float(best), "target": float(target)}
+        row = {"seed": seed, "cold_best": float(best), "target": float(target), "sources": seed_sources}
         for arm, run in runs.items():
             row[f"{arm}_best"] = float(pd.read_csv(run["exp"] / "trials.csv")["best_objective"].max())
             got = _search.compute_to_reach(run["exp"], target, OBJECTIVE)
