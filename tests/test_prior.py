@@ -106,6 +106,11 @@ def test_two_sizes_take_the_step_from_the_nearest_size_as_the_error_and_enqueue_
     lines = [line for line in one.warm.lines if line.lstrip().startswith("learning_rate: log10 learning_rate")]
     assert len(lines) == 1 and "the step from cpu/small's optimum (no interval from 2 sizes)" in lines[0]
     assert f"normal({centre:.3g}, sd {math.hypot(rms, step):.2g})" in lines[0], (lines[0], centre, rms, step)
+    from simpo_ray.transfer import finished
+
+    trends = transfer.fit_trends(finished.load_finished([str(d) for d in dirs]))
+    got = prior.priors(trends, bundled_param_count("base"), "cpu", one.params)["learning_rate"]
+    assert (got.centre, got.width, got.error, got.sd) == pytest.approx((centre, rms, step, math.hypot(rms, step)))
 
 
 def test_a_parameter_without_a_trend_is_drawn_from_its_searched_range():
@@ -149,3 +154,21 @@ def test_prior_samples_are_validated_and_recorded_only_where_read(tmp_path):
     diffs = space_differences(resolved(warm_start_points="prior"),
                               resolved(warm_start_points="prior", warm_start_prior_samples=4))
     assert "search.warm_start_prior_samples: '<unset>' -> 4" in diffs
+
+
+def test_edges_a_far_centre_a_choice_with_a_trend_and_an_infinite_extrapolation():
+    """A centre 4 sd above the searched range: every draw inside it, piled against the top (more
+    than 99% in its top sd; KS against scipy's truncated normal). A learning rate searched as a choice snaps
+    to the value nearest in log10 (3e-4 lies nearer 1e-4 than 1e-3 in log10, nearer 1e-3 in value).
+    An infinite centre (an extrapolation with --allow-out-of-range) lands on the range's bound."""
+    lr = Param("learning_rate", "loguniform", 1e-5, 1e-4)
+    far = {"learning_rate": prior.Prior("learning_rate", True, centre=-4 + 4 * 0.25, sd=0.25)}
+    y = np.log10([p["learning_rate"] for p in prior.draw(far, {"learning_rate": lr}, 2000, seed=1)])
+    assert y.min() >= -5 - 1e-12 and y.max() <= -4 + 1e-12
+    piled = stats.truncnorm(-8, -4, loc=-3, scale=0.25)  # (lo - c) / sd = -8, (hi - c) / sd = -4
+    assert piled.cdf(-4.25) < 0.01 and stats.kstest(y, piled.cdf).pvalue > 1e-3
+    choice = {"learning_rate": Param("learning_rate", "choice", 1e-4, 1e-3, (1e-4, 1e-3))}
+    exact = {"learning_rate": prior.Prior("learning_rate", True, centre=math.log10(3e-4), sd=0.0)}
+    assert prior.draw(exact, choice, 1, seed=0) == [{"learning_rate": 1e-4}]
+    infinite = {"learning_rate": prior.Prior("learning_rate", True, centre=math.inf, sd=math.nan)}
+    assert prior.draw(infinite, {"learning_rate": lr}, 2, seed=0) == [{"learning_rate": 1e-4}] * 2

@@ -6,11 +6,11 @@ for the learning rate), truncated to the searched range, centred on the predicte
 (`trends.predict`: clipped to the documented range), with standard deviation sqrt(w^2 + e^2):
 
 - w, how wide the good region is at the searched sizes: the root mean square of the sizes'
-  top-trial spreads (`SizeFit.spread`);
+  top-trial spreads (`SizeFit.spread`; a size with one top trial has none and is left out);
 - e, the extrapolation's error: the prediction's standard error where the trend has an interval
   (three sizes or more: `Trend.prediction_se`). Two sizes leave no scatter between sizes to
-  estimate it from; e is then the step the prediction took from the nearest searched size's
-  optimum, an assumption that `--dry-run` states (a prediction far from every searched size
+  estimate it from; e is then the step the (unclipped) prediction took from the nearest searched
+  size's optimum, an assumption that `--dry-run` states (a prediction far from every searched size
   gets a wide prior, one close to a searched size a narrow one).
 
 A searched parameter without a trend (varied at fewer than two sizes) is drawn from its searched
@@ -97,16 +97,25 @@ def draw(priors_: Mapping[str, Prior], params: Mapping[str, Param], k: int, seed
         else:
             to_scale = (lambda v: math.log10(v)) if prior.log_value else float
             lo, hi = to_scale(param.low), to_scale(param.high)
-            if prior.sd > 0 and lo < hi:
+            centre = min(max(prior.centre, lo), hi) if math.isfinite(prior.centre) else (
+                hi if prior.centre > 0 else lo)  # an infinite extrapolation (allow_out_of_range)
+            if math.isfinite(prior.centre) and math.isfinite(prior.sd) and prior.sd > 0 and lo < hi:
                 a, b = (lo - prior.centre) / prior.sd, (hi - prior.centre) / prior.sd
                 y = truncnorm.rvs(a, b, loc=prior.centre, scale=prior.sd, size=k, random_state=rng)
-                y = np.where(np.isfinite(y), y, prior.centre)  # a prior far outside the range
+                y = np.where(np.isfinite(y), y, centre)
             else:
-                y = np.full(k, prior.centre)
-            values = [param.clip(10.0 ** v if prior.log_value else v) for v in np.clip(y, lo, hi)]
+                y = np.full(k, centre)
+            values = [_nearest(param, v, prior.log_value) for v in np.clip(y, lo, hi)]
         for point, v in zip(points, values):
             point[p] = float(v)
     return points
+
+
+def _nearest(param: Param, y: float, log_value: bool) -> float:
+    """A draw `y` in the trend's scale as a value of `param` (a choice: its value nearest in that scale)."""
+    if param.values is not None:
+        return float(min(param.values, key=lambda v: abs((math.log10(v) if log_value else v) - y)))
+    return float(param.clip(10.0 ** y if log_value else y))
 
 
 def _from_range(param: Param, k: int, rng: np.random.Generator) -> list[float]:

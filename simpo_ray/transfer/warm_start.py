@@ -99,7 +99,8 @@ def apply_warm_start(space: SearchSpace, spec: PointsSpec, model_name: str) -> W
     elif how == "prior":
         transferred = _prior(trends, space, n, lines) if predicted else []
         if not predicted:
-            lines.append("search.warm_start_points prior: no size trend to draw around; nothing transferred")
+            why = "this model's parameter count is unknown" if trends and n is None else "no size trend"
+            lines.append(f"search.warm_start_points prior: nothing to draw around ({why}); nothing transferred")
     else:
         transferred = [(label, predicted)] if predicted and how == "trend" else []
     add_points(space, spec, model_name, transferred=transferred)
