@@ -31,8 +31,9 @@ Mode = Literal["max", "min"]
 
 
 # What a warm start enqueues when search.warm_start_points is not set: on the bundled ladder the
-# nearest size's best trials reached the cold search's best sooner than the trends' point
-# (bench/warm_start.py; README "Transfer across sizes").
+# nearest size's best trials reached the cold search's best in the fewest trials and steps, the
+# trends' point and draws around it close behind (bench/warm_start.py, 5 seeds; README
+# "Transfer across sizes").
 DEFAULT_WARM_START_POINTS = "top_k"
 
 
