@@ -58,6 +58,11 @@ class FinishedSearch:
         v = self.record.space.get("base", {}).get(param)
         return None if v is None else float(v)
 
+    def value(self, trial, param: str) -> float | None:
+        """A trial's (a trials.csv row's) value of `param`: its own where this search varied it,
+        else the value the search fixed it at (None: not recorded)."""
+        return float(trial[param]) if param in self.searched else self.fixed_value(param)
+
     def ranked(self) -> pd.DataFrame:
         return records.ranked(self.trials, self.mode)
 
@@ -154,11 +159,10 @@ def same_size_trials(searches: Iterable[FinishedSearch], space: SearchSpace,
                             f"{space.search.objective} ({space.search.mode}); its values cannot warm-start it")
         _check_measured_alike(s, space)
         for _, t in s.ranked().iterrows():
-            value = lambda p: float(t[p]) if p in s.searched else s.fixed_value(p)  # noqa: E731
-            point = {p: value(p) for p in space.params}
+            point = {p: s.value(t, p) for p in space.params}
             if any(v is None or not space.params[p].contains(v) for p, v in point.items()):
                 skipped["outside"] += 1
-            elif any(value(p) is not None and not math.isclose(value(p), v, rel_tol=1e-9, abs_tol=1e-15)
+            elif any(s.value(t, p) is not None and not math.isclose(s.value(t, p), v, rel_tol=1e-9, abs_tol=1e-15)
                      for p, v in fixed.items()):
                 skipped["fixed"] += 1
             elif any(all(math.isclose(point[p], q[p], rel_tol=1e-9, abs_tol=1e-15) for p in point)

@@ -146,19 +146,15 @@ def _top_k(searches, space: SearchSpace, target: tuple[str, str], n: float | Non
     nearest = min(others, key=lambda s: (abs(math.log(s.n_params / n)), -s.n_params))
     group = [s for s in others if (s.size_bucket, s.model) == (nearest.size_bucket, nearest.model)]
     default = space.documented_default()
-    # the searches of that size pooled; each trial read as finished.same_size_trials reads one
-    # (its trials.csv was validated on load): a parameter its search did not vary takes the value
-    # it was fixed at, else this space's documented default
-    pooled = []
-    for s in group:
-        t = s.trials.copy()
-        for p in default:
-            fixed = None if p in s.searched else s.fixed_value(p)
-            t[p] = t[p].astype(float) if p in s.searched else (default[p] if fixed is None else fixed)
-        pooled.append(t)
-    ranked = records.ranked(pd.concat(pooled, ignore_index=True), nearest.mode)  # completed or stopped early
-    out = [(f"top {i + 1} of {nearest.label} ({nearest.objective} {row['best_objective']:.4g})",
-            {p: float(row[p]) for p in default}) for i, (_, row) in enumerate(ranked.head(k).iterrows())]
+    # the searches of that size pooled and ranked together; each trial read as
+    # finished.same_size_trials reads one (FinishedSearch.value), this space's default where
+    # its search recorded no value
+    pooled = pd.concat([s.trials.assign(_search=i) for i, s in enumerate(group)], ignore_index=True)
+    out = []
+    for i, (_, row) in enumerate(records.ranked(pooled, nearest.mode).head(k).iterrows()):
+        s = group[int(row["_search"])]
+        point = {p: default[p] if (v := s.value(row, p)) is None else v for p in default}
+        out.append((f"top {i + 1} of {nearest.label} ({nearest.objective} {row['best_objective']:.4g})", point))
     searches_text = "" if len(group) == 1 else f", {len(group)} searches pooled"
     lines.append(f"search.warm_start_points top_k: the {len(out)} best trial(s) of {nearest.label} "
                  f"({format_count(nearest.n_params)} parameters, the finished size nearest this one{searches_text})")
